@@ -1,0 +1,133 @@
+"""Figures: one style, titles that say what is shown, labelled axes, one helper that saves.
+
+Functions draw on a given matplotlib Axes and return it; `save_figure` writes `figures/NAME.png`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+if os.environ.get("MPLBACKEND") is None and not os.environ.get("DISPLAY"):
+    try:  # in a notebook the inline backend is already chosen; elsewhere draw off-screen
+        import IPython
+
+        if IPython.get_ipython() is None:
+            matplotlib.use("Agg")
+    except ImportError:  # pragma: no cover
+        matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+STYLE = {
+    "figure.dpi": 100,
+    "savefig.dpi": 120,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "legend.fontsize": 8,
+    "legend.frameon": False,
+}
+plt.rcParams.update(STYLE)
+
+
+def figures_dir() -> Path:
+    """`$SCALEBIO_FIGURES` if set, else `figures/` at the repository root (found upwards)."""
+    env = os.environ.get("SCALEBIO_FIGURES")
+    if env:
+        return Path(env)
+    here = Path.cwd().resolve()
+    for d in (here, *here.parents):
+        if (d / "pyproject.toml").exists() and (d / "scalebio_core").is_dir():
+            return d / "figures"
+    return here / "figures"
+
+
+def save_figure(fig: plt.Figure, name: str) -> Path:
+    """Save `fig` as `<figures_dir>/<name>.png` (tight layout) and return the path."""
+    out = figures_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    return path
+
+
+def colors(n: int) -> list:
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def plot_weights(
+    ax: plt.Axes,
+    p: np.ndarray,
+    names: Sequence[str],
+    p_star: np.ndarray | None = None,
+    steps: np.ndarray | None = None,
+    title: str = "Source weights p during training",
+) -> plt.Axes:
+    """Weight of each source against steps; dashed lines at the exact optimum when given."""
+    p = np.asarray(p)
+    x = np.arange(len(p)) if steps is None else np.asarray(steps)
+    for i, (name, c) in enumerate(zip(names, colors(len(names)))):
+        ax.plot(x, p[:, i], color=c, label=name)
+        if p_star is not None:
+            ax.axhline(p_star[i], color=c, ls="--", lw=1)
+    ax.set(xlabel="step", ylabel="weight p_s", title=title, ylim=(0, None))
+    ax.legend(loc="best")
+    return ax
+
+
+def plot_loglog(
+    ax: plt.Axes,
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    slopes: Mapping[str, float] | None = None,
+) -> plt.Axes:
+    """Several positive curves on log-log axes; a label may carry a fitted slope."""
+    for (label, (x, y)), c in zip(curves.items(), colors(len(curves))):
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        keep = (x > 0) & (y > 0)
+        extra = f" (slope {slopes[label]:.2f})" if slopes and label in slopes else ""
+        ax.loglog(
+            x[keep], y[keep], "-o" if keep.sum() < 20 else "-", ms=4, color=c, label=label + extra
+        )
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(loc="best")
+    return ax
+
+
+def plot_weight_bars(
+    ax: plt.Axes,
+    weights: Mapping[str, float],
+    reference: Mapping[str, float] | None = None,
+    title: str = "Learned source weights",
+    ref_label: str = "exact",
+) -> plt.Axes:
+    """Bar chart of weights by source, with optional reference markers."""
+    names = list(weights)
+    x = np.arange(len(names))
+    ax.bar(x, [weights[n] for n in names], color=colors(len(names)), label="learned")
+    if reference is not None:
+        ax.scatter(
+            x,
+            [reference[n] for n in names],
+            color="k",
+            marker="_",
+            s=400,
+            zorder=3,
+            label=ref_label,
+        )
+        ax.legend(loc="best")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set(ylabel="weight p_s", title=title, ylim=(0, 1))
+    return ax
