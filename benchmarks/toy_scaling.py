@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from scalebio_core.bilevel import BilevelConfig, init_state, scalebio_step
-from scalebio_core.problem import BilevelProblem, ParamVector
+from scalebio_core.problem import BilevelProblem, ParamVector, ProblemFns
 from scalebio_core.toy import minimize_on_simplex
 
 DT = torch.float64
@@ -157,14 +157,6 @@ class Monitor:
                 self.hit = (self.updates, time.perf_counter() - self.start)
 
 
-class _Fns:
-    """The StepFns adapter of a BilevelProblem (what `solve` uses, without its trajectory)."""
-
-    def __init__(self, problem: BilevelProblem):
-        self.source_losses = problem.source_losses
-        self.val_loss = problem.val_loss_of
-
-
 def run_scalebio(toy: DiagonalBilevel, s: Settings, monitor: Monitor) -> torch.Tensor:
     """ScaleBiO steps: SGD everywhere, u and w at 1/L, constant α; returns final p."""
     la, lg = toy.lipschitz()
@@ -176,7 +168,7 @@ def run_scalebio(toy: DiagonalBilevel, s: Settings, monitor: Monitor) -> torch.T
     )
     problem = toy.as_problem()
     state = init_state(ParamVector(problem.init), ParamVector(problem.init), problem.names, cfg)
-    fns = _Fns(problem)
+    fns = ProblemFns(problem)
     for _ in range(s.steps_scalebio):
         scalebio_step(state, None, None, fns)
         monitor(state.p)

@@ -215,7 +215,10 @@ def lam_grad(
 
 
 class StepFns(Protocol):
-    """What the step needs of a problem: per-sample source losses and the validation loss."""
+    """What the step needs of a problem: source ids, per-sample losses and the validation loss."""
+
+    def source_ids(self, batch: Any) -> torch.Tensor:
+        """Source index of each sample of a (micro-)batch, known before any forward pass."""
 
     def source_losses(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-sample losses, their source ids) of `model` on a training batch."""
@@ -327,6 +330,31 @@ def _clip(model: nn.Module, max_norm: float) -> float:
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
+class MicroBatches(list):
+    """A batch given as micro-batches: gradients accumulate, counts are those of the whole batch."""
+
+
+def _micro(batch: Any) -> list:
+    return list(batch) if isinstance(batch, MicroBatches) else [batch]
+
+
+def _lower_backward(model: nn.Module, micro: list, fns: StepFns, p: torch.Tensor,
+                    div: torch.Tensor, scale: float, step: int, label: str,
+                    extra: torch.Tensor | None = None) -> torch.Tensor:
+    """Backpropagate scale · L2 over the micro-batches; return this rank's Σ_mb sums/div (K)."""
+    est = torch.zeros_like(p)
+    for i, mb in enumerate(micro):
+        losses, ids = fns.source_losses(model, mb)
+        l2, est_mb, _ = weighted_lower_loss(losses, ids, p, div)
+        loss = scale * l2
+        _check_finite({label: l2}, step)
+        if extra is not None and i == 0:
+            loss = loss + extra
+        loss.backward()
+        est += est_mb.to(p.dtype)
+    return est
+
+
 def scalebio_step(
     state: BilevelState,
     batch: Any,
@@ -339,27 +367,33 @@ def scalebio_step(
 
     Gradients of u and w are computed first and every loss is checked for NaN/inf before any
     parameter moves, so a non-finite loss raises `NonFiniteLossError` with the state untouched.
-    `reduce` sums a tensor over ranks (identity on one process); `divisor` replaces the realized
-    per-source counts (see `weighted_lower_loss`).
+    `batch` and `val_batch` may be `MicroBatches` (gradient accumulation): the per-source counts
+    are those of the whole batch, summed over ranks by `reduce` (identity on one process), and the
+    validation micro-batches are weighted equally. `divisor` replaces the realized per-source
+    counts (see `weighted_lower_loss`).
     """
+    reduce = reduce or _identity
     cfg, step = state.config, state.step
     alpha = cfg.alpha_at(step)
     p = torch.softmax(state.lam.detach(), dim=0)
+    micro, val_micro = _micro(batch), _micro(val_batch)
+    ids = torch.cat([torch.as_tensor(fns.source_ids(mb)).reshape(-1).cpu() for mb in micro])
+    counts = reduce(torch.bincount(ids, minlength=p.shape[0]).to(p.dtype).to(p.device))
+    div = counts.clamp_min(1) if divisor is None else divisor
 
     # 1. u: gradient of alpha · L2(lam, u)
     state.opt_u.zero_grad(set_to_none=True)
-    losses_u, ids = fns.source_losses(state.u, batch)
-    l2_u, lbar_u, counts = weighted_lower_loss(losses_u, ids, p, divisor, reduce)
-    _check_finite({"L2(u)": l2_u}, step)
-    (alpha * l2_u).backward()
+    lbar_u = reduce(_lower_backward(state.u, micro, fns, p, div, alpha, step, "L2(u)"))
 
     # 2. w: gradient of L1(w) + alpha · L2(lam, w), same training batch plus a validation batch
     state.opt_w.zero_grad(set_to_none=True)
-    losses_w, ids_w = fns.source_losses(state.w, batch)
-    l2_w, lbar_w, _ = weighted_lower_loss(losses_w, ids_w, p, divisor, reduce)
-    l1 = fns.val_loss(state.w, val_batch)
-    _check_finite({"L1": l1, "L2(w)": l2_w}, step)
-    (l1 + alpha * l2_w).backward()
+    l1 = 0.0
+    for vmb in val_micro:
+        l1_part = fns.val_loss(state.w, vmb) / len(val_micro)
+        _check_finite({"L1": l1_part}, step)
+        l1_part.backward()
+        l1 += float(l1_part.detach())
+    lbar_w = reduce(_lower_backward(state.w, micro, fns, p, div, alpha, step, "L2(w)"))
 
     max_norm = alpha if cfg.clip_norm is None else cfg.clip_norm
     gnorm_u = _clip(state.u, max_norm)
@@ -382,7 +416,7 @@ def scalebio_step(
     return {
         "step": step,
         "p": p.tolist(),
-        "L1": float(l1.detach()),
+        "L1": l1,
         "L2_w": l2_w_f,
         "L2_u": l2_u_f,
         "gap": l2_w_f - l2_u_f,

@@ -131,3 +131,46 @@ def plot_weight_bars(
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set(ylabel="weight p_s", title=title, ylim=(0, 1))
     return ax
+
+
+def fig_to_png(fig: plt.Figure) -> bytes:
+    """Render a figure to PNG bytes and close it (for ipywidgets.Image)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_run_step(traj: Mapping, step_index: int, title: str = "") -> plt.Figure:
+    """Weights at one step (bars) beside the loss curves up to that step (a run's trajectory)."""
+    names, p = traj["names"], np.asarray(traj["p"])
+    steps = np.asarray(traj["step"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
+    plot_weight_bars(ax1, dict(zip(names, p[step_index])),
+                     title=f"{title}weights p at step {int(steps[step_index])}")
+    ax1.axhline(1 / len(names), color="gray", ls=":", lw=1, label="uniform")
+    ax1.set_ylim(0, max(0.5, float(p.max()) * 1.1))
+    for key, label in (("L1", "L1 (validation, w)"), ("L2_w", "L2(w)"), ("L2_u", "L2(u)")):
+        ax2.plot(steps, traj[key], lw=1, alpha=0.35, color="gray" if key != "L1" else "C0")
+        ax2.plot(steps[: step_index + 1], np.asarray(traj[key])[: step_index + 1], label=label)
+    ax2.axvline(steps[step_index], color="k", lw=0.8)
+    ax2.set(xlabel="step", ylabel="loss (nats / response token)", title="losses")
+    ax2.legend(loc="upper right")
+    return fig
+
+
+def plot_weight_trajectories(ax: plt.Axes, runs: Mapping[str, Mapping],
+                             title: str = "Weight trajectories of several runs") -> plt.Axes:
+    """Overlay p against steps for several runs: one colour per source, one line style per run."""
+    styles = ["-", "--", ":", "-."]
+    all_names = sorted({n for t in runs.values() for n in t["names"]})
+    col = dict(zip(all_names, colors(len(all_names))))
+    for (label, t), ls in zip(runs.items(), styles * 10):
+        for i, n in enumerate(t["names"]):
+            ax.plot(t["step"], np.asarray(t["p"])[:, i], ls, color=col[n],
+                    label=f"{n} ({label})")
+    ax.set(xlabel="step", ylabel="weight p_s", title=title)
+    ax.legend(loc="best", ncol=2)
+    return ax

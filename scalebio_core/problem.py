@@ -79,10 +79,13 @@ class BilevelProblem:
         return self.val_loss(model.theta)
 
 
-class _Fns:
+class ProblemFns:
+    """The StepFns of a BilevelProblem: every step sees every source in full."""
+
     def __init__(self, problem: BilevelProblem):
         self.source_losses = problem.source_losses
         self.val_loss = problem.val_loss_of
+        self.source_ids = lambda batch: torch.arange(len(problem.names))
 
 
 @dataclass
@@ -117,7 +120,7 @@ def solve(
         raise ConfigError("steps must be >= 1.")
     w, u = ParamVector(problem.init), ParamVector(problem.init)
     state = init_state(w, u, problem.names, config, lam=lam_init)
-    fns = _Fns(problem)
+    fns = ProblemFns(problem)
     rows: dict[str, list] = {k: [] for k in ("p", *TRAJECTORY_KEYS)}
     for _ in range(steps):
         m = scalebio_step(state, None, None, fns)

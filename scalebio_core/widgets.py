@@ -65,3 +65,93 @@ def toy_explorer(
 
 
 __all__ = ["toy_explorer"]
+
+
+def weight_viewer(run_dir, title: str = "") -> W.VBox:
+    """A step slider and a play button that redraw the weights and losses of a run directory.
+
+    Works on a finished run as on one in progress (the 'reload' button rereads the trajectory).
+    """
+    from .plots import fig_to_png, plot_run_step
+    from .runs import load_trajectory
+
+    traj = {"t": load_trajectory(run_dir)}
+    n = len(traj["t"]["step"])
+    slider = W.IntSlider(value=n - 1, min=0, max=n - 1, description="step index",
+                         continuous_update=False, layout=W.Layout(width="420px"))
+    play = W.Play(value=n - 1, min=0, max=n - 1, interval=300, description="play")
+    W.jslink((play, "value"), (slider, "value"))
+    reload = W.Button(description="reload", tooltip="reread trajectory.jsonl")
+    label = W.HTML()
+    image = W.Image(format="png")
+    image.add_class("scalebio-weight-chart")
+    label.add_class("scalebio-step-label")
+
+    def redraw(*_):
+        t, i = traj["t"], slider.value
+        p = dict(zip(t["names"], np.asarray(t["p"])[i]))
+        top = max(p, key=p.get)
+        label.value = (f"<b>step {int(t['step'][i])}</b> of {int(t['step'][-1])}: "
+                       f"L1 = {t['L1'][i]:.4f}, top source {top} ({p[top]:.3f})")
+        image.value = fig_to_png(plot_run_step(t, i, title))
+
+    def on_reload(_):
+        traj["t"] = load_trajectory(run_dir)
+        m = len(traj["t"]["step"]) - 1
+        slider.max = play.max = m
+        slider.value = m
+        redraw()
+
+    slider.observe(redraw, names="value")
+    reload.on_click(on_reload)
+    redraw()
+    return W.VBox([W.HBox([play, slider, reload]), label, image])
+
+
+def run_comparer(run_dirs) -> W.VBox:
+    """Pick several run directories and overlay their weight trajectories."""
+    from pathlib import Path
+
+    from .plots import fig_to_png, plot_weight_trajectories
+    from .runs import load_trajectory
+
+    options = [str(Path(d)) for d in run_dirs]
+    pick = W.SelectMultiple(options=options, value=tuple(options[:2]), description="runs",
+                            rows=min(6, len(options)), layout=W.Layout(width="60%"))
+    image = W.Image(format="png")
+
+    def redraw(*_):
+        fig, ax = plt.subplots(figsize=(9, 4))
+        plot_weight_trajectories(ax, {Path(d).name: load_trajectory(d) for d in pick.value})
+        image.value = fig_to_png(fig)
+
+    pick.observe(redraw, names="value")
+    redraw()
+    return W.VBox([pick, image])
+
+
+class LivePlot:
+    """A training callback that redraws the weights every `every` steps (d2l style).
+
+    `display(live.widget)` in the cell, then `train(cfg, callback=live)`.
+    """
+
+    def __init__(self, every: int = 10, title: str = "ScaleBiO: weights while training"):
+        self.every, self.title = every, title
+        self.rows: list[dict] = []
+        self.widget = W.Image(format="png")
+
+    def __call__(self, row: dict, setup=None) -> None:
+        from .plots import fig_to_png
+
+        self.rows.append(row)
+        if len(self.rows) % self.every and row is not None:
+            return
+        names = list(self.rows[0]["p"])
+        p = np.array([[r["p"][n] for n in names] for r in self.rows])
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.2))
+        plot_weights(a1, p, names, steps=np.array([r["step"] for r in self.rows]),
+                     title=self.title)
+        a2.plot([r["step"] for r in self.rows], [r["L1"] for r in self.rows], label="L1")
+        a2.set(xlabel="step", ylabel="validation loss L1", title="L1 of w")
+        self.widget.value = fig_to_png(fig)

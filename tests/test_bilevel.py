@@ -172,9 +172,9 @@ def test_nan_loss_stops_and_leaves_state_untouched():
     )
     w, u = ParamVector(prob.init), ParamVector(prob.init)
     state = init_state(w, u, prob.names, BilevelConfig(total_steps=10, lr_w=0.1, lr_u=0.1))
-    from scalebio_core.problem import _Fns
+    from scalebio_core.problem import ProblemFns
 
-    fns = _Fns(prob)
+    fns = ProblemFns(prob)
     scalebio_step(state, None, None, fns)
     scalebio_step(state, None, None, fns)
     before = {
@@ -215,7 +215,7 @@ def test_step_order_and_lambda_update_use_pre_update_models():
     w = ParamVector(torch.tensor([0.2, -0.1]))
     u = ParamVector(torch.tensor([0.5, 0.4]))
     state = init_state(w, u, prob.names, cfg)
-    from scalebio_core.problem import _Fns
+    from scalebio_core.problem import ProblemFns
 
     # expected by hand (SGD): all gradients at the pre-update point
     p = torch.tensor([0.5, 0.5])
@@ -226,7 +226,7 @@ def test_step_order_and_lambda_update_use_pre_update_models():
     gu = 2.0 * (p[0] * 2 * (u0 - ca) + p[1] * 2 * (u0 - cb))
     gw = 2 * (w0 - t) + 2.0 * (p[0] * 2 * (w0 - ca) + p[1] * 2 * (w0 - cb))
     glam = 2.0 * p * ((lw - lu) - (p * (lw - lu)).sum())
-    m = scalebio_step(state, None, None, _Fns(prob))
+    m = scalebio_step(state, None, None, ProblemFns(prob))
     torch.testing.assert_close(u.theta.detach(), u0 - 0.1 * gu)
     torch.testing.assert_close(w.theta.detach(), w0 - 0.1 * gw)
     torch.testing.assert_close(state.lam.detach(), -0.3 * glam)

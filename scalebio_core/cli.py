@@ -1,0 +1,76 @@
+"""Command line: `python -m scalebio_core train --config FILE --preset quick key=value …`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .bilevel import ConfigError
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` pairs; values are parsed as YAML (numbers, booleans, lists, null)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value.")
+        key, value = item.split("=", 1)
+        target = out
+        *parents, leaf = key.split(".")
+        for p in parents:  # corpus_args.n_per_source=100
+            target = target.setdefault(p, {})
+        target[leaf] = yaml.safe_load(value)
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else v
+    return out
+
+
+def resolve_config(config: str | None, preset: str | None, overrides: list[str]) -> dict:
+    """The config file (a preset section of it, when it has presets), then the overrides."""
+    data: dict = {}
+    if config:
+        path = Path(config)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist.")
+        data = yaml.safe_load(path.read_text()) or {}
+        sections = {"smoke", "quick", "paper"} & set(data)
+        if sections:
+            if preset is None:
+                raise ConfigError(f"{path} has presets {sorted(sections)}: pass --preset NAME.")
+            if preset not in data:
+                raise ConfigError(f"{path} has no preset {preset!r}; known: {sorted(sections)}.")
+            data = _merge(data.get("defaults", {}), data[preset])
+    return _merge(data, parse_overrides(overrides))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scalebio_core", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="run ScaleBiO and write a run directory")
+    t.add_argument("--config", help="YAML config (a run's config.yaml, or a preset file)")
+    t.add_argument("--preset", help="preset section of the config file: smoke, quick, paper")
+    t.add_argument("--resume", action="store_true", help="continue the run in out_dir")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100")
+    args = parser.parse_args(argv)
+
+    from .trainer import TrainConfig, TrainingStopped, train
+
+    try:
+        cfg = TrainConfig.from_dict(resolve_config(args.config, args.preset, args.overrides))
+        weights = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except (ConfigError, TrainingStopped, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(weights, indent=2))
+    return 0

@@ -1,0 +1,441 @@
+"""Training sources: formats, loading, tokenization with prompt masking, caching, batching.
+
+A source is a named list of normalised records ``{"prompt": str, "response": str}``. Formats:
+
+* ``alpaca``: objects with ``instruction``, optional ``input``, ``output``; the prompt is
+  `PROMPT_TEMPLATE` (without the Input block when ``input`` is empty), the response ``output``.
+* ``sharegpt``: ``{"conversations": [{"from": "human"|"user", "value": ...},
+  {"from": "gpt"|"assistant", "value": ...}, ...]}``; the first human turn (templated as an
+  instruction) is the prompt and the first model turn after it the response. Later turns and system
+  turns are dropped.
+* ``text``: a ``.txt`` file (split into paragraphs at blank lines) or ``{"text"}`` objects; the
+  prompt is empty and every token is a response token. `tokenize` splits each such record into
+  chunks of ``max_length`` tokens, so long documents are never truncated.
+* ``records``: objects that already have ``prompt`` and ``response``.
+* ``hf``: ``datasets.load_dataset(hf_name, hf_config, split=hf_split)`` (``load_from_disk`` for a
+  ``save_to_disk`` folder; ``path`` becomes ``data_files`` for builders such as ``"json"``), then
+  the rows are read like ``auto``.
+* ``auto``: ``.txt`` files are text; otherwise the keys of the first record decide.
+
+Files: ``.json`` (an array of objects, or JSON Lines), ``.jsonl``, ``.txt``; a directory source
+concatenates its files in name order. `tokenize` appends the eos token to every response (as an id:
+records stay tokenizer-independent) and prepends the special tokens the tokenizer puts at the start
+of a text (Llama-3's bos; nothing for GPT-2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .sampling import IGNORE, NO_PAD, BatchSampler, collate  # noqa: F401  (public here too)
+
+FORMATS = ("auto", "alpaca", "sharegpt", "text", "hf", "records")
+SUFFIXES = (".json", ".jsonl", ".txt")
+EXCLUDED_STEMS = ("validation", "manifest")  # not training sources in a corpus folder
+PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+HUMAN, MODEL = ("human", "user"), ("gpt", "assistant")
+EXPECTED_KEYS = {"alpaca": "instruction, output (optional: input)", "records": "prompt, response",
+                 "sharegpt": "conversations (a list of {from, value} turns)", "text": "text"}
+CACHE_VERSION = 1  # bump when tokenization changes
+
+
+class DataError(ValueError):
+    """Bad training data or settings; the message names the file/line/source and the fix."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where one named training source comes from (see the module docstring for formats)."""
+
+    name: str
+    path: str | None = None
+    format: str = "auto"
+    records: tuple | None = None
+    hf_name: str | None = None
+    hf_split: str = "train"
+    hf_config: str | None = None
+    limit: int | None = None
+
+
+# ---------------------------------------------------------------- reading raw records
+
+Raw = list[tuple[str, Any]]  # (location for messages, raw record)
+
+
+def _read_json(path: Path) -> Raw:
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix == ".json" and text.lstrip()[:1] == "[":  # else: JSON Lines in a .json file
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg}, column "
+                            f"{e.colno}); fix the file (a JSON array of objects).") from e
+        return [(f"{path}: record {i}", r) for i, r in enumerate(data)]
+    out: Raw = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {n}: malformed JSON ({e.msg}, column {e.colno}); fix "
+                            "or delete that line (JSON Lines: one object per line).") from e
+        out.append((f"{path}: record {len(out)} (line {n})", rec))
+    return out
+
+
+def _read_txt(path: Path) -> Raw:
+    text = path.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
+    paras = [p.strip() for p in text.split("\n\n")]
+    return [(f"{path}: paragraph {i}", {"text": p}) for i, p in enumerate(x for x in paras if x)]
+
+
+def _read_path(spec: SourceSpec) -> list[tuple[Raw, str]]:
+    """[(raw records, format)] per file of the spec's path."""
+    path = Path(spec.path)
+    if not path.exists():
+        raise DataError(f"source {spec.name!r}: path {path} does not exist; check the path.")
+    files = [path]
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix in SUFFIXES and f.is_file()
+                       and f.stem not in EXCLUDED_STEMS)
+    if not files:
+        raise DataError(f"source {spec.name!r}: no {'/'.join(SUFFIXES)} files in {path}.")
+    out = []
+    for f in files:
+        if f.suffix not in SUFFIXES:
+            raise DataError(f"source {spec.name!r}: {f} is not a {'/'.join(SUFFIXES)} file.")
+        fmt = "text" if f.suffix == ".txt" and spec.format == "auto" else spec.format
+        out.append((_read_txt(f) if f.suffix == ".txt" else _read_json(f), fmt))
+    return out
+
+
+def _hub_offline() -> bool:
+    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+def _read_hf(spec: SourceSpec) -> Raw:
+    import datasets
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    name, where = spec.hf_name, f"source {spec.name!r}: HF dataset {spec.hf_name!r}"
+    local = Path(name).exists()
+    try:
+        if local and any((Path(name) / f).is_file() for f in ("state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if spec.hf_split not in ds:
+                    raise DataError(f"{where} has no split {spec.hf_split!r}; splits: {list(ds)}.")
+                ds = ds[spec.hf_split]
+        else:
+            files = {"data_files": spec.path} if spec.path else {}
+            ds = datasets.load_dataset(name, spec.hf_config, split=spec.hf_split, **files)
+    except DataError:
+        raise
+    except Exception as e:
+        if _hub_offline() and not local and name not in _PACKAGED_DATASETS_MODULES:
+            raise DataError(
+                f"{where}: the Hugging Face hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is "
+                "set) and it is not in the local cache. Give a local path (a save_to_disk folder, "
+                "or hf_name='json' with path=<file>), or unset HF_HUB_OFFLINE and "
+                "HF_DATASETS_OFFLINE when online."
+            ) from e
+        raise DataError(f"{where} (split {spec.hf_split!r}) could not be loaded: {e}") from e
+    if spec.limit is not None:
+        ds = ds.select(range(min(spec.limit, len(ds))))
+    return [(f"{where}: row {i}", r) for i, r in enumerate(ds)]
+
+
+# ---------------------------------------------------------------- normalising
+
+
+def _detect(where: str, rec: Any) -> str:
+    keys = set(rec) if isinstance(rec, dict) else set()
+    if "conversations" in keys:
+        return "sharegpt"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"prompt", "response"} <= keys:
+        return "records"
+    if "text" in keys:
+        return "text"
+    known = "; ".join(f"{k}: {v}" for k, v in EXPECTED_KEYS.items())
+    raise DataError(
+        f"{where}: cannot detect the format from the keys {sorted(keys)}. Expected keys — {known}; "
+        "or set the format explicitly."
+    )
+
+
+def _field(where: str, rec: Any, key: str, fmt: str, optional: bool = False) -> str:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}.")
+    value = rec.get(key)
+    if value is None and optional:
+        return ""
+    if key not in rec:
+        raise DataError(
+            f"{where}: missing key {key!r}; {fmt} records need the keys {EXPECTED_KEYS[fmt]}."
+        )
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}.")
+    return value
+
+
+def _sharegpt(where: str, rec: Any) -> dict[str, str]:
+    turns = rec.get("conversations") if isinstance(rec, dict) else None
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise DataError(f"{where}: missing key 'conversations' or it is not a list of turns; "
+                        f"sharegpt records need {EXPECTED_KEYS['sharegpt']}.")
+    roles = [str(t.get("from", "")).lower() for t in turns]
+    first = next((i for i, r in enumerate(roles) if r in HUMAN), None)
+    reply = next((i for i, r in enumerate(roles) if r in MODEL and i > (first or 0)), None)
+    if first is None or reply is None:
+        raise DataError(f"{where}: needs a human turn followed by a gpt turn; roles are {roles}.")
+    prompt = PROMPT_NO_INPUT.format(instruction=_field(where, turns[first], "value", "sharegpt"))
+    return {"prompt": prompt, "response": _field(where, turns[reply], "value", "sharegpt")}
+
+
+def _normalise(where: str, rec: Any, fmt: str) -> dict[str, str]:
+    if fmt == "alpaca":
+        ins = _field(where, rec, "instruction", fmt)
+        inp = _field(where, rec, "input", fmt, optional=True)
+        tpl = PROMPT_TEMPLATE if inp.strip() else PROMPT_NO_INPUT
+        return {"prompt": tpl.format(instruction=ins, input=inp),
+                "response": _field(where, rec, "output", fmt)}
+    if fmt == "sharegpt":
+        return _sharegpt(where, rec)
+    if fmt == "text":
+        return {"prompt": "", "response": _field(where, rec, "text", fmt)}
+    return {"prompt": _field(where, rec, "prompt", fmt),
+            "response": _field(where, rec, "response", fmt)}
+
+
+def load_records(spec: SourceSpec) -> list[dict]:
+    """The spec's records, normalised to ``{"prompt", "response"}`` (text: empty prompt)."""
+    where = f"source {spec.name!r}"
+    if spec.format not in FORMATS:
+        raise DataError(f"{where}: unknown format {spec.format!r}; known formats: "
+                        f"{', '.join(FORMATS)}.")
+    if spec.limit is not None and (not isinstance(spec.limit, int) or spec.limit < 1):
+        raise DataError(f"{where}: limit must be a whole number >= 1 or None, got {spec.limit!r}.")
+    given = [x for x in ("path", "records", "hf_name") if getattr(spec, x) is not None]
+    if spec.format == "hf" or spec.hf_name is not None:
+        if spec.hf_name is None or spec.records is not None:
+            raise DataError(f"{where}: the hf format needs hf_name (and no records).")
+        parts = [(_read_hf(spec), "auto" if spec.format == "hf" else spec.format)]
+    elif len(given) != 1:
+        raise DataError(f"{where}: give exactly one of path, records or hf_name (got {given}).")
+    elif spec.records is not None:
+        parts = [([(f"{where}: record {i}", r) for i, r in enumerate(spec.records)], spec.format)]
+    else:
+        parts = _read_path(spec)
+    out: list[dict] = []
+    for raw, fmt in parts:
+        raw = raw[: None if spec.limit is None else spec.limit - len(out)]
+        if raw:
+            fmt = _detect(raw[0][0], raw[0][1]) if fmt in ("auto", "hf") else fmt
+            out.extend(_normalise(loc, rec, fmt) for loc, rec in raw)
+    if not out:
+        src = f" ({spec.path or spec.hf_name})" if (spec.path or spec.hf_name) else ""
+        raise DataError(f"{where}{src} has no records: add records or remove the source.")
+    return out
+
+
+def load_sources(specs: Sequence[SourceSpec]) -> dict[str, list[dict]]:
+    """Load every spec; keys sorted by name (the source order everywhere)."""
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(f"duplicate source names {dupes}: give every source a unique name.")
+    if not specs:
+        raise DataError("no sources: give at least one training source.")
+    loaded = {s.name: load_records(s) for s in specs}
+    return {n: loaded[n] for n in sorted(loaded)}
+
+
+def specs_from_dir(path: str | os.PathLike[str]) -> list[SourceSpec]:
+    """One source per .json/.jsonl/.txt file of `path` (not validation.* or manifest.json),
+    named after the file stem, sorted by name."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a directory; give the folder that holds the source files.")
+    files = [f for f in sorted(root.iterdir()) if f.is_file() and f.suffix in SUFFIXES
+             and f.stem not in EXCLUDED_STEMS]
+    stems = [f.stem for f in files]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise DataError(f"{root}: several files per source name {dupes}; keep one file each.")
+    if not files:
+        raise DataError(f"{root} has no {'/'.join(SUFFIXES)} source files (besides validation).")
+    return [SourceSpec(name=f.stem, path=str(f)) for f in sorted(files, key=lambda f: f.stem)]
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+@dataclass
+class TokenizedData:
+    """Tokenized samples of all sources; labels are -100 on prompt tokens."""
+
+    names: tuple[str, ...]
+    input_ids: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    source_ids: torch.Tensor
+
+    def counts(self) -> torch.Tensor:  # samples per source [K]
+        return torch.bincount(self.source_ids, minlength=len(self.names))
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _fingerprint(recs: Mapping[str, list[dict]], names: Sequence[str], tokenizer: Any,
+                 max_length: int, prefix: list[int]) -> str:
+    h = hashlib.sha256()
+    meta = [CACHE_VERSION, list(names), max_length, prefix, tokenizer.eos_token_id,
+            type(tokenizer).__name__]
+    h.update(json.dumps(meta).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab()))
+    h.update(vocab.encode())
+    for name in sorted(recs):
+        h.update(b"\0source\0" + name.encode())
+        for r in recs[name]:
+            h.update(b"\0" + r["prompt"].encode() + b"\1" + r["response"].encode())
+    return h.hexdigest()[:20]
+
+
+def _is_record(r: Any) -> bool:
+    return isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("prompt", "response"))
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _tokenize_source(name: str, recs: list[dict], tokenizer: Any, max_length: int,
+                     prefix: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    prompts = _encode(tokenizer, [r["prompt"] for r in recs])
+    responses = _encode(tokenizer, [r["response"] for r in recs])
+    ids_out, labels_out, bad = [], [], []
+    for i, (r, p_ids, r_ids) in enumerate(zip(recs, prompts, responses)):
+        if not r["response"].strip():
+            bad.append(i)
+        elif r["prompt"] == "":  # language-model text: chunks of max_length, none dropped
+            ids = prefix + r_ids + eos
+            chunks = [ids[a : a + max_length] for a in range(0, len(ids), max_length)]
+            chunks = [c for c in chunks if len(c) >= 2]  # a 1-token chunk predicts nothing
+            ids_out += chunks
+            labels_out += [list(c) for c in chunks]
+        else:
+            p_ids = prefix + p_ids
+            ids = (p_ids + r_ids + eos)[:max_length]
+            if len(ids) <= len(p_ids):
+                bad.append(i)
+                continue
+            ids_out.append(ids)
+            labels_out.append([IGNORE] * len(p_ids) + ids[len(p_ids) :])
+    if bad:
+        raise DataError(
+            f"source {name!r}: {len(bad)} of {len(recs)} samples have no response tokens (empty "
+            f"response, or the prompt fills max_length); first: record {bad[0]}. Raise max_length "
+            f"(now {max_length}) or shorten the prompts; drop empty responses."
+        )
+    return ids_out, labels_out
+
+
+def tokenize(
+    records_by_source: Mapping[str, list[dict]],
+    tokenizer: Any,
+    max_length: int,
+    cache_dir: str | os.PathLike[str] | None = None,
+    names: Sequence[str] | None = None,
+) -> TokenizedData:
+    """Tokenize prompt and response separately, concatenate, keep the first max_length tokens.
+
+    `names` fixes the source order (default: sorted keys); a name without records gets no samples.
+    With `cache_dir`, the result is cached under a hash of the records, the tokenizer and
+    max_length (written atomically) and loaded from there next time.
+    """
+    if tokenizer.pad_token_id is None:
+        raise DataError(NO_PAD)
+    if not isinstance(max_length, int) or max_length < 2:
+        raise DataError(f"max_length must be a whole number >= 2, got {max_length!r}.")
+    names = tuple(sorted(records_by_source) if names is None else names)
+    unknown = sorted(set(records_by_source) - set(names))
+    if unknown or len(set(names)) != len(names):
+        raise DataError(f"names {list(names)} must be unique and include every source; "
+                        f"missing: {unknown}.")
+    for n, recs in records_by_source.items():
+        if not recs:
+            raise DataError(f"source {n!r} has no records: add records or remove the source.")
+        bad = next((i for i, r in enumerate(recs) if not _is_record(r)), None)
+        if bad is not None:
+            raise DataError(f"source {n!r}: record {bad} is not a normalised record with string "
+                            "'prompt' and 'response'; load the source with load_records first.")
+    prefix = [t for t in tokenizer("", add_special_tokens=True)["input_ids"]
+              if t != tokenizer.eos_token_id]
+    path = None
+    if cache_dir is not None:
+        key = _fingerprint(records_by_source, names, tokenizer, max_length, prefix)
+        path = Path(cache_dir) / f"tokenized-{key}.pt"
+        if path.is_file():
+            return _load_cache(path)
+    ids, labels, src = [], [], []
+    for s, name in enumerate(names):
+        if name in records_by_source:
+            i, lab = _tokenize_source(name, records_by_source[name], tokenizer, max_length, prefix)
+            ids += i
+            labels += lab
+            src += [s] * len(i)
+    data = TokenizedData(
+        names=names,
+        input_ids=[torch.tensor(x, dtype=torch.long) for x in ids],
+        labels=[torch.tensor(x, dtype=torch.long) for x in labels],
+        source_ids=torch.tensor(src, dtype=torch.long),
+    )
+    if path is not None:
+        _save_cache(data, path)
+    return data
+
+
+def _save_cache(data: TokenizedData, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "names": list(data.names),
+        "lengths": torch.tensor([len(x) for x in data.input_ids], dtype=torch.long),
+        "input_ids": torch.cat([*data.input_ids, torch.zeros(0, dtype=torch.long)]),
+        "labels": torch.cat([*data.labels, torch.zeros(0, dtype=torch.long)]),
+        "source_ids": data.source_ids,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+        os.replace(tmp, path)  # atomic: readers see the old state or the whole file
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _load_cache(path: Path) -> TokenizedData:
+    blob = torch.load(path, weights_only=True)
+    lengths = blob["lengths"].tolist()
+    return TokenizedData(
+        names=tuple(blob["names"]),
+        input_ids=list(torch.split(blob["input_ids"], lengths)),
+        labels=list(torch.split(blob["labels"], lengths)),
+        source_ids=blob["source_ids"],
+    )

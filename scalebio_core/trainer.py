@@ -1,0 +1,469 @@
+"""The LLM recipe: data, two model copies, LISA, the ScaleBiO step, logging, checkpoints, resume.
+
+The recipe owns orchestration and I/O; the maths is `bilevel.scalebio_step`. A run writes the
+directory of DESIGN §5 and `train(cfg, resume=True)` continues it on the identical trajectory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import runs
+from .bilevel import BilevelConfig, ConfigError, MicroBatches, NonFiniteLossError, init_state
+
+SAMPLERS, ESTIMATORS, PRECISIONS = (
+    ("balanced", "union"),
+    ("auto", "expected", "realized"),
+    ("fp32", "bf16"),
+)
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on a problem (e.g. a NaN loss); the run directory says where it stopped."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One ScaleBiO run on a language model (presets: configs/*.yaml; CLI: key=value)."""
+
+    # -- data
+    corpus: str = "noisy"
+    """Embedded corpus (scalebio_core.corpora.CORPORA); ignored when data_dir is set."""
+    corpus_args: dict = field(default_factory=dict)
+    """Keyword arguments of the embedded corpus (sizes, noise rates, seed)."""
+    data_dir: str | None = None
+    """Folder with one training file per source (.json/.jsonl/.txt) and validation.jsonl."""
+    val_path: str | None = None
+    """Validation file; default: <data_dir>/validation.jsonl."""
+    max_length: int = 64
+    """Tokens per sample (prompt + response), truncated from the right."""
+    sampler: str = "balanced"
+    """'balanced' (every batch holds every source) or 'union' (uniform over all samples, paper)."""
+    estimator: str = "auto"
+    """Per-source divisor of L2: 'realized' counts (paper), 'expected' counts; auto = unbiased."""
+    batch_size: int = 16
+    """Training samples per step (all sources, all ranks)."""
+    val_batch_size: int = 16
+    """Validation samples per step."""
+    grad_accum: int = 1
+    """Micro-batches per step (batch_size and val_batch_size must divide by it)."""
+    # -- model
+    model: str = "embedded:tiny"
+    """'embedded:<size>' (random-init GPT-2, offline), a local folder or a hub name."""
+    tokenizer: str = "embedded"
+    """'embedded' (offline BPE) or a local folder / hub name; default: the model's."""
+    vocab_size: int = 2048
+    """Vocabulary of the embedded tokenizer."""
+    precision: str = "fp32"
+    """'fp32' or 'bf16' (autocast)."""
+    val_dropout: bool = False
+    """Compute L1 with dropout on (the reference code did, silently); default off."""
+    # -- ScaleBiO (BilevelConfig)
+    steps: int = 200
+    alpha: float = 10.0
+    tau: float = 1.0
+    tau_every: int = 1
+    lr_w: float = 1e-5
+    lr_u: float = 1e-5
+    lr_lam: float = 1e-2
+    optimizer: str = "adamw"
+    weight_decay: float = 5e-4
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"
+    lam_schedule: str = "cosine"
+    clip_norm: float | None = None
+    # -- LISA
+    lisa_active: int = 0
+    """Decoder blocks trained at a time (0 = LISA off, every block trains)."""
+    lisa_interval: int = 20
+    """Steps between LISA redraws."""
+    lisa_share: bool = False
+    """u and w use the same draw (the paper: independent)."""
+    lisa_layers_path: str | None = None
+    """Dotted path of the decoder blocks when they cannot be found generically."""
+    lisa_train_embeddings: bool = True
+    """Embeddings, head and final norm train under LISA (the paper)."""
+    lisa_keep_state: bool = False
+    """Keep optimizer state of frozen blocks (the reference code); default: free it."""
+    # -- run
+    seed: int = 0
+    out_dir: str = "runs/scalebio"
+    checkpoint_every: int = 50
+    """Steps between checkpoints (and weights.json refreshes)."""
+    tracker: str = "none"
+    """'none', 'tensorboard' or 'wandb' (accelerate trackers)."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}"),
+            (self.estimator in ESTIMATORS, f"estimator must be one of {ESTIMATORS}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+            (
+                self.steps >= 1 and self.batch_size >= 1 and self.val_batch_size >= 1,
+                "steps, batch_size and val_batch_size must be >= 1",
+            ),
+            (
+                self.grad_accum >= 1
+                and self.batch_size % self.grad_accum == 0
+                and self.val_batch_size % self.grad_accum == 0,
+                "batch_size and val_batch_size must be multiples of grad_accum",
+            ),
+            (self.max_length >= 2, "max_length must be >= 2"),
+            (
+                self.lisa_active >= 0 and self.lisa_interval >= 1,
+                "lisa_active must be >= 0 and lisa_interval >= 1",
+            ),
+            (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"TrainConfig: {message}.")
+        self.bilevel()  # validates the ScaleBiO fields
+
+    def bilevel(self) -> BilevelConfig:
+        names = {f.name for f in dataclasses.fields(BilevelConfig)}
+        kw = {k: v for k, v in asdict(self).items() if k in names}
+        return BilevelConfig(**kw, lam_optimizer="adamw", total_steps=self.steps)
+
+    @property
+    def divisor_kind(self) -> str:
+        if self.estimator != "auto":
+            return self.estimator
+        return "expected" if self.sampler == "union" else "realized"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}.")
+        return cls(**d)
+
+
+# ------------------------------------------------------------------ the language-model losses
+
+
+def per_sample_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss over each sample's response tokens (labels != -100): shape [B]."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    ce = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none"
+    )
+    mask = (labels != -100).to(ce.dtype)
+    return (ce * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+class LMFns:
+    """StepFns for causal LMs; L1 is computed with dropout off unless `val_dropout`."""
+
+    def __init__(self, val_dropout: bool = False):
+        self.val_dropout = val_dropout
+
+    def source_ids(self, batch: dict) -> torch.Tensor:
+        return batch["source_ids"]
+
+    def source_losses(self, model, batch):
+        return per_sample_loss(model, batch), batch["source_ids"]
+
+    def val_loss(self, model, batch):
+        if self.val_dropout:
+            return per_sample_loss(model, batch).mean()
+        model.eval()
+        try:
+            return per_sample_loss(model, batch).mean()
+        finally:
+            model.train()
+
+
+# ------------------------------------------------------------------ building the run
+
+
+@dataclass
+class Setup:
+    cfg: TrainConfig
+    names: tuple[str, ...]
+    train: Any
+    val: Any
+    sampler: Any
+    val_sampler: Any
+    divisor: torch.Tensor | None
+    pad_id: int
+    state: Any
+    lisa: tuple | None
+    device: torch.device
+    accelerator: Any
+
+
+def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
+    """Tokenized training sources (sorted by name) and the tokenized validation set."""
+    from .corpora import build_corpus
+    from .data import SourceSpec, load_records, load_sources, specs_from_dir, tokenize
+    from .tokenizer import cache_root
+
+    cache = cache_root() / "tokenized"
+    if cfg.data_dir:
+        specs = specs_from_dir(cfg.data_dir)
+        val_path = Path(cfg.val_path or Path(cfg.data_dir) / "validation.jsonl")
+        val_spec = SourceSpec(name="validation", path=str(val_path))
+    else:
+        corpus = build_corpus(cfg.corpus, **cfg.corpus_args)
+        specs = [SourceSpec(name=n, records=tuple(r)) for n, r in corpus.sources.items()]
+        val_spec = SourceSpec(name="validation", records=tuple(corpus.validation))
+    records = load_sources(specs)
+    val_records = load_records(val_spec)
+    train = tokenize(records, tokenizer, cfg.max_length, cache_dir=cache)
+    val = tokenize({"validation": val_records}, tokenizer, cfg.max_length, cache_dir=cache)
+    return train, val
+
+
+def setup(cfg: TrainConfig) -> Setup:
+    from accelerate import Accelerator
+
+    from .data import BatchSampler
+    from .lisa import make_lisa_pair
+    from .models import check_compatible, clone_model, load_model, load_tokenizer
+
+    accelerator = Accelerator(
+        mixed_precision="bf16" if cfg.precision == "bf16" else "no",
+        log_with=None if cfg.tracker == "none" else cfg.tracker,
+        project_dir=cfg.out_dir,
+    )
+    tok_name = (
+        cfg.tokenizer
+        if cfg.tokenizer != "embedded" or cfg.model.startswith("embedded")
+        else cfg.model
+    )
+    tokenizer = load_tokenizer(tok_name, vocab_size=cfg.vocab_size)
+    train, val = build_data(cfg, tokenizer)
+    w = load_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.seed)
+    check_compatible(w, tokenizer)
+    u = clone_model(w)
+    w.to(accelerator.device).train()
+    u.to(accelerator.device).train()
+    state = init_state(w, u, train.names, cfg.bilevel())
+    lisa = None
+    if cfg.lisa_active > 0:
+        lisa = make_lisa_pair(
+            w,
+            u,
+            n_active=cfg.lisa_active,
+            interval=cfg.lisa_interval,
+            seed=cfg.seed,
+            share=cfg.lisa_share,
+            path=cfg.lisa_layers_path,
+            train_embeddings=cfg.lisa_train_embeddings,
+            drop_frozen_state=not cfg.lisa_keep_state,
+        )
+    sampler = BatchSampler(
+        train.source_ids, len(train.names), cfg.batch_size, cfg.sampler, seed=cfg.seed
+    )
+    val_sampler = BatchSampler(val.source_ids, 1, cfg.val_batch_size, "union", seed=cfg.seed + 1)
+    divisor = sampler.expected_counts() if cfg.divisor_kind == "expected" else None
+    return Setup(
+        cfg,
+        train.names,
+        train,
+        val,
+        sampler,
+        val_sampler,
+        divisor,
+        tokenizer.pad_token_id,
+        state,
+        lisa,
+        accelerator.device,
+        accelerator,
+    )
+
+
+def _batches(s: Setup, data, idx: list[int], n: int) -> MicroBatches:
+    from .data import collate
+
+    size = len(idx) // n
+    out = MicroBatches()
+    for i in range(n):
+        b = collate(data, idx[i * size : (i + 1) * size], s.pad_id)
+        out.append({k: v.to(s.device) for k, v in b.items()})
+    return out
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(s: Setup, run_dir: Path) -> None:
+    sd = s.state.state_dict()
+    sd["rng"] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available():
+        sd["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    runs.save_torch(run_dir / runs.CHECKPOINT, sd)
+    runs.write_json(run_dir / runs.WEIGHTS, s.state.weights())
+
+
+def load_checkpoint(s: Setup, run_dir: Path) -> int:
+    sd = torch.load(run_dir / runs.CHECKPOINT, map_location=s.device, weights_only=False)
+    if s.lisa is not None:  # the flags of the checkpointed period, before the optimizer state
+        for lisa in s.lisa:
+            lisa.apply(int(sd["step"]))
+    s.state.load_state_dict(sd)
+    torch.set_rng_state(sd["rng"]["torch"].cpu())
+    random.setstate(sd["rng"]["python"])
+    np.random.set_state(sd["rng"]["numpy"])
+    if "cuda" in sd["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(sd["rng"]["cuda"])
+    return int(sd["step"])
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
+    run_dir = Path(cfg.out_dir)
+    has_run = (run_dir / runs.TRAJECTORY).exists() or (run_dir / runs.CHECKPOINT).exists()
+    if resume:
+        if not (run_dir / runs.CHECKPOINT).exists():
+            raise ConfigError(
+                f"cannot resume: {run_dir / runs.CHECKPOINT} does not exist. Start "
+                "the run without --resume."
+            )
+        import yaml
+
+        old = yaml.safe_load((run_dir / runs.CONFIG).read_text())
+        diff = runs.config_diff(old, json.loads(json.dumps(cfg.to_dict())), ignore=("tracker",))
+        if diff:
+            raise ConfigError(
+                f"cannot resume {run_dir}: the config differs from the run's config.yaml:\n  "
+                + "\n  ".join(diff)
+                + "\nResume with the run's own config (python -m scalebio_core train --config "
+                f"{run_dir / runs.CONFIG} --resume), or start a new out_dir."
+            )
+    elif has_run:
+        raise ConfigError(
+            f"{run_dir} already holds a run (trajectory or checkpoint); nothing was "
+            "overwritten. Pass --resume to continue it, or choose another out_dir."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    callback: Callable[[dict, Any], None] | None = None,
+) -> dict[str, float]:
+    """Run (or resume) ScaleBiO; returns the final weights by source name."""
+    run_dir = _prepare_run_dir(cfg, resume)
+    torch.manual_seed(cfg.seed)
+    s = setup(cfg)
+    traj, timing = runs.JsonlLog(run_dir / runs.TRAJECTORY), runs.JsonlLog(run_dir / runs.TIMING)
+    start = 0
+    if resume:
+        start = load_checkpoint(s, run_dir)
+        traj.truncate_to(start)
+        timing.truncate_to(start)
+    else:
+        runs.write_yaml(run_dir / runs.CONFIG, json.loads(json.dumps(cfg.to_dict())))
+        (run_dir / runs.TRAJECTORY).write_text("")
+        save_checkpoint(s, run_dir)
+    if cfg.tracker != "none":
+        s.accelerator.init_trackers(Path(cfg.out_dir).name, config=cfg.to_dict())
+    fns = LMFns(cfg.val_dropout)
+    bar = tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        disable=not progress,
+        desc="ScaleBiO",
+        dynamic_ncols=True,
+    )
+    for step in bar:
+        t0 = time.perf_counter()
+        active = (
+            [lisa.apply(step, opt) for lisa, opt in zip(s.lisa, (s.state.opt_w, s.state.opt_u))]
+            if s.lisa
+            else None
+        )
+        batch = _batches(s, s.train, s.sampler.indices(step), cfg.grad_accum)
+        val_batch = _batches(s, s.val, s.val_sampler.indices(step), cfg.grad_accum)
+        try:
+            with s.accelerator.autocast():
+                m = _step(s, batch, val_batch, fns)
+        except NonFiniteLossError as e:
+            save_checkpoint(s, run_dir)  # the state is untouched: the last good one
+            raise TrainingStopped(
+                f"{e}\nStopped at step {step}. The last good state (before step {step}) is saved "
+                f"in {run_dir / runs.CHECKPOINT} and {run_dir / runs.WEIGHTS}; trajectory.jsonl "
+                f"holds steps 0..{step - 1}. Resume with --resume after lowering lr_w/lr_u/alpha."
+            ) from e
+        tokens = int(sum(b["attention_mask"].sum() for b in (*batch, *val_batch)))
+        row = {
+            "step": step,
+            "p": dict(zip(s.names, m["p"])),
+            "L1": m["L1"],
+            "L2_w": m["L2_w"],
+            "L2_u": m["L2_u"],
+            "gap": m["gap"],
+            "alpha": m["alpha"],
+            "lr_w": m["lr_w"],
+            "lr_u": m["lr_u"],
+            "lr_lam": m["lr_lam"],
+            "lisa_w": active and list(active[0]),
+            "lisa_u": active and list(active[1]),
+            "tokens": tokens,
+            "loss_w": dict(zip(s.names, m["loss_w"])),
+            "loss_u": dict(zip(s.names, m["loss_u"])),
+        }
+        traj.append(row)
+        timing.append({"step": step, "seconds": time.perf_counter() - t0, "tokens": tokens})
+        if cfg.tracker != "none":
+            s.accelerator.log(
+                {
+                    "L1": m["L1"],
+                    "L2_w": m["L2_w"],
+                    "gap": m["gap"],
+                    **{f"p/{n}": v for n, v in zip(s.names, m["p"])},
+                },
+                step=step,
+            )
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(s, run_dir)
+        if progress:
+            top = sorted(zip(m["p"], s.names), reverse=True)[:3]
+            bar.set_postfix_str(f"L1={m['L1']:.3f} " + " ".join(f"{n}={v:.2f}" for v, n in top))
+        if callback is not None:
+            callback(row, s)
+    if cfg.tracker != "none":
+        s.accelerator.end_training()
+    weights = s.state.weights()
+    runs.write_json(run_dir / runs.WEIGHTS, weights)
+    return weights
+
+
+def _step(s: Setup, batch, val_batch, fns) -> dict:
+    from .bilevel import scalebio_step
+
+    div = None if s.divisor is None else s.divisor.to(s.device)
+    m = scalebio_step(s.state, batch, val_batch, fns, divisor=div)
+    if not all(math.isfinite(v) for v in m["p"]):  # pragma: no cover - guarded by the step
+        raise NonFiniteLossError("non-finite weights", m["step"], {})
+    return m
