@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: setup reproduce test lab lint clean
+.PHONY: setup reproduce test lab lint clean browser
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,9 +25,10 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# the notebooks' training runs go to build/runs, made afresh each time (regenerable)
 reproduce: setup
-	@mkdir -p build/notebooks figures
-	@set -e; for nb in $(NOTEBOOKS); do \
+	@rm -rf build/runs && mkdir -p build/notebooks build/runs figures
+	@set -e; export SCALEBIO_RUNS=$(CURDIR)/build/runs; for nb in $(NOTEBOOKS); do \
 		name=$$(basename $$nb); start=$$(date +%s); \
 		echo "== $$name (PRESET=$(PRESET))"; \
 		(cd notebooks && ../$(BIN)/papermill --log-level WARNING --no-progress-bar \
@@ -36,7 +37,15 @@ reproduce: setup
 	done
 	@echo "figures written to figures/; executed notebooks in build/notebooks/"
 
-test: setup
+# Debian's chromium for the browser test, where it is missing and this user may install it
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing and cannot be installed here: the browser test will be skipped"; fi; }
+
+test: setup browser
 	$(BIN)/python -m ruff check scalebio_core tests benchmarks
 	$(BIN)/python -m pytest
 

@@ -65,6 +65,43 @@ class SourceSpec:
     hf_split: str = "train"
     hf_config: str | None = None
     limit: int | None = None
+    shard: str | None = None
+    """'i/n': keep records i, i+n, i+2n, … (disjoint partitions of one dataset; after limit)."""
+    corrupt: float = 0.0
+    """Fraction of responses replaced by another record's response (exactly round(rate·n))."""
+    seed: int = 0
+    """Seed of the corruption draw."""
+
+
+def corrupt_responses(records: list[dict], rate: float, seed: int) -> list[dict]:
+    """Replace exactly round(rate·n) responses by the response of another, differing record."""
+    if not 0.0 <= rate <= 1.0:
+        raise DataError(f"corrupt must lie in [0, 1], got {rate}.")
+    n = len(records)
+    k = round(rate * n)
+    if k == 0:
+        return records
+    g = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(n, generator=g)[:k].tolist()
+    out = [dict(r) for r in records]
+    for i in picked:
+        for _ in range(100):
+            j = int(torch.randint(n, (1,), generator=g))
+            if records[j]["response"] != records[i]["response"]:
+                out[i]["response"] = records[j]["response"]
+                break
+        else:
+            raise DataError("corrupt: every record has the same response; nothing to swap in.")
+    return out
+
+
+def _shard(records: list[dict], shard: str, where: str) -> list[dict]:
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError) as e:
+        raise DataError(f"{where}: shard must be 'i/n' with 0 <= i < n, got {shard!r}.") from e
+    return records[i::n]
 
 
 # ---------------------------------------------------------------- reading raw records
@@ -246,10 +283,12 @@ def load_records(spec: SourceSpec) -> list[dict]:
         if raw:
             fmt = _detect(raw[0][0], raw[0][1]) if fmt in ("auto", "hf") else fmt
             out.extend(_normalise(loc, rec, fmt) for loc, rec in raw)
+    if spec.shard is not None:
+        out = _shard(out, spec.shard, where)
     if not out:
         src = f" ({spec.path or spec.hf_name})" if (spec.path or spec.hf_name) else ""
         raise DataError(f"{where}{src} has no records: add records or remove the source.")
-    return out
+    return corrupt_responses(out, spec.corrupt, spec.seed) if spec.corrupt else out
 
 
 def load_sources(specs: Sequence[SourceSpec]) -> dict[str, list[dict]]:

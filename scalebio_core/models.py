@@ -39,6 +39,8 @@ EMBEDDED_SIZES: dict[str, dict] = {
     "nano": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 256, **_NO_DROPOUT},  # 0.25M
     "tiny": {"n_layer": 4, "n_embd": 128, "n_head": 4, "n_positions": 256, **_NO_DROPOUT},  # 1.1M
     "small": {"n_layer": 6, "n_embd": 256, "n_head": 8, "n_positions": 256, **_NO_DROPOUT},  # 5.3M
+    # 8 narrow blocks: LISA with 1, 2, 4 of 8 active blocks on a CPU (0.55M)
+    "deep": {"n_layer": 8, "n_embd": 64, "n_head": 4, "n_positions": 256, **_NO_DROPOUT},
 }
 # Tiny configs of real architectures (kwargs of each model type's Config class), for offline tests.
 TINY_ARCHS: dict[str, dict] = {

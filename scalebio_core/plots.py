@@ -174,3 +174,43 @@ def plot_weight_trajectories(ax: plt.Axes, runs: Mapping[str, Mapping],
     ax.set(xlabel="step", ylabel="weight p_s", title=title)
     ax.legend(loc="best", ncol=2)
     return ax
+
+
+def noise_rate(name: str) -> float:
+    """The corruption rate in a source name such as 'noise_0.4'."""
+    return float(name.rsplit("_", 1)[-1])
+
+
+def plot_noise_weights(ax: plt.Axes, weights: Mapping[str, float],
+                       title: str = "Learned weight against noise rate") -> plt.Axes:
+    """Final weight of each noisy source against its corruption rate (log scale)."""
+    names = sorted(weights, key=noise_rate)
+    x = [noise_rate(n) for n in names]
+    y = [weights[n] for n in names]
+    ax.semilogy(x, y, "o-", color="C3", label="learned weight")
+    ax.axhline(1 / len(names), color="gray", ls=":", label="uniform")
+    ax.set(xlabel="fraction of corrupted outputs in the source", ylabel="weight p_s (log)",
+           title=title)
+    ax.legend(loc="best")
+    return ax
+
+
+def plot_lisa_raster(ax: plt.Axes, rows: Sequence[Mapping], n_blocks: int,
+                     title: str = "Which decoder blocks train when") -> plt.Axes:
+    """Raster of the active LISA blocks of w (blue) and u (orange) at each step of a trajectory."""
+    steps = [r["step"] for r in rows]
+    grid = np.zeros((n_blocks, len(rows), 3)) + 1.0
+    for j, r in enumerate(rows):
+        for b in r.get("lisa_w") or []:
+            grid[b, j] = (0.12, 0.47, 0.71)
+        for b in r.get("lisa_u") or []:
+            grid[b, j] = (1.0, 0.5, 0.05) if b not in (r.get("lisa_w") or []) else (0.3, 0.3, 0.3)
+    ax.imshow(grid, aspect="auto", interpolation="nearest", origin="lower",
+              extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, n_blocks - 0.5))
+    ax.set(xlabel="step", ylabel="decoder block", title=title)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=(0.12, 0.47, 0.71), label="w only"),
+                       Patch(color=(1.0, 0.5, 0.05), label="u only"),
+                       Patch(color=(0.3, 0.3, 0.3), label="both")], loc="upper right")
+    return ax

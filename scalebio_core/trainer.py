@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import runs
 from .bilevel import BilevelConfig, ConfigError, MicroBatches, NonFiniteLossError, init_state
 
+TRACKERS = ("none", "tensorboard", "wandb")
 SAMPLERS, ESTIMATORS, PRECISIONS = (
     ("balanced", "union"),
     ("auto", "expected", "realized"),
@@ -46,6 +47,10 @@ class TrainConfig:
     """Keyword arguments of the embedded corpus (sizes, noise rates, seed)."""
     data_dir: str | None = None
     """Folder with one training file per source (.json/.jsonl/.txt) and validation.jsonl."""
+    sources: list | None = None
+    """Explicit sources: a list of SourceSpec fields (name, path | hf_name, shard, corrupt, …)."""
+    validation: dict | None = None
+    """The validation set as SourceSpec fields (with `sources`)."""
     val_path: str | None = None
     """Validation file; default: <data_dir>/validation.jsonl."""
     max_length: int = 64
@@ -80,6 +85,8 @@ class TrainConfig:
     lr_u: float = 1e-5
     lr_lam: float = 1e-2
     optimizer: str = "adamw"
+    lam_optimizer: str = "adamw"
+    """Optimizer of lam: 'adamw' (paper) or 'sgd' (saturated weights stop moving)."""
     weight_decay: float = 5e-4
     warmup_ratio: float = 0.03
     schedule: str = "cosine"
@@ -127,6 +134,7 @@ class TrainConfig:
                 "lisa_active must be >= 0 and lisa_interval >= 1",
             ),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+            (self.tracker in TRACKERS, f"tracker must be one of {TRACKERS}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -136,7 +144,7 @@ class TrainConfig:
     def bilevel(self) -> BilevelConfig:
         names = {f.name for f in dataclasses.fields(BilevelConfig)}
         kw = {k: v for k, v in asdict(self).items() if k in names}
-        return BilevelConfig(**kw, lam_optimizer="adamw", total_steps=self.steps)
+        return BilevelConfig(**kw, total_steps=self.steps)
 
     @property
     def divisor_kind(self) -> str:
@@ -163,31 +171,75 @@ def per_sample_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     """Mean next-token loss over each sample's response tokens (labels != -100): shape [B]."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
-    ce = F.cross_entropy(
-        logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none"
-    )
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100,
+                         reduction="none")
     mask = (labels != -100).to(ce.dtype)
     return (ce * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
+def response_only_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`per_sample_loss` computing the LM head only where a label exists (responses are short).
+
+    Uses the model's decoder (`base_model`) and output embeddings; valid only when the model's
+    logits are exactly head(hidden state), which `LMFns` checks once against the full forward.
+    """
+    hidden = model.base_model(input_ids=batch["input_ids"],
+                              attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()
+    ce = F.cross_entropy(logits, labels[mask], reduction="none")
+    rows = mask.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
+    return sums / mask.sum(1).clamp_min(1).to(ce.dtype)
+
+
+def _fast_path_matches(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+    """True when the model's logits are exactly its output embeddings applied to the decoder's
+    last hidden state (no soft-capping or scaling after the head), checked on one batch."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            full = model(**kw).logits.float()
+            head = model.get_output_embeddings()(model.base_model(**kw).last_hidden_state)
+        return full.shape == head.shape and bool(
+            torch.allclose(full, head.float(), rtol=1e-6, atol=1e-7)
+        )
+    except Exception:  # no base_model / output embeddings of the usual shape: use the full path
+        return False
+    finally:
+        model.train(was)
+
+
 class LMFns:
-    """StepFns for causal LMs; L1 is computed with dropout off unless `val_dropout`."""
+    """StepFns for causal LMs; L1 is computed with dropout off unless `val_dropout`.
+
+    The LM head runs only at labelled positions when that is checked to equal the full forward.
+    """
 
     def __init__(self, val_dropout: bool = False):
         self.val_dropout = val_dropout
+        self.fast: bool | None = None  # decided on the first batch
+
+    def loss(self, model, batch) -> torch.Tensor:
+        if self.fast is None:
+            self.fast = _fast_path_matches(model, batch)
+        return (response_only_loss if self.fast else per_sample_loss)(model, batch)
 
     def source_ids(self, batch: dict) -> torch.Tensor:
         return batch["source_ids"]
 
     def source_losses(self, model, batch):
-        return per_sample_loss(model, batch), batch["source_ids"]
+        return self.loss(model, batch), batch["source_ids"]
 
     def val_loss(self, model, batch):
         if self.val_dropout:
-            return per_sample_loss(model, batch).mean()
+            return self.loss(model, batch).mean()
         model.eval()
         try:
-            return per_sample_loss(model, batch).mean()
+            return self.loss(model, batch).mean()
         finally:
             model.train()
 
@@ -218,7 +270,13 @@ def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
     from .tokenizer import cache_root
 
     cache = cache_root() / "tokenized"
-    if cfg.data_dir:
+    if cfg.sources:
+        if not cfg.validation:
+            raise ConfigError("sources are given without a validation set: add validation: "
+                              "{name: validation, path: …} (or hf_name: …).")
+        specs = [SourceSpec(**d) for d in cfg.sources]
+        val_spec = SourceSpec(**{"name": "validation", **cfg.validation})
+    elif cfg.data_dir:
         specs = specs_from_dir(cfg.data_dir)
         val_path = Path(cfg.val_path or Path(cfg.data_dir) / "validation.jsonl")
         val_spec = SourceSpec(name="validation", path=str(val_path))
@@ -240,11 +298,25 @@ def setup(cfg: TrainConfig) -> Setup:
     from .lisa import make_lisa_pair
     from .models import check_compatible, clone_model, load_model, load_tokenizer
 
-    accelerator = Accelerator(
+    if cfg.tracker != "none":
+        import importlib.util
+
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}[cfg.tracker]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"tracker={cfg.tracker!r} needs the {module} package: "
+                              f"pip install {module} (or tracker=none).")
+    kwargs = dict(
         mixed_precision="bf16" if cfg.precision == "bf16" else "no",
         log_with=None if cfg.tracker == "none" else cfg.tracker,
         project_dir=cfg.out_dir,
     )
+    try:
+        accelerator = Accelerator(**kwargs)
+    except ValueError:  # an earlier run in this process (a notebook) chose another precision
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+        accelerator = Accelerator(**kwargs)
     tok_name = (
         cfg.tokenizer
         if cfg.tokenizer != "embedded" or cfg.model.startswith("embedded")
@@ -321,10 +393,10 @@ def save_checkpoint(s: Setup, run_dir: Path) -> None:
 
 def load_checkpoint(s: Setup, run_dir: Path) -> int:
     sd = torch.load(run_dir / runs.CHECKPOINT, map_location=s.device, weights_only=False)
-    if s.lisa is not None:  # the flags of the checkpointed period, before the optimizer state
-        for lisa in s.lisa:
-            lisa.apply(int(sd["step"]))
     s.state.load_state_dict(sd)
+    if s.lisa is not None:  # the flags of the step's period; state of frozen blocks dropped as
+        for lisa, opt in zip(s.lisa, (s.state.opt_w, s.state.opt_u)):  # an unbroken run has
+            lisa.apply(int(sd["step"]), opt)
     torch.set_rng_state(sd["rng"]["torch"].cpu())
     random.setstate(sd["rng"]["python"])
     np.random.set_state(sd["rng"]["numpy"])

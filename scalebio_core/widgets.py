@@ -155,3 +155,57 @@ class LivePlot:
         a2.plot([r["step"] for r in self.rows], [r["L1"] for r in self.rows], label="L1")
         a2.set(xlabel="step", ylabel="validation loss L1", title="L1 of w")
         self.widget.value = fig_to_png(fig)
+
+
+NOISE_SETTINGS = {
+    "0, 0.2, …, 1.0": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
+    "0, 0.5, 1.0": [0.0, 0.5, 1.0],
+    "0, 0.1, 0.2, 0.3": [0.0, 0.1, 0.2, 0.3],
+    "0.5, 0.6, 0.7": [0.5, 0.6, 0.7],
+}
+
+
+def noise_explorer(run_dir=None, preset: str = "smoke") -> W.VBox:
+    """Pick a noise setting, rerun the noisy-data experiment at `preset` size, see the weights.
+
+    Shows `run_dir` (e.g. the notebook's quick run) first, when given.
+    """
+    from .experiments import run_preset, runs_root
+    from .plots import fig_to_png, plot_noise_weights
+    from .runs import load_trajectory
+
+    pick = W.Dropdown(options=list(NOISE_SETTINGS), description="noise rates")
+    button = W.Button(description=f"run at {preset} size", button_style="primary")
+    status = W.HTML()
+    image = W.Image(format="png")
+
+    def show(path, label):
+        t = load_trajectory(path)
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        plot_noise_weights(ax, t["weights"], title=f"Learned weight against noise rate ({label})")
+        image.value = fig_to_png(fig)
+
+    def run(_):
+        rates = NOISE_SETTINGS[pick.value]
+        tag = "-".join(f"{r:g}" for r in rates)
+        status.value = f"training at {preset} size on noise rates {rates} …"
+        button.disabled = True
+        try:
+            path = run_preset("noisy", preset, progress=False,
+                              corpus_args={**_preset_corpus_args(preset), "noise_rates": rates},
+                              out_dir=str(runs_root() / "noise_explorer" / f"{preset}_{tag}"))
+            show(path, f"{preset}, rates {tag}")
+            status.value = f"done: {path}"
+        finally:
+            button.disabled = False
+
+    button.on_click(run)
+    if run_dir is not None:
+        show(run_dir, "this notebook's run")
+    return W.VBox([W.HBox([pick, button]), status, image])
+
+
+def _preset_corpus_args(preset: str) -> dict:
+    from .experiments import preset_config
+
+    return dict(preset_config("noisy", preset).corpus_args)

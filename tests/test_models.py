@@ -17,7 +17,12 @@ from scalebio_core.lisa import find_blocks
 from scalebio_core.tokenizer import get_tokenizer
 
 # Documented parameter ranges (vocabulary 2048, 256 positions).
-SIZE_RANGES = {"nano": (0.1e6, 0.3e6), "tiny": (0.8e6, 1.5e6), "small": (5e6, 10e6)}
+SIZE_RANGES = {
+    "nano": (0.1e6, 0.3e6),
+    "tiny": (0.8e6, 1.5e6),
+    "small": (5e6, 10e6),
+    "deep": (0.4e6, 0.7e6),
+}
 TEXTS = ["Tom has 3 apples and buys 4 more. The answer is 7.", "Le billet coûte 36,89\xa0€."]
 
 

@@ -124,7 +124,8 @@ def _cli(args: list[str], env=None, **kw) -> subprocess.Popen:
 
 
 def _overrides(out_dir: Path, steps: int) -> list[str]:
-    o = {**SMOKE, "steps": steps, "checkpoint_every": 3, "out_dir": str(out_dir)}
+    o = {**SMOKE, "steps": steps, "checkpoint_every": 3, "out_dir": str(out_dir),
+         "lisa_active": 1, "lisa_interval": 4}  # resumes fall mid-period and at a redraw
     return [f"{k}={json.dumps(v)}" for k, v in o.items()]
 
 
@@ -156,3 +157,96 @@ def test_cli_reports_errors_cleanly(tmp_path):
     p = _cli(["steps=2", "alpha=-1", f"out_dir={tmp_path / 'x'}"])
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2 and "alpha must be a finite number > 0" in err
+
+
+def test_grad_accum_follows_the_same_trajectory(tmp_path):
+    """Counts are taken over the whole batch, so 2 micro-batches = 1 batch (float tolerance)."""
+    import numpy as np
+
+    train(smoke(tmp_path / "a", steps=4), progress=False)
+    train(smoke(tmp_path / "b", steps=4, grad_accum=2), progress=False)
+    a, b = load_trajectory(tmp_path / "a" / "run"), load_trajectory(tmp_path / "b" / "run")
+    np.testing.assert_allclose(a["p"], b["p"], rtol=1e-5)
+    np.testing.assert_allclose(a["L1"], b["L1"], rtol=1e-4)
+    np.testing.assert_allclose(a["L2_u"], b["L2_u"], rtol=1e-4)
+
+
+def test_local_llama_folder_with_lisa_and_data_dir(tmp_path):
+    """The real path: a model folder loaded by from_pretrained, sources from files, LISA on."""
+    from scalebio_core.corpora import build_corpus
+    from scalebio_core.models import save_tiny_model
+
+    model_dir = save_tiny_model("llama", tmp_path / "llama")
+    data_dir = build_corpus("informative", n_terse=12, n_detailed=6, n_val=8).write(
+        tmp_path / "data"
+    )
+    cfg = TrainConfig(
+        model=str(model_dir),
+        tokenizer=str(model_dir),
+        data_dir=str(data_dir),
+        max_length=128,
+        steps=3,
+        batch_size=4,
+        val_batch_size=4,
+        lr_w=1e-3,
+        lr_u=1e-3,
+        lisa_active=1,
+        lisa_interval=2,
+        out_dir=str(tmp_path / "run"),
+    )
+    weights = train(cfg, progress=False)
+    assert sorted(weights) == ["detailed", "terse"]
+    rows = [
+        json.loads(x) for x in (tmp_path / "run" / "trajectory.jsonl").read_text().split("\n") if x
+    ]
+    assert all(len(r["lisa_w"]) == 1 and len(r["lisa_u"]) == 1 for r in rows)
+
+
+def test_empty_validation_set(tmp_path):
+    from scalebio_core.corpora import build_corpus
+    from scalebio_core.data import DataError
+
+    data_dir = build_corpus("noisy", n_per_source=4, n_val=2).write(tmp_path / "data")
+    (data_dir / "validation.jsonl").write_text("")
+    with pytest.raises(DataError, match="validation"):
+        train(smoke(tmp_path, data_dir=str(data_dir)), progress=False)
+    assert not (tmp_path / "run" / "trajectory.jsonl").exists()
+
+
+def test_bf16_autocast_step(tmp_path):
+    import math
+
+    train(smoke(tmp_path, steps=2, precision="bf16"), progress=False)
+    assert all(math.isfinite(x) for x in load_trajectory(tmp_path / "run")["L1"])
+
+
+def test_unknown_tracker_and_missing_tracker_package():
+    with pytest.raises(ConfigError, match="tracker must be one of"):
+        TrainConfig(tracker="mlflow")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "qwen2", "gemma2"])
+def test_response_only_head_matches_full_forward_or_is_refused(arch, tmp_path):
+    """The fast path equals the full forward where it is used; Gemma2's soft-capped logits are
+    not head(hidden), so the check must refuse the fast path there."""
+    import torch
+
+    from scalebio_core.models import load_model, save_tiny_model
+    from scalebio_core.trainer import _fast_path_matches, per_sample_loss, response_only_loss
+
+    model = load_model(str(save_tiny_model(arch, tmp_path / arch)))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 200, (3, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :7] = -100
+    labels[2, 10:] = -100
+    mask = torch.ones_like(ids)
+    mask[2, 10:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    ok = _fast_path_matches(model, batch)
+    capped = getattr(model.config, "final_logit_softcapping", None) is not None
+    assert ok == (not capped)
+    if ok:
+        torch.testing.assert_close(
+            response_only_loss(model, batch), per_sample_loss(model, batch), rtol=1e-5, atol=1e-6
+        )
