@@ -62,7 +62,26 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true", help="continue the run in out_dir")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100")
+    m = sub.add_parser("memory", help="predict per-GPU memory of ScaleBiO training")
+    m.add_argument(
+        "--model",
+        action="append",
+        help="hub name, local folder or config.json "
+        "(repeatable; default: the paper's four models, from configs/models/)",
+    )
+    m.add_argument("--gpus", type=int, default=8)
+    m.add_argument("--gpu-mem", type=float, default=48.0, help="GiB per GPU")
+    m.add_argument("--lisa", type=int, default=0, help="active LISA blocks (0: off)")
+    m.add_argument("--lora", type=int, default=0, help="LoRA rank (0: off)")
+    m.add_argument("--batch", type=int, default=1, help="micro-batch per GPU")
+    m.add_argument("--seq", type=int, default=1024)
+    m.add_argument("--sharding", choices=("fsdp", "ddp"), default="fsdp")
+    m.add_argument("--offload", action="store_true", help="optimizer state on the CPU")
+    m.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     args = parser.parse_args(argv)
+
+    if args.command == "memory":
+        return _memory(args)
 
     from .trainer import TrainConfig, TrainingStopped, train
 
@@ -73,4 +92,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(weights, indent=2))
+    return 0
+
+
+def _memory(args: argparse.Namespace) -> int:
+    from .memory import PAPER_MODELS, MemorySetup, verdict
+
+    if args.lisa and args.lora:
+        print("error: choose LISA or LoRA, not both.", file=sys.stderr)
+        return 2
+    mode = "lisa" if args.lisa else "lora" if args.lora else "full"
+    setup = MemorySetup(
+        gpus=args.gpus,
+        mode=mode,
+        lisa_active=args.lisa or 2,
+        lora_rank=args.lora or 128,
+        batch=args.batch,
+        seq=args.seq,
+        sharding=args.sharding,
+        offload=args.offload,
+        checkpointing=args.checkpointing,
+    )
+    try:
+        for name in args.model or PAPER_MODELS:
+            print(verdict(name, setup, args.gpu_mem))
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
