@@ -338,9 +338,17 @@ def _micro(batch: Any) -> list:
     return list(batch) if isinstance(batch, MicroBatches) else [batch]
 
 
-def _lower_backward(model: nn.Module, micro: list, fns: StepFns, p: torch.Tensor,
-                    div: torch.Tensor, scale: float, step: int, label: str,
-                    extra: torch.Tensor | None = None) -> torch.Tensor:
+def _lower_backward(
+    model: nn.Module,
+    micro: list,
+    fns: StepFns,
+    p: torch.Tensor,
+    div: torch.Tensor,
+    scale: float,
+    step: int,
+    label: str,
+    extra: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Backpropagate scale · L2 over the micro-batches; return this rank's Σ_mb sums/div (K)."""
     est = torch.zeros_like(p)
     for i, mb in enumerate(micro):
@@ -362,6 +370,7 @@ def scalebio_step(
     fns: StepFns,
     reduce: Reduce | None = None,
     divisor: torch.Tensor | None = None,
+    sync: Callable[[nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """One ScaleBiO step on `state` (in place); returns the step's metrics.
 
@@ -370,7 +379,9 @@ def scalebio_step(
     `batch` and `val_batch` may be `MicroBatches` (gradient accumulation): the per-source counts
     are those of the whole batch, summed over ranks by `reduce` (identity on one process), and the
     validation micro-batches are weighted equally. `divisor` replaces the realized per-source
-    counts (see `weighted_lower_loss`).
+    counts (see `weighted_lower_loss`). Across ranks, each rank's loss is its own samples' share
+    of the global loss; `sync(model)` sums the gradients over ranks (all-reduce) and `reduce` the
+    metrics, so N ranks follow the one-process trajectory.
     """
     reduce = reduce or _identity
     cfg, step = state.config, state.step
@@ -384,6 +395,8 @@ def scalebio_step(
     # 1. u: gradient of alpha · L2(lam, u)
     state.opt_u.zero_grad(set_to_none=True)
     lbar_u = reduce(_lower_backward(state.u, micro, fns, p, div, alpha, step, "L2(u)"))
+    if sync is not None:
+        sync(state.u)
 
     # 2. w: gradient of L1(w) + alpha · L2(lam, w), same training batch plus a validation batch
     state.opt_w.zero_grad(set_to_none=True)
@@ -394,6 +407,9 @@ def scalebio_step(
         l1_part.backward()
         l1 += float(l1_part.detach())
     lbar_w = reduce(_lower_backward(state.w, micro, fns, p, div, alpha, step, "L2(w)"))
+    if sync is not None:
+        sync(state.w)
+    l1 = float(reduce(torch.tensor(l1, dtype=p.dtype, device=p.device)))
 
     max_norm = alpha if cfg.clip_norm is None else cfg.clip_norm
     gnorm_u = _clip(state.u, max_norm)

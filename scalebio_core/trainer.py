@@ -171,8 +171,9 @@ def per_sample_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     """Mean next-token loss over each sample's response tokens (labels != -100): shape [B]."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
-    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100,
-                         reduction="none")
+    ce = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none"
+    )
     mask = (labels != -100).to(ce.dtype)
     return (ce * mask).sum(1) / mask.sum(1).clamp_min(1)
 
@@ -183,8 +184,9 @@ def response_only_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     Uses the model's decoder (`base_model`) and output embeddings; valid only when the model's
     logits are exactly head(hidden state), which `LMFns` checks once against the full forward.
     """
-    hidden = model.base_model(input_ids=batch["input_ids"],
-                              attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = model.base_model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
     labels = batch["labels"][:, 1:]
     mask = labels != -100
     logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()
@@ -213,14 +215,22 @@ def _fast_path_matches(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
         model.train(was)
 
 
+def _all_reduce_grads(model: torch.nn.Module) -> None:
+    """Sum the gradients over ranks (every rank's loss is its share of the global loss)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+
+
 class LMFns:
     """StepFns for causal LMs; L1 is computed with dropout off unless `val_dropout`.
 
     The LM head runs only at labelled positions when that is checked to equal the full forward.
     """
 
-    def __init__(self, val_dropout: bool = False):
+    def __init__(self, val_dropout: bool = False, val_scale: float = 1.0):
         self.val_dropout = val_dropout
+        self.val_scale = val_scale  # 1/world: each rank's mean is its share of the global mean
         self.fast: bool | None = None  # decided on the first batch
 
     def loss(self, model, batch) -> torch.Tensor:
@@ -236,10 +246,10 @@ class LMFns:
 
     def val_loss(self, model, batch):
         if self.val_dropout:
-            return self.loss(model, batch).mean()
+            return self.loss(model, batch).mean() * self.val_scale
         model.eval()
         try:
-            return self.loss(model, batch).mean()
+            return self.loss(model, batch).mean() * self.val_scale
         finally:
             model.train()
 
@@ -262,6 +272,12 @@ class Setup:
     device: torch.device
     accelerator: Any
 
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (identity on one process)."""
+        if self.accelerator.num_processes == 1:
+            return t
+        return self.accelerator.reduce(t.to(self.device), "sum")
+
 
 def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
     """Tokenized training sources (sorted by name) and the tokenized validation set."""
@@ -272,8 +288,10 @@ def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
     cache = cache_root() / "tokenized"
     if cfg.sources:
         if not cfg.validation:
-            raise ConfigError("sources are given without a validation set: add validation: "
-                              "{name: validation, path: …} (or hf_name: …).")
+            raise ConfigError(
+                "sources are given without a validation set: add validation: "
+                "{name: validation, path: …} (or hf_name: …)."
+            )
         specs = [SourceSpec(**d) for d in cfg.sources]
         val_spec = SourceSpec(**{"name": "validation", **cfg.validation})
     elif cfg.data_dir:
@@ -291,9 +309,26 @@ def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
     return train, val
 
 
-def setup(cfg: TrainConfig) -> Setup:
+def make_accelerator(cfg: TrainConfig):
+    """The accelerate object: devices, processes (gloo on CPU, NCCL on GPUs), bf16, trackers."""
     from accelerate import Accelerator
 
+    kwargs = dict(
+        mixed_precision="bf16" if cfg.precision == "bf16" else "no",
+        log_with=None if cfg.tracker == "none" else cfg.tracker,
+        project_dir=cfg.out_dir,
+        cpu=not torch.cuda.is_available(),
+    )
+    try:
+        return Accelerator(**kwargs)
+    except ValueError:  # an earlier run in this process (a notebook) chose another precision
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+        return Accelerator(**kwargs)
+
+
+def setup(cfg: TrainConfig, accelerator=None) -> Setup:
     from .data import BatchSampler
     from .lisa import make_lisa_pair
     from .models import check_compatible, clone_model, load_model, load_tokenizer
@@ -303,20 +338,17 @@ def setup(cfg: TrainConfig) -> Setup:
 
         module = {"tensorboard": "tensorboard", "wandb": "wandb"}[cfg.tracker]
         if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"tracker={cfg.tracker!r} needs the {module} package: "
-                              f"pip install {module} (or tracker=none).")
-    kwargs = dict(
-        mixed_precision="bf16" if cfg.precision == "bf16" else "no",
-        log_with=None if cfg.tracker == "none" else cfg.tracker,
-        project_dir=cfg.out_dir,
-    )
-    try:
-        accelerator = Accelerator(**kwargs)
-    except ValueError:  # an earlier run in this process (a notebook) chose another precision
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state()
-        accelerator = Accelerator(**kwargs)
+            raise ConfigError(
+                f"tracker={cfg.tracker!r} needs the {module} package: "
+                f"pip install {module} (or tracker=none)."
+            )
+    accelerator = accelerator or make_accelerator(cfg)
+    world = accelerator.num_processes
+    if cfg.batch_size % (world * cfg.grad_accum) or cfg.val_batch_size % (world * cfg.grad_accum):
+        raise ConfigError(
+            f"batch_size ({cfg.batch_size}) and val_batch_size ({cfg.val_batch_size}) must be "
+            f"multiples of processes × grad_accum = {world} × {cfg.grad_accum}."
+        )
     tok_name = (
         cfg.tokenizer
         if cfg.tokenizer != "embedded" or cfg.model.startswith("embedded")
@@ -365,8 +397,10 @@ def setup(cfg: TrainConfig) -> Setup:
 
 
 def _batches(s: Setup, data, idx: list[int], n: int) -> MicroBatches:
+    """This rank's share of a global batch (every world-th sample), in n micro-batches."""
     from .data import collate
 
+    idx = idx[s.accelerator.process_index :: s.accelerator.num_processes]
     size = len(idx) // n
     out = MicroBatches()
     for i in range(n):
@@ -379,6 +413,10 @@ def _batches(s: Setup, data, idx: list[int], n: int) -> MicroBatches:
 
 
 def save_checkpoint(s: Setup, run_dir: Path) -> None:
+    """Rank 0 writes (the state is replicated); every rank waits for it."""
+    s.accelerator.wait_for_everyone()
+    if not s.accelerator.is_main_process:
+        return
     sd = s.state.state_dict()
     sd["rng"] = {
         "torch": torch.get_rng_state(),
@@ -433,7 +471,6 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
             f"{run_dir} already holds a run (trajectory or checkpoint); nothing was "
             "overwritten. Pass --resume to continue it, or choose another out_dir."
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -444,27 +481,34 @@ def train(
     callback: Callable[[dict, Any], None] | None = None,
 ) -> dict[str, float]:
     """Run (or resume) ScaleBiO; returns the final weights by source name."""
-    run_dir = _prepare_run_dir(cfg, resume)
+    accelerator = make_accelerator(cfg)
+    run_dir = _prepare_run_dir(cfg, resume)  # every rank reads the same folder …
+    accelerator.wait_for_everyone()  # … before rank 0 writes anything
+    main = accelerator.is_main_process
     torch.manual_seed(cfg.seed)
-    s = setup(cfg)
+    s = setup(cfg, accelerator)
     traj, timing = runs.JsonlLog(run_dir / runs.TRAJECTORY), runs.JsonlLog(run_dir / runs.TIMING)
     start = 0
     if resume:
         start = load_checkpoint(s, run_dir)
-        traj.truncate_to(start)
-        timing.truncate_to(start)
+        accelerator.wait_for_everyone()
+        if main:
+            traj.truncate_to(start)
+            timing.truncate_to(start)
     else:
-        runs.write_yaml(run_dir / runs.CONFIG, json.loads(json.dumps(cfg.to_dict())))
-        (run_dir / runs.TRAJECTORY).write_text("")
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            runs.write_yaml(run_dir / runs.CONFIG, json.loads(json.dumps(cfg.to_dict())))
+            (run_dir / runs.TRAJECTORY).write_text("")
         save_checkpoint(s, run_dir)
     if cfg.tracker != "none":
         s.accelerator.init_trackers(Path(cfg.out_dir).name, config=cfg.to_dict())
-    fns = LMFns(cfg.val_dropout)
+    fns = LMFns(cfg.val_dropout, val_scale=1.0 / accelerator.num_processes)
     bar = tqdm(
         range(start, cfg.steps),
         initial=start,
         total=cfg.steps,
-        disable=not progress,
+        disable=not (progress and main),
         desc="ScaleBiO",
         dynamic_ncols=True,
     )
@@ -488,6 +532,7 @@ def train(
                 f"holds steps 0..{step - 1}. Resume with --resume after lowering lr_w/lr_u/alpha."
             ) from e
         tokens = int(sum(b["attention_mask"].sum() for b in (*batch, *val_batch)))
+        tokens = int(s.reduce(torch.tensor(float(tokens))))
         row = {
             "step": step,
             "p": dict(zip(s.names, m["p"])),
@@ -505,8 +550,16 @@ def train(
             "loss_w": dict(zip(s.names, m["loss_w"])),
             "loss_u": dict(zip(s.names, m["loss_u"])),
         }
-        traj.append(row)
-        timing.append({"step": step, "seconds": time.perf_counter() - t0, "tokens": tokens})
+        if main:
+            traj.append(row)
+            timing.append(
+                {
+                    "step": step,
+                    "seconds": time.perf_counter() - t0,
+                    "tokens": tokens,
+                    "world_size": accelerator.num_processes,
+                }
+            )
         if cfg.tracker != "none":
             s.accelerator.log(
                 {
@@ -527,7 +580,9 @@ def train(
     if cfg.tracker != "none":
         s.accelerator.end_training()
     weights = s.state.weights()
-    runs.write_json(run_dir / runs.WEIGHTS, weights)
+    if main:
+        runs.write_json(run_dir / runs.WEIGHTS, weights)
+    accelerator.wait_for_everyone()
     return weights
 
 
@@ -535,7 +590,15 @@ def _step(s: Setup, batch, val_batch, fns) -> dict:
     from .bilevel import scalebio_step
 
     div = None if s.divisor is None else s.divisor.to(s.device)
-    m = scalebio_step(s.state, batch, val_batch, fns, divisor=div)
+    m = scalebio_step(
+        s.state,
+        batch,
+        val_batch,
+        fns,
+        divisor=div,
+        reduce=s.reduce if s.accelerator.num_processes > 1 else None,
+        sync=_all_reduce_grads if s.accelerator.num_processes > 1 else None,
+    )
     if not all(math.isfinite(v) for v in m["p"]):  # pragma: no cover - guarded by the step
         raise NonFiniteLossError("non-finite weights", m["step"], {})
     return m
