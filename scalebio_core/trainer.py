@@ -105,6 +105,13 @@ class TrainConfig:
     """Embeddings, head and final norm train under LISA (the paper)."""
     lisa_keep_state: bool = False
     """Keep optimizer state of frozen blocks (the reference code); default: free it."""
+    # -- LoRA (PEFT), the alternative to LISA
+    lora_rank: int = 0
+    """LoRA rank for both copies (0 = off); only the LoRA matrices train."""
+    lora_alpha: float = 16.0
+    """LoRA scaling alpha."""
+    lora_targets: list | None = None
+    """Module names to adapt; default: every linear layer inside the decoder blocks."""
     # -- run
     seed: int = 0
     out_dir: str = "runs/scalebio"
@@ -134,6 +141,7 @@ class TrainConfig:
                 "lisa_active must be >= 0 and lisa_interval >= 1",
             ),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+            (self.lora_rank >= 0, "lora_rank must be >= 0"),
             (self.tracker in TRACKERS, f"tracker must be one of {TRACKERS}"),
         ]
         for ok, message in checks:
@@ -309,6 +317,36 @@ def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
     return train, val
 
 
+def lora_targets(model: torch.nn.Module, path: str | None = None) -> list[str]:
+    """Names of the linear layers inside the decoder blocks (found generically)."""
+    from .lisa import find_blocks
+
+    _, blocks = find_blocks(model, path)
+    names = {
+        n.rsplit(".", 1)[-1]
+        for n, m in blocks.named_modules()
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
+    }
+    if not names:
+        raise ConfigError("no linear layers in the decoder blocks for LoRA: pass lora_targets.")
+    return sorted(names)
+
+
+def add_lora(model, rank: int, alpha: float, targets: list | None = None, path: str | None = None):
+    """Wrap a causal LM with PEFT LoRA adapters (rank, alpha, targets)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(targets) if targets else lora_targets(model, path)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"
+    )
+    with warnings.catch_warnings():  # GPT-2's Conv1D: PEFT notes fan_in_fan_out, then sets it
+        warnings.simplefilter("ignore", UserWarning)
+        return get_peft_model(model, config)
+
+
 def make_accelerator(cfg: TrainConfig):
     """The accelerate object: devices, processes (gloo on CPU, NCCL on GPUs), bf16, trackers."""
     from accelerate import Accelerator
@@ -343,6 +381,13 @@ def setup(cfg: TrainConfig, accelerator=None) -> Setup:
                 f"pip install {module} (or tracker=none)."
             )
     accelerator = accelerator or make_accelerator(cfg)
+    engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if engine in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(
+            f"{engine} is configured, but this trainer does not shard u and w yet: it replicates "
+            "them and all-reduces gradients (DDP-style). Launch with configs/accelerate/ddp.yaml "
+            "(or plain --multi_gpu); the FSDP and ZeRO-3 configs are validated, not yet run."
+        )
     world = accelerator.num_processes
     if cfg.batch_size % (world * cfg.grad_accum) or cfg.val_batch_size % (world * cfg.grad_accum):
         raise ConfigError(
@@ -358,6 +403,8 @@ def setup(cfg: TrainConfig, accelerator=None) -> Setup:
     train, val = build_data(cfg, tokenizer)
     w = load_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.seed)
     check_compatible(w, tokenizer)
+    if cfg.lora_rank > 0:
+        w = add_lora(w, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lisa_layers_path)
     u = clone_model(w)
     w.to(accelerator.device).train()
     u.to(accelerator.device).train()

@@ -124,8 +124,14 @@ def _cli(args: list[str], env=None, **kw) -> subprocess.Popen:
 
 
 def _overrides(out_dir: Path, steps: int) -> list[str]:
-    o = {**SMOKE, "steps": steps, "checkpoint_every": 3, "out_dir": str(out_dir),
-         "lisa_active": 1, "lisa_interval": 4}  # resumes fall mid-period and at a redraw
+    o = {
+        **SMOKE,
+        "steps": steps,
+        "checkpoint_every": 3,
+        "out_dir": str(out_dir),
+        "lisa_active": 1,
+        "lisa_interval": 4,
+    }  # resumes fall mid-period and at a redraw
     return [f"{k}={json.dumps(v)}" for k, v in o.items()]
 
 
@@ -250,3 +256,24 @@ def test_response_only_head_matches_full_forward_or_is_refused(arch, tmp_path):
         torch.testing.assert_close(
             response_only_loss(model, batch), per_sample_loss(model, batch), rtol=1e-5, atol=1e-6
         )
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lora_on_both_copies(arch, tmp_path):
+    """LoRA adapters on u and w: only they train, and their count is the memory model's."""
+    from scalebio_core.memory import MemorySetup, model_shape, predict
+    from scalebio_core.models import load_model, save_tiny_model
+    from scalebio_core.trainer import setup
+
+    path = save_tiny_model(arch, tmp_path / arch)
+    cfg = smoke(tmp_path, model=str(path), tokenizer=str(path), lora_rank=4, steps=2)
+    s = setup(cfg)
+    for model in (s.state.w, s.state.u):
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n for n in trainable)
+    n_trainable = sum(p.numel() for p in s.state.w.parameters() if p.requires_grad)
+    shape = model_shape(model=load_model(str(path)))
+    lora = predict(shape, MemorySetup(mode="lora", lora_rank=4, param_dtype="fp32", sharding="ddp"))
+    assert lora["gradients"] == 2 * n_trainable * 4  # two copies, fp32
+    weights = train(cfg, progress=False)
+    assert len(weights) == 3
