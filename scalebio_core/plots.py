@@ -214,3 +214,21 @@ def plot_lisa_raster(ax: plt.Axes, rows: Sequence[Mapping], n_blocks: int,
                        Patch(color=(1.0, 0.5, 0.05), label="u only"),
                        Patch(color=(0.3, 0.3, 0.3), label="both")], loc="upper right")
     return ax
+
+
+def plot_memory_vs_size(ax: plt.Axes, sizes: Mapping[str, float],
+                        per_mode: Mapping[str, Sequence[float]], gpu_lines=(48, 80),
+                        title: str = "Predicted memory per GPU") -> plt.Axes:
+    """Per-GPU GiB against model size (parameters) for several training modes."""
+    x = np.array(list(sizes.values()))
+    for (mode, ys), c in zip(per_mode.items(), colors(len(per_mode))):
+        ax.loglog(x, ys, "o-", color=c, label=mode)
+    for g in gpu_lines:
+        ax.axhline(g, color="gray", ls=":", lw=1)
+        ax.text(x[0], g * 1.05, f"{g} GiB per GPU", color="gray", fontsize=8)
+    for name, v in sizes.items():
+        ax.annotate(name.split("/")[-1], (v, ax.get_ylim()[0]), fontsize=7, rotation=90,
+                    xytext=(2, 4), textcoords="offset points")
+    ax.set(xlabel="parameters", ylabel="GiB per GPU", title=title)
+    ax.legend(loc="lower right")
+    return ax

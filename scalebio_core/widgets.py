@@ -209,3 +209,47 @@ def _preset_corpus_args(preset: str) -> dict:
     from .experiments import preset_config
 
     return dict(preset_config("noisy", preset).corpus_args)
+
+
+def scaling_planner(models=None, train_config: str = "configs/noisy.yaml") -> W.VBox:
+    """Pick a model and a node: the memory model's breakdown, a verdict, the accelerate config
+    and the launch command."""
+    import yaml
+
+    from .memory import GIB, PAPER_MODELS, MemorySetup, model_shape, predict
+    from .scaleout import accelerate_config, launch_command
+
+    models = list(models or PAPER_MODELS)
+    model = W.Dropdown(options=models, value=models[-1], description="model")
+    gpus = W.IntSlider(value=8, min=1, max=8, description="GPUs")
+    mem = W.Dropdown(options=[24, 40, 48, 80, 141], value=48, description="GiB / GPU")
+    mode = W.ToggleButtons(options=["full", "lisa", "lora"], value="lisa", description="train")
+    offload = W.Checkbox(value=True, description="CPU offload (optimizer)")
+    ckpt = W.Checkbox(value=True, description="gradient checkpointing")
+    out = W.HTML()
+    shapes: dict = {}
+
+    def redraw(*_):
+        shape = shapes.setdefault(model.value, model_shape(model.value))
+        setup = MemorySetup(gpus=gpus.value, mode=mode.value, offload=offload.value,
+                            checkpointing=ckpt.value)
+        pred = predict(shape, setup)
+        fits = pred["total"] <= mem.value * GIB
+        kind = "fsdp" if gpus.value > 1 else "ddp"
+        cfg = accelerate_config(kind, model.value, gpus.value, offload.value)
+        rows = "".join(f"<tr><td>{k}</td><td style='text-align:right'>{v / GIB:.1f} GiB</td></tr>"
+                       for k, v in pred.items())
+        colour = "green" if fits else "crimson"
+        out.value = (
+            f"<b>{model.value}</b>: {shape.params / 1e9:.2f}B parameters, "
+            f"{len(shape.block_params)} blocks<table>{rows}</table>"
+            f"<p style='color:{colour}'><b>{'fits' if fits else 'does not fit'}</b> "
+            f"({pred['total'] / (mem.value * GIB):.0%} of {mem.value} GiB per GPU)</p>"
+            f"<pre>{yaml.safe_dump(cfg, sort_keys=False)}</pre>"
+            f"<pre>{launch_command(f'configs/accelerate/{kind}.yaml', train_config)}</pre>"
+        )
+
+    for w in (model, gpus, mem, mode, offload, ckpt):
+        w.observe(redraw, names="value")
+    redraw()
+    return W.VBox([W.HBox([model, gpus, mem]), mode, W.HBox([offload, ckpt]), out])
