@@ -347,18 +347,14 @@ def _lower_backward(
     scale: float,
     step: int,
     label: str,
-    extra: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Backpropagate scale · L2 over the micro-batches; return this rank's Σ_mb sums/div (K)."""
     est = torch.zeros_like(p)
-    for i, mb in enumerate(micro):
+    for mb in micro:
         losses, ids = fns.source_losses(model, mb)
         l2, est_mb, _ = weighted_lower_loss(losses, ids, p, div)
-        loss = scale * l2
         _check_finite({label: l2}, step)
-        if extra is not None and i == 0:
-            loss = loss + extra
-        loss.backward()
+        (scale * l2).backward()
         est += est_mb.to(p.dtype)
     return est
 

@@ -43,27 +43,32 @@ def is_finished(run_dir: Path, steps: int) -> bool:
     return len(runs.read_jsonl(traj)) == steps
 
 
-def run_preset(name: str, preset: str, callback: Callable | None = None, progress: bool = True,
-               **overrides: Any) -> Path:
+def run_preset(
+    name: str,
+    preset: str,
+    callback: Callable | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> Path:
     """Train the preset unless the same run already finished; return its run directory."""
     from .trainer import train
 
     cfg = preset_config(name, preset, **overrides)
     run_dir = Path(cfg.out_dir)
     if (run_dir / runs.CONFIG).exists():
-        old = yaml.safe_load((run_dir / runs.CONFIG).read_text())
-        new = json.loads(json.dumps(cfg.to_dict()))
-        if runs.config_diff(old, new):
+        diff = runs.config_diff(yaml.safe_load((run_dir / runs.CONFIG).read_text()), cfg.to_dict())
+        if diff:
             raise ConfigError(
                 f"{run_dir} holds a run with another config:\n  "
-                + "\n  ".join(runs.config_diff(old, new))
+                + "\n  ".join(diff)
                 + f"\nMove or delete {run_dir} to rerun (it is regenerable), or set "
                 "$SCALEBIO_RUNS to another folder."
             )
         if is_finished(run_dir, cfg.steps):
             return run_dir
-        train(cfg, resume=(run_dir / runs.CHECKPOINT).exists(), progress=progress,
-              callback=callback)
+        train(
+            cfg, resume=(run_dir / runs.CHECKPOINT).exists(), progress=progress, callback=callback
+        )
         return run_dir
     train(cfg, progress=progress, callback=callback)
     return run_dir
@@ -81,11 +86,20 @@ def memory_probe(name: str, preset: str, steps: int = 5, **overrides: Any) -> di
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = {"name": name, "preset": preset, "steps": steps,
-                "overrides": {**overrides, "out_dir": str(Path(tmp) / "run")}}
+        args = {
+            "name": name,
+            "preset": preset,
+            "steps": steps,
+            "overrides": {**overrides, "out_dir": str(Path(tmp) / "run")},
+        }
         code = f"from scalebio_core.experiments import _probe; _probe({json.dumps(args)!r})"
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=False, env={**os.environ, "SCALEBIO_RUNS": tmp})
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "SCALEBIO_RUNS": tmp},
+        )
     if out.returncode != 0:
         raise RuntimeError(f"memory probe failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -102,7 +116,7 @@ def _probe(args_json: str) -> None:  # pragma: no cover - runs in the child proc
     import torch
 
     from .lisa import optimizer_state_bytes
-    from .trainer import LMFns, _batches, _step, setup
+    from .trainer import LMFns, run_step, setup
 
     args = json.loads(args_json)
     cfg = preset_config(args["name"], args["preset"], **args["overrides"])
@@ -114,23 +128,27 @@ def _probe(args_json: str) -> None:  # pragma: no cover - runs in the child proc
         pass
     base = _status_mib("VmRSS")
     for step in range(args["steps"]):
-        if s.lisa:
-            for lisa, opt in zip(s.lisa, (s.state.opt_w, s.state.opt_u)):
-                lisa.apply(step, opt)
-        batch = _batches(s, s.train, s.sampler.indices(step), cfg.grad_accum)
-        val = _batches(s, s.val, s.val_sampler.indices(step), cfg.grad_accum)
-        _step(s, batch, val, fns)
+        run_step(s, step, fns)
     mib = 2**20
     models = (s.state.w, s.state.u)
     out = {
-        "params_mib": sum(p.numel() * p.element_size() for m in models
-                          for p in m.parameters()) / mib,
-        "trainable_mib": sum(p.numel() * p.element_size() for m in models
-                             for p in m.parameters() if p.requires_grad) / mib,
-        "grads_mib": sum(p.grad.numel() * p.grad.element_size() for m in models
-                         for p in m.parameters() if p.grad is not None) / mib,
-        "optimizer_state_mib": (optimizer_state_bytes(s.state.opt_w)
-                                + optimizer_state_bytes(s.state.opt_u)) / mib,
+        "params_mib": sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+        / mib,
+        "trainable_mib": sum(
+            p.numel() * p.element_size() for m in models for p in m.parameters() if p.requires_grad
+        )
+        / mib,
+        "grads_mib": sum(
+            p.grad.numel() * p.grad.element_size()
+            for m in models
+            for p in m.parameters()
+            if p.grad is not None
+        )
+        / mib,
+        "optimizer_state_mib": (
+            optimizer_state_bytes(s.state.opt_w) + optimizer_state_bytes(s.state.opt_u)
+        )
+        / mib,
         "peak_rss_increase_mib": _status_mib("VmHWM") - base,
         "threads": torch.get_num_threads(),
     }

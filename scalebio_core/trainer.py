@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import time
 from collections.abc import Callable
@@ -161,7 +160,8 @@ class TrainConfig:
         return "expected" if self.sampler == "union" else "realized"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain YAML/JSON types (tuples become lists), as config.yaml holds them."""
+        return json.loads(json.dumps(asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -505,7 +505,7 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
         import yaml
 
         old = yaml.safe_load((run_dir / runs.CONFIG).read_text())
-        diff = runs.config_diff(old, json.loads(json.dumps(cfg.to_dict())), ignore=("tracker",))
+        diff = runs.config_diff(old, cfg.to_dict(), ignore=("tracker",))
         if diff:
             raise ConfigError(
                 f"cannot resume {run_dir}: the config differs from the run's config.yaml:\n  "
@@ -545,7 +545,7 @@ def train(
     else:
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            runs.write_yaml(run_dir / runs.CONFIG, json.loads(json.dumps(cfg.to_dict())))
+            runs.write_yaml(run_dir / runs.CONFIG, cfg.to_dict())
             (run_dir / runs.TRAJECTORY).write_text("")
         save_checkpoint(s, run_dir)
     if cfg.tracker != "none":
@@ -561,16 +561,8 @@ def train(
     )
     for step in bar:
         t0 = time.perf_counter()
-        active = (
-            [lisa.apply(step, opt) for lisa, opt in zip(s.lisa, (s.state.opt_w, s.state.opt_u))]
-            if s.lisa
-            else None
-        )
-        batch = _batches(s, s.train, s.sampler.indices(step), cfg.grad_accum)
-        val_batch = _batches(s, s.val, s.val_sampler.indices(step), cfg.grad_accum)
         try:
-            with s.accelerator.autocast():
-                m = _step(s, batch, val_batch, fns)
+            m, active, batch, val_batch = run_step(s, step, fns)
         except NonFiniteLossError as e:
             save_checkpoint(s, run_dir)  # the state is untouched: the last good one
             raise TrainingStopped(
@@ -633,19 +625,26 @@ def train(
     return weights
 
 
-def _step(s: Setup, batch, val_batch, fns) -> dict:
+def run_step(s: Setup, step: int, fns: LMFns) -> tuple[dict, list | None, list, list]:
+    """LISA draw, this rank's batches, one ScaleBiO step: (metrics, active blocks, batches)."""
     from .bilevel import scalebio_step
 
-    div = None if s.divisor is None else s.divisor.to(s.device)
-    m = scalebio_step(
-        s.state,
-        batch,
-        val_batch,
-        fns,
-        divisor=div,
-        reduce=s.reduce if s.accelerator.num_processes > 1 else None,
-        sync=_all_reduce_grads if s.accelerator.num_processes > 1 else None,
+    active = (
+        [lisa.apply(step, opt) for lisa, opt in zip(s.lisa, (s.state.opt_w, s.state.opt_u))]
+        if s.lisa
+        else None
     )
-    if not all(math.isfinite(v) for v in m["p"]):  # pragma: no cover - guarded by the step
-        raise NonFiniteLossError("non-finite weights", m["step"], {})
-    return m
+    batch = _batches(s, s.train, s.sampler.indices(step), s.cfg.grad_accum)
+    val_batch = _batches(s, s.val, s.val_sampler.indices(step), s.cfg.grad_accum)
+    multi = s.accelerator.num_processes > 1
+    with s.accelerator.autocast():
+        m = scalebio_step(
+            s.state,
+            batch,
+            val_batch,
+            fns,
+            divisor=None if s.divisor is None else s.divisor.to(s.device),
+            reduce=s.reduce if multi else None,
+            sync=_all_reduce_grads if multi else None,
+        )
+    return m, active, batch, val_batch

@@ -77,8 +77,14 @@ def weight_viewer(run_dir, title: str = "") -> W.VBox:
 
     traj = {"t": load_trajectory(run_dir)}
     n = len(traj["t"]["step"])
-    slider = W.IntSlider(value=n - 1, min=0, max=n - 1, description="step index",
-                         continuous_update=False, layout=W.Layout(width="420px"))
+    slider = W.IntSlider(
+        value=n - 1,
+        min=0,
+        max=n - 1,
+        description="step index",
+        continuous_update=False,
+        layout=W.Layout(width="420px"),
+    )
     play = W.Play(value=n - 1, min=0, max=n - 1, interval=300, description="play")
     W.jslink((play, "value"), (slider, "value"))
     reload = W.Button(description="reload", tooltip="reread trajectory.jsonl")
@@ -91,8 +97,10 @@ def weight_viewer(run_dir, title: str = "") -> W.VBox:
         t, i = traj["t"], slider.value
         p = dict(zip(t["names"], np.asarray(t["p"])[i]))
         top = max(p, key=p.get)
-        label.value = (f"<b>step {int(t['step'][i])}</b> of {int(t['step'][-1])}: "
-                       f"L1 = {t['L1'][i]:.4f}, top source {top} ({p[top]:.3f})")
+        label.value = (
+            f"<b>step {int(t['step'][i])}</b> of {int(t['step'][-1])}: "
+            f"L1 = {t['L1'][i]:.4f}, top source {top} ({p[top]:.3f})"
+        )
         image.value = fig_to_png(plot_run_step(t, i, title))
 
     def on_reload(_):
@@ -116,8 +124,13 @@ def run_comparer(run_dirs) -> W.VBox:
     from .runs import load_trajectory
 
     options = [str(Path(d)) for d in run_dirs]
-    pick = W.SelectMultiple(options=options, value=tuple(options[:2]), description="runs",
-                            rows=min(6, len(options)), layout=W.Layout(width="60%"))
+    pick = W.SelectMultiple(
+        options=options,
+        value=tuple(options[:2]),
+        description="runs",
+        rows=min(6, len(options)),
+        layout=W.Layout(width="60%"),
+    )
     image = W.Image(format="png")
 
     def redraw(*_):
@@ -145,13 +158,12 @@ class LivePlot:
         from .plots import fig_to_png
 
         self.rows.append(row)
-        if len(self.rows) % self.every and row is not None:
+        if len(self.rows) % self.every:
             return
         names = list(self.rows[0]["p"])
         p = np.array([[r["p"][n] for n in names] for r in self.rows])
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.2))
-        plot_weights(a1, p, names, steps=np.array([r["step"] for r in self.rows]),
-                     title=self.title)
+        plot_weights(a1, p, names, steps=np.array([r["step"] for r in self.rows]), title=self.title)
         a2.plot([r["step"] for r in self.rows], [r["L1"] for r in self.rows], label="L1")
         a2.set(xlabel="step", ylabel="validation loss L1", title="L1 of w")
         self.widget.value = fig_to_png(fig)
@@ -191,9 +203,13 @@ def noise_explorer(run_dir=None, preset: str = "smoke") -> W.VBox:
         status.value = f"training at {preset} size on noise rates {rates} …"
         button.disabled = True
         try:
-            path = run_preset("noisy", preset, progress=False,
-                              corpus_args={**_preset_corpus_args(preset), "noise_rates": rates},
-                              out_dir=str(runs_root() / "noise_explorer" / f"{preset}_{tag}"))
+            path = run_preset(
+                "noisy",
+                preset,
+                progress=False,
+                corpus_args={**_preset_corpus_args(preset), "noise_rates": rates},
+                out_dir=str(runs_root() / "noise_explorer" / f"{preset}_{tag}"),
+            )
             show(path, f"{preset}, rates {tag}")
             status.value = f"done: {path}"
         finally:
@@ -231,14 +247,17 @@ def scaling_planner(models=None, train_config: str = "configs/noisy.yaml") -> W.
 
     def redraw(*_):
         shape = shapes.setdefault(model.value, model_shape(model.value))
-        setup = MemorySetup(gpus=gpus.value, mode=mode.value, offload=offload.value,
-                            checkpointing=ckpt.value)
+        setup = MemorySetup(
+            gpus=gpus.value, mode=mode.value, offload=offload.value, checkpointing=ckpt.value
+        )
         pred = predict(shape, setup)
         fits = pred["total"] <= mem.value * GIB
         kind = "fsdp" if gpus.value > 1 else "ddp"
         cfg = accelerate_config(kind, model.value, gpus.value, offload.value)
-        rows = "".join(f"<tr><td>{k}</td><td style='text-align:right'>{v / GIB:.1f} GiB</td></tr>"
-                       for k, v in pred.items())
+        rows = "".join(
+            f"<tr><td>{k}</td><td style='text-align:right'>{v / GIB:.1f} GiB</td></tr>"
+            for k, v in pred.items()
+        )
         colour = "green" if fits else "crimson"
         out.value = (
             f"<b>{model.value}</b>: {shape.params / 1e9:.2f}B parameters, "
