@@ -42,13 +42,10 @@ MiB are noise.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import resource
-import shlex
 import subprocess
 import sys
 import time
@@ -59,8 +56,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scalebio_core.bilevel import BilevelConfig, init_state, scalebio_step
-from scalebio_core.problem import BilevelProblem, ParamVector, ProblemFns
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_lines, write_section  # noqa: E402
+
+from scalebio_core.bilevel import BilevelConfig, init_state, scalebio_step  # noqa: E402
+from scalebio_core.problem import BilevelProblem, ParamVector, ProblemFns  # noqa: E402
 from scalebio_core.toy import minimize_on_simplex
 
 DT = torch.float64
@@ -331,7 +331,7 @@ def benchmark(sizes: list[int], s: Settings) -> tuple[list[str], list[str]]:
     mem_note = ("peak RSS increase over the loop (VmHWM reset via /proc/self/clear_refs)"
                 if memory == {"VmHWM reset"} else "peak RSS increase over the loop (ru_maxrss)")
     header = [
-        f"## ScaleBiO (first order, penalty α = {s.alpha:g}, constant) vs implicit "
+        f"### ScaleBiO (first order, penalty α = {s.alpha:g}, constant) vs implicit "
         "differentiation (IFT + CG with autograd HVPs)",
         "",
         f"Toy: separable quadratic bilevel, K = {s.k} sources with diagonal Hessians, lower-level "
@@ -404,31 +404,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"Total wall time of the benchmark (incl. exact solves): {total:.1f} s"])
     print(text)
     if args.out:
-        command = shlex.join(["python", *sys.argv])
-        meta = [
-            "# Toy scaling: ScaleBiO vs implicit differentiation",
-            "",
-            f"- command: `{command}`",
-            f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-            f"- platform: {platform.platform()}, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, numpy {np.__version__}",
-            f"- CPU: {_cpu_name()}, {os.cpu_count()} logical cores",
-            "",
-        ]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join([*meta, text, ""]))
+        write_section(
+            args.out,
+            "Toy scaling: ScaleBiO vs implicit differentiation",
+            [*machine_lines(), f"- numpy {np.__version__}", "", text],
+        )
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -62,6 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true", help="continue the run in out_dir")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100")
+    r = sub.add_parser("resample", help="draw N examples from a run's sources by its weights")
+    r.add_argument("--run", required=True, help="run directory (config.yaml, weights.json)")
+    r.add_argument("--n", type=int, required=True, help="examples to draw")
+    r.add_argument("--weights", help="weights.json to use instead of the run's")
+    r.add_argument("--add-validation", action="store_true", help="append the validation set")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", help="JSON Lines file (default: <run>/resampled.jsonl)")
+    f = sub.add_parser("sft", help="fine-tune a fresh model on resampled data and evaluate it")
+    f.add_argument("--config", help="YAML config of the sources, model and hyperparameters")
+    f.add_argument("--preset", help="preset section of the config file")
+    f.add_argument("--data", required=True, help="resampled JSON Lines file")
+    f.add_argument("--out", required=True, help="output folder (config, trajectory, eval.json)")
+    f.add_argument("--token-budget", type=int, help="train for this many tokens (sets steps)")
+    f.add_argument("--no-progress", action="store_true")
+    f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr_w=1e-3 seed=1")
     m = sub.add_parser("memory", help="predict per-GPU memory of ScaleBiO training")
     m.add_argument(
         "--model",
@@ -82,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "memory":
         return _memory(args)
+    if args.command in ("resample", "sft"):
+        return _pipeline(args)
 
     from .trainer import TrainConfig, TrainingStopped, train
 
@@ -92,6 +109,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(weights, indent=2))
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .pipeline import resample_run, sft
+    from .trainer import TrainConfig
+
+    try:
+        if args.command == "resample":
+            weights = json.loads(Path(args.weights).read_text()) if args.weights else None
+            out = resample_run(
+                args.run, args.n, args.out, args.seed, args.add_validation, weights=weights
+            )
+            counts: dict[str, int] = {}
+            for line in out.read_text().splitlines():
+                src = json.loads(line)["source"]
+                counts[src] = counts.get(src, 0) + 1
+            print(json.dumps({"out": str(out), "counts": counts}, indent=2))
+            return 0
+        cfg = TrainConfig.from_dict(resolve_config(args.config, args.preset, args.overrides))
+        result = sft(cfg, args.data, args.out, args.token_budget, progress=not args.no_progress)
+    except (ConfigError, DataError, FileNotFoundError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
     return 0
 
 

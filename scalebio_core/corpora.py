@@ -271,6 +271,12 @@ def _draw(r: random.Random, task: str, detailed: bool = False) -> Record:
             "output": f"{why} The answer is {ans}." if detailed else ans}
 
 
+def _repeat(r: random.Random, n: int, draw: Callable[[random.Random], Record]) -> list[Record]:
+    """`n` records drawn one after another from one RNG stream (a fresh RNG per record would
+    repeat the first record `n` times)."""
+    return [draw(r) for _ in range(n)]
+
+
 def _mixed(r: random.Random, n: int, detailed: bool = False) -> list[Record]:
     names = sorted(TASKS)
     return [_draw(r, r.choice(names), detailed) for _ in range(n)]
@@ -282,7 +288,7 @@ _PROV_TASKS = "templated by scalebio_core.corpora from built-in word lists and t
 def instruction_tasks(n_per_task: int = 200, seed: int = 0, n_val: int = 200) -> Corpus:
     """One source per templated task (12 tasks); every output is checkable with `solve`."""
     _check_sizes(n_per_task=n_per_task, n_val=n_val)
-    src = {t: [_draw(_rng(seed, t), t) for _ in range(n_per_task)] for t in TASKS}
+    src = {t: _repeat(_rng(seed, t), n_per_task, lambda r, t=t: _draw(r, t)) for t in TASKS}
     return Corpus(src, _mixed(_rng(seed, "validation"), n_val),
                   "Templated instruction tasks with exact answers, one source per task; "
                   "validation mixes all tasks.", _PROV_TASKS, "instruction",
@@ -367,18 +373,28 @@ def _math_problem(r: random.Random, steps: int) -> Record:
 
 
 def math_word_problems(n: int = 500, seed: int = 0, n_val: int = 200,
-                       val_steps: tuple[int, ...] = (1, 2, 3)) -> Corpus:
-    """Arithmetic word problems with chain-of-thought answers, one source per step count."""
+                       val_steps: tuple[int, ...] = (1, 2, 3),
+                       extra_tasks: tuple[str, ...] = ()) -> Corpus:
+    """Arithmetic word problems with chain-of-thought answers, one source per step count;
+    `extra_tasks` adds one source of `n` terse instruction-task records per named task (the
+    analogue of general instruction data beside the math sources)."""
     _check_sizes(n=n, n_val=n_val)
     if not val_steps or not set(val_steps) <= {1, 2, 3}:
         raise ValueError(f"val_steps must be a non-empty subset of (1, 2, 3), got {val_steps}")
-    src = {f"steps_{k}": [_math_problem(_rng(seed, f"steps_{k}"), k) for _ in range(n)]
+    unknown = sorted(set(extra_tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown extra_tasks {unknown}; known tasks: {sorted(TASKS)}")
+    src = {f"steps_{k}": _repeat(_rng(seed, f"steps_{k}"), n, lambda r, k=k: _math_problem(r, k))
            for k in (1, 2, 3)}
+    src.update({f"task_{t}": _repeat(_rng(seed, t), n, lambda r, t=t: _draw(r, t))
+                for t in extra_tasks})
     rv = _rng(seed, "validation")
     val = [_math_problem(rv, rv.choice(val_steps)) for _ in range(n_val)]
     return Corpus(src, val, "Multi-step arithmetic word problems (GSM8K analogue) whose outputs "
-                  "reason step by step and end 'The answer is N.'", _PROV_TASKS, "math",
-                  {"n": n, "n_val": n_val, "val_steps": list(val_steps), "seed": seed})
+                  "reason step by step and end 'The answer is N.'"
+                  + (", beside terse instruction tasks" if extra_tasks else ""), _PROV_TASKS,
+                  "math", {"n": n, "n_val": n_val, "val_steps": list(val_steps), "seed": seed,
+                           **({"extra_tasks": list(extra_tasks)} if extra_tasks else {})})
 
 
 # ---------------------------------------------------------------- multilingual text

@@ -36,11 +36,12 @@ def preset_config(name: str, preset: str, **overrides: Any):
     return TrainConfig.from_dict(d)
 
 
-def is_finished(run_dir: Path, steps: int) -> bool:
+def is_finished(run_dir: Path, rows: int) -> bool:
+    """A trajectory of `rows` rows and the weights are written (see `pipeline.expected_rows`)."""
     traj = run_dir / runs.TRAJECTORY
     if not (traj.exists() and (run_dir / runs.WEIGHTS).exists()):
         return False
-    return len(runs.read_jsonl(traj)) == steps
+    return len(runs.read_jsonl(traj)) == rows
 
 
 def run_preset(
@@ -51,12 +52,15 @@ def run_preset(
     **overrides: Any,
 ) -> Path:
     """Train the preset unless the same run already finished; return its run directory."""
+    from .pipeline import expected_rows
     from .trainer import train
 
     cfg = preset_config(name, preset, **overrides)
     run_dir = Path(cfg.out_dir)
     if (run_dir / runs.CONFIG).exists():
-        diff = runs.config_diff(yaml.safe_load((run_dir / runs.CONFIG).read_text()), cfg.to_dict())
+        old = type(cfg).from_dict(yaml.safe_load((run_dir / runs.CONFIG).read_text()))
+        # keys added since the run take their defaults; a moved run folder is the same run
+        diff = runs.config_diff(old.to_dict(), cfg.to_dict(), ignore=("out_dir", "tracker"))
         if diff:
             raise ConfigError(
                 f"{run_dir} holds a run with another config:\n  "
@@ -64,7 +68,7 @@ def run_preset(
                 + f"\nMove or delete {run_dir} to rerun (it is regenerable), or set "
                 "$SCALEBIO_RUNS to another folder."
             )
-        if is_finished(run_dir, cfg.steps):
+        if is_finished(run_dir, expected_rows(cfg)):
             return run_dir
         train(
             cfg, resume=(run_dir / runs.CHECKPOINT).exists(), progress=progress, callback=callback
@@ -74,17 +78,34 @@ def run_preset(
     return run_dir
 
 
-def memory_probe(name: str, preset: str, steps: int = 5, **overrides: Any) -> dict[str, float]:
+def memory_probe(
+    name: str,
+    preset: str,
+    steps: int = 5,
+    mmap_threshold: int | None = None,
+    **overrides: Any,
+) -> dict[str, float]:
     """Run `steps` training steps of a preset in a fresh process and measure memory (MiB).
 
-    Exact tensor bytes of parameters, gradients and optimizer state after the last step, and the
-    peak resident-set increase over the steps (Linux VmHWM reset through /proc/self/clear_refs,
-    so the imports and the set-up are not counted).
+    Exact tensor bytes of parameters, gradients and optimizer state after the last step, and two
+    resident-set measures (Linux /proc/self/status): `peak_rss_increase_mib`, the peak over the
+    steps above the RSS just before them (VmHWM reset through /proc/self/clear_refs, so imports
+    and set-up are not counted), and `peak_total_mib`, the same peak above the RSS before the
+    models were built (after the imports), i.e. weights + gradients + optimizer state +
+    activations, comparable with `memory.predict(...)["total"]`. Transients of the set-up itself
+    (loading a checkpoint) are excluded: the peak is reset after it, once freed memory has been
+    handed back to the OS (`malloc_trim`). `threads` is torch's thread count in the child.
+
+    glibc keeps freed blocks below its (adaptive, up to 32 MiB) mmap threshold in its heap, so
+    by default the peak includes that slack; `mmap_threshold` (bytes) fixes the threshold in the
+    child (MALLOC_MMAP_THRESHOLD_), so every larger block is returned to the OS when freed and
+    the resident set tracks the live tensor bytes (what a GPU's max_memory_allocated reports).
     """
     import subprocess
     import sys
     import tempfile
 
+    malloc = {} if mmap_threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)}
     with tempfile.TemporaryDirectory() as tmp:
         args = {
             "name": name,
@@ -98,7 +119,7 @@ def memory_probe(name: str, preset: str, steps: int = 5, **overrides: Any) -> di
             capture_output=True,
             text=True,
             check=False,
-            env={**os.environ, "SCALEBIO_RUNS": tmp},
+            env={**os.environ, "SCALEBIO_RUNS": tmp, **malloc},
         )
     if out.returncode != 0:
         raise RuntimeError(f"memory probe failed:\n{out.stderr[-2000:]}")
@@ -112,23 +133,48 @@ def _status_mib(key: str) -> float:
     return float("nan")
 
 
-def _probe(args_json: str) -> None:  # pragma: no cover - runs in the child process
-    import torch
+def _release_freed_memory() -> None:
+    """Collect garbage and return freed heap pages to the OS (glibc), so RSS tracks live bytes."""
+    import ctypes
+    import ctypes.util
+    import gc
 
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _probe(args_json: str) -> None:  # pragma: no cover - runs in the child process
+    # everything `setup` and the first step import lazily, so that `before` holds no model bytes
+    import accelerate  # noqa: F401
+    import torch
+    import transformers.models.gpt2.modeling_gpt2  # noqa: F401
+
+    from . import data  # noqa: F401
+    from . import models as _models  # noqa: F401
     from .lisa import optimizer_state_bytes
     from .trainer import LMFns, run_step, setup
 
     args = json.loads(args_json)
     cfg = preset_config(args["name"], args["preset"], **args["overrides"])
+    if cfg.lora_rank > 0:
+        import peft  # noqa: F401
+    _release_freed_memory()
+    before = _status_mib("VmRSS")  # after the imports, before the models are built
     s = setup(cfg)
     fns = LMFns(cfg.val_dropout)
+    _release_freed_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
     base = _status_mib("VmRSS")
     for step in range(args["steps"]):
-        run_step(s, step, fns)
+        _, active, batch, val_batch = run_step(s, step, fns)
+    peak = _status_mib("VmHWM")
+    micro = [*batch, *val_batch]
     mib = 2**20
     models = (s.state.w, s.state.u)
     out = {
@@ -149,7 +195,143 @@ def _probe(args_json: str) -> None:  # pragma: no cover - runs in the child proc
             optimizer_state_bytes(s.state.opt_w) + optimizer_state_bytes(s.state.opt_u)
         )
         / mib,
-        "peak_rss_increase_mib": _status_mib("VmHWM") - base,
+        "peak_rss_increase_mib": peak - base,
+        "peak_total_mib": peak - before,
+        "setup_rss_mib": base - before,
         "threads": torch.get_num_threads(),
+        # the last step's micro-batches: longest sequence, most labelled (LM-head) positions
+        "seq": max(mb["input_ids"].shape[1] for mb in micro),
+        "label_tokens": max(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro),
+        "lisa_w": list(active[0]) if active else None,
+        "lisa_u": list(active[1]) if active else None,
     }
     print(json.dumps(out))
+
+
+# ------------------------------------------------------------------ methods side by side
+
+
+def comparison_spec(preset: str, name: str = "baselines") -> dict:
+    """The `preset` section of configs/<name>.yaml (corpora, methods, seeds, n, budget, sft)."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    data = yaml.safe_load(path.read_text())
+    if preset not in data:
+        raise ConfigError(f"{path} has no preset {preset!r}; known: {sorted(data)}.")
+    return data[preset]
+
+
+def method_run(name: str, preset: str, method: str, progress: bool = False) -> Path:
+    """The run of `method` (ScaleBiO or a baseline) on a corpus preset: reused when finished."""
+    if method == "scalebio":
+        return run_preset(name, preset, progress=progress)
+    out = str(runs_root() / f"{name}_{preset}_{method}")
+    return run_preset(name, preset, progress=progress, method=method, out_dir=out)
+
+
+def compare_methods(
+    name: str,
+    preset: str,
+    spec: dict | None = None,
+    progress: bool = True,
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
+    tag: str = "",
+) -> list[dict]:
+    """Weights of each method on corpus `name`, then fine-tuning on each resampled mixture.
+
+    One row per (method, seed): target loss and accuracy on the held-out target set, the steps
+    and tokens of the fine-tuning, and the method's weights. Every step is cached in the runs
+    folder (a finished fine-tuning with the same settings is read back, never redone); `tag`
+    keeps the fine-tunings of another protocol (e.g. another budget) apart.
+    """
+    from tqdm.auto import tqdm
+
+    from .pipeline import EVAL, resample_run, sft
+
+    spec = spec or comparison_spec(preset)
+    methods = methods or list(spec["methods"])
+    seeds = seeds if seeds is not None else list(spec["seeds"])
+    rows = []
+    jobs = [(m, seed) for m in methods for seed in seeds]
+    for method, seed in tqdm(jobs, desc=f"{name}: methods × seeds", disable=not progress):
+        run_dir = method_run(name, preset, method)
+        weights = json.loads((run_dir / runs.WEIGHTS).read_text())
+        folder = f"sft_{name}_{preset}" + (f"_{tag}" if tag else "")
+        out = runs_root() / folder / f"{method}_seed{seed}"
+        add_val = bool(spec.get("add_validation", False))
+        key = {
+            "weights": weights,
+            "n": spec["n"],
+            "token_budget": spec["token_budget"],
+            "sft": spec["sft"],
+            "seed": seed,
+            "add_validation": add_val,
+        }
+        key_file = out / "key.json"
+        done = (out / EVAL).exists() and key_file.exists()
+        if done and json.loads(key_file.read_text()) == key:
+            result = json.loads((out / EVAL).read_text())
+        else:
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)  # an unfinished or outdated fine-tuning: regenerable
+            data = resample_run(
+                run_dir, spec["n"], out / "data" / "train.jsonl", seed=seed, add_validation=add_val
+            )
+            cfg = preset_config(name, preset, **spec["sft"], seed=seed)
+            result = sft(cfg, data, out, token_budget=spec["token_budget"], progress=False)
+            runs.write_json(key_file, key)
+        rows.append(
+            {
+                "corpus": name,
+                "method": method,
+                "seed": seed,
+                "weights": weights,
+                **{k: v for k, v in result.items() if k != "examples"},
+            }
+        )
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds of target loss (and accuracy) per corpus/method."""
+    import numpy as np
+
+    out = []
+    keys = list(dict.fromkeys((r["corpus"], r["method"]) for r in rows))
+    for corpus, method in keys:
+        sel = [r for r in rows if r["corpus"] == corpus and r["method"] == method]
+        loss = np.array([r["target_loss"] for r in sel])
+        row = {
+            "corpus": corpus,
+            "method": method,
+            "seeds": len(sel),
+            "loss_mean": float(loss.mean()),
+            "loss_std": float(loss.std(ddof=1)) if len(sel) > 1 else 0.0,
+            "tokens": int(np.mean([r["tokens"] for r in sel])),
+        }
+        if all("accuracy" in r for r in sel):
+            acc = np.array([r["accuracy"] for r in sel])
+            row["acc_mean"] = float(acc.mean())
+            row["acc_std"] = float(acc.std(ddof=1)) if len(sel) > 1 else 0.0
+        out.append(row)
+    return out
+
+
+def format_table(summary: list[dict]) -> str:
+    """The summary as a markdown table (mean ± std over seeds)."""
+    acc = any("acc_mean" in r for r in summary)
+    head = "| corpus | method | seeds | target loss | " + ("accuracy | " if acc else "")
+    lines = [head + "tokens |", "|---|---|---:|---:|" + ("---:|" if acc else "") + "---:|"]
+    for r in summary:
+        a = (
+            f"{r['acc_mean']:.3f} ± {r['acc_std']:.3f} | "
+            if "acc_mean" in r
+            else ("– | " if acc else "")
+        )
+        lines.append(
+            f"| {r['corpus']} | {r['method']} | {r['seeds']} | "
+            f"{r['loss_mean']:.4f} ± {r['loss_std']:.4f} | {a}{r['tokens']:,} |"
+        )
+    return "\n".join(lines)

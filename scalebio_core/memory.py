@@ -7,14 +7,38 @@ device (no memory, any architecture), its decoder blocks found by `lisa.find_blo
     gradients    2 × T × grad_bytes / shards                      T = trainable parameters per copy
     optimizer    2 × T × (8 [AdamW m, v in fp32] + 4 [fp32 master, if params are 16-bit]) / shards
                  (0 on the GPU with CPU offload of optimizer state)
-    activations  one copy's forward-backward at a time (u's backward ends before w's forward):
-                 per block s·b·h·(34 + 5·a·s/h) bytes in 16-bit (Korthikanti et al. 2022), or
-                 2·s·b·h per block plus one full block with gradient checkpointing;
-                 plus the logits b·s·V·(2 + 4) (16-bit, and fp32 for the loss)
+    activations  one copy's forward-backward at a time (u's backward ends before w's forward, and
+                 w's validation micro-batch before its training one), in one of two variants:
 
-T: all parameters (full); embeddings, head, final norm and n_active blocks (LISA); the LoRA
-matrices r·(in + out) of every Linear inside the blocks (LoRA). The activation term is an estimate
-from the literature; the other terms are counts. Checked against measured tensors in the tests.
+    "gpu16" (default): per block s·b·h·(34 + 5·a·s/h) bytes in 16-bit (Korthikanti et al. 2022),
+        or 2·s·b·h per block plus one full block with gradient checkpointing; plus the logits
+        N·V·(2 + 4) (16-bit, and fp32 for the loss). An estimate from the literature.
+    "eager32": fp32 eager PyTorch on a CPU (no dropout, SDPA's flash kernel: no s² term), the
+        bytes autograd saves for backward, counted with `torch.autograd.graph.saved_tensors_hooks`
+        on GPT-2 blocks (gelu_new MLP of width 4h; other block types save other amounts):
+          trainable block                         4·(30·b·s·h + b·a·s + 4·b·s)
+          frozen block that gradients cross       4·(24·b·s·h + b·a·s + 4·b·s)  (no Linear inputs)
+          blocks below the lowest trainable one   0 (no graph)
+          final norm, head input, log-probs       4·(b·s·h + 2·b·s + N·h·[head trains] + N·V)
+        plus the transient at the top of the backward, the larger of 2·N·V·4 (the log-probs'
+        gradient and the logits' gradient, while the log-probs are still held) and
+        4·(V·h + N·h) when the head trains (its weight gradient is a new V×h tensor that is then
+        added into w's existing gradient: w's second micro-batch accumulates); and, instead of the
+        activations after the backward, AdamW's single-tensor CPU step, which holds two temporaries
+        of the largest trainable parameter (sqrt(v) and its quotient) — the larger of the two
+        phases counts.
+
+N: positions where the LM head runs. The trainer computes it only at labelled positions
+(`trainer.response_only_loss`), N = label_tokens of the micro-batch; b·s when unset.
+T: all parameters (full); n_active blocks, plus embeddings, head and final norm when
+`lisa_train_embeddings` (LISA, as `lisa.Lisa` decides: every parameter outside the blocks, tied
+embeddings counted once); the LoRA matrices r·(in + out) of every Linear inside the blocks (LoRA).
+Not modelled: the allocator's slack, the framework's own buffers (CUDA context, thread pools), the
+per-block weight-gradient transients in the middle of the backward (one block's Linear, small
+next to the head), and LoRA's adapter activations (eager32 covers full and LISA). The weight,
+gradient and optimizer terms are counts checked against measured tensors in the tests; the
+eager32 total is checked against the measured peak resident set of real training steps
+(`experiments.memory_probe`, `benchmarks/memory.py`).
 """
 
 from __future__ import annotations
@@ -69,6 +93,8 @@ class ModelShape:
     hidden: int
     heads: int
     vocab: int
+    largest_param: int = 0  # elements of the largest parameter tensor (tied ones once)
+    largest_block_param: int = 0  # elements of the largest parameter tensor inside a block
 
     @property
     def outside_blocks(self) -> int:
@@ -106,6 +132,8 @@ def model_shape(name_or_path: str | None = None, model: nn.Module | None = None)
         hidden=hidden,
         heads=config.get_text_config().num_attention_heads,
         vocab=config.get_text_config().vocab_size,
+        largest_param=max(p.numel() for p in model.parameters()),
+        largest_block_param=max(p.numel() for b in blocks for p in b.parameters()),
     )
 
 
@@ -116,6 +144,8 @@ class MemorySetup:
     gpus: int = 1
     mode: str = "full"  # "full", "lisa", "lora"
     lisa_active: int = 2
+    lisa_train_embeddings: bool = True  # embeddings, head, final norm train under LISA
+    lisa_lowest: int = 0  # lowest active block of the draw (eager32: no graph below it)
     lora_rank: int = 128
     param_dtype: str = "bf16"
     batch: int = 1  # micro-batch per GPU
@@ -123,20 +153,29 @@ class MemorySetup:
     sharding: str = "fsdp"  # "fsdp" (full shard) or "ddp"
     offload: bool = False  # optimizer state (and master weights) on the CPU
     checkpointing: bool = False
+    label_tokens: int | None = None  # positions where the LM head runs per micro-batch (b·s)
+    activations: str = "gpu16"  # "gpu16" (Korthikanti, 16-bit GPU) or "eager32" (fp32 CPU)
 
 
 def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
     """Bytes per GPU by component (see the module docstring), and their total."""
     if s.mode not in ("full", "lisa", "lora") or s.sharding not in ("fsdp", "ddp"):
         raise ConfigError("mode must be full, lisa or lora; sharding fsdp or ddp.")
-    if s.mode == "lisa" and not 1 <= s.lisa_active <= len(shape.block_params):
-        raise ConfigError(f"lisa_active must lie in [1, {len(shape.block_params)}].")
+    if s.activations not in ("gpu16", "eager32"):
+        raise ConfigError("activations must be gpu16 or eager32.")
+    n = len(shape.block_params)
+    if s.mode == "lisa" and not 1 <= s.lisa_active <= n:
+        raise ConfigError(f"lisa_active must lie in [1, {n}].")
+    if s.mode == "lisa" and not 0 <= s.lisa_lowest <= n - s.lisa_active:
+        raise ConfigError(f"lisa_lowest must lie in [0, {n - s.lisa_active}] (n_blocks - active).")
     pb = DTYPE_BYTES[s.param_dtype]
     shards = s.gpus if s.sharding == "fsdp" else 1
     if s.mode == "full":
         trainable = shape.params
     elif s.mode == "lisa":
-        trainable = shape.outside_blocks + s.lisa_active * max(shape.block_params)
+        trainable = s.lisa_active * max(shape.block_params)
+        if s.lisa_train_embeddings:
+            trainable += shape.outside_blocks
     else:
         trainable = sum(s.lora_rank * (i + o) for i, o in shape.lora_dims)
     weights = 2 * shape.params * pb / shards
@@ -144,14 +183,44 @@ def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
         weights += 2 * max(shape.block_params) * pb  # the gathered block and the prefetched one
     grads = 2 * trainable * pb / shards
     optim = 0.0 if s.offload else 2 * trainable * (8 + (4 if pb < 4 else 0)) / shards
-    h, a, b, t = shape.hidden, shape.heads, s.batch, s.seq
-    per_block = t * b * h * (34 + 5 * a * t / h) * pb / 2
-    n = len(shape.block_params)
-    acts = (n * 2 * t * b * h * pb / 2 + per_block) if s.checkpointing else n * per_block
-    logits = b * t * shape.vocab * (pb + 4)
-    out = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts + logits}
+    if s.activations == "eager32":
+        acts = _eager32_activations(shape, s)
+    else:
+        h, a, b, t = shape.hidden, shape.heads, s.batch, s.seq
+        per_block = t * b * h * (34 + 5 * a * t / h) * pb / 2
+        acts = (n * 2 * t * b * h * pb / 2 + per_block) if s.checkpointing else n * per_block
+        labels = b * t if s.label_tokens is None else s.label_tokens
+        acts += labels * shape.vocab * (pb + 4)
+    out = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts}
     out["total"] = sum(out.values())
     return out
+
+
+def eager32_saved_bytes(shape: ModelShape, s: MemorySetup) -> float:
+    """Bytes autograd saves for one forward of one copy in fp32 eager (the "eager32" count)."""
+    if s.mode == "lora" or s.checkpointing or s.param_dtype != "fp32":
+        raise ConfigError("activations='eager32' covers fp32 full and LISA training only.")
+    h, a, b, t, v = shape.hidden, shape.heads, s.batch, s.seq, shape.vocab
+    n_lab = b * t if s.label_tokens is None else s.label_tokens
+    n = len(shape.block_params)
+    small = b * a * t + 4 * b * t  # attention log-sum-exp, layer-norm statistics
+    if s.mode == "full" or s.lisa_train_embeddings:  # the embeddings train: every block crossed
+        n_train, n_frozen = (n, 0) if s.mode == "full" else (s.lisa_active, n - s.lisa_active)
+        head = n_lab * h
+    else:  # no graph below the lowest active block
+        n_train, n_frozen, head = s.lisa_active, n - s.lisa_lowest - s.lisa_active, 0
+    saved = n_train * (30 * b * t * h + small) + n_frozen * (24 * b * t * h + small)
+    return 4 * (saved + b * t * h + 2 * b * t + n_lab * v + head)
+
+
+def _eager32_activations(shape: ModelShape, s: MemorySetup) -> float:
+    """Peak transient bytes of fp32 eager training on a CPU (module docstring, "eager32")."""
+    h, v = shape.hidden, shape.vocab
+    n_lab = s.batch * s.seq if s.label_tokens is None else s.label_tokens
+    head_trains = s.mode == "full" or s.lisa_train_embeddings
+    top = 4 * max(2 * n_lab * v, (v * h + n_lab * h) if head_trains else 0)
+    largest = shape.largest_param if head_trains else shape.largest_block_param
+    return max(eager32_saved_bytes(shape, s) + top, 4 * 2 * largest)
 
 
 def verdict(name: str, setup: MemorySetup, gpu_gib: float) -> str:

@@ -148,8 +148,11 @@ def plot_run_step(traj: Mapping, step_index: int, title: str = "") -> plt.Figure
     names, p = traj["names"], np.asarray(traj["p"])
     steps = np.asarray(traj["step"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
-    plot_weight_bars(ax1, dict(zip(names, p[step_index])),
-                     title=f"{title}weights p at step {int(steps[step_index])}")
+    plot_weight_bars(
+        ax1,
+        dict(zip(names, p[step_index])),
+        title=f"{title}weights p at step {int(steps[step_index])}",
+    )
     ax1.axhline(1 / len(names), color="gray", ls=":", lw=1, label="uniform")
     ax1.set_ylim(0, max(0.5, float(p.max()) * 1.1))
     for key, label in (("L1", "L1 (validation, w)"), ("L2_w", "L2(w)"), ("L2_u", "L2(u)")):
@@ -161,16 +164,16 @@ def plot_run_step(traj: Mapping, step_index: int, title: str = "") -> plt.Figure
     return fig
 
 
-def plot_weight_trajectories(ax: plt.Axes, runs: Mapping[str, Mapping],
-                             title: str = "Weight trajectories of several runs") -> plt.Axes:
+def plot_weight_trajectories(
+    ax: plt.Axes, runs: Mapping[str, Mapping], title: str = "Weight trajectories of several runs"
+) -> plt.Axes:
     """Overlay p against steps for several runs: one colour per source, one line style per run."""
     styles = ["-", "--", ":", "-."]
     all_names = sorted({n for t in runs.values() for n in t["names"]})
     col = dict(zip(all_names, colors(len(all_names))))
     for (label, t), ls in zip(runs.items(), styles * 10):
         for i, n in enumerate(t["names"]):
-            ax.plot(t["step"], np.asarray(t["p"])[:, i], ls, color=col[n],
-                    label=f"{n} ({label})")
+            ax.plot(t["step"], np.asarray(t["p"])[:, i], ls, color=col[n], label=f"{n} ({label})")
     ax.set(xlabel="step", ylabel="weight p_s", title=title)
     ax.legend(loc="best", ncol=2)
     return ax
@@ -181,22 +184,28 @@ def noise_rate(name: str) -> float:
     return float(name.rsplit("_", 1)[-1])
 
 
-def plot_noise_weights(ax: plt.Axes, weights: Mapping[str, float],
-                       title: str = "Learned weight against noise rate") -> plt.Axes:
+def plot_noise_weights(
+    ax: plt.Axes, weights: Mapping[str, float], title: str = "Learned weight against noise rate"
+) -> plt.Axes:
     """Final weight of each noisy source against its corruption rate (log scale)."""
     names = sorted(weights, key=noise_rate)
     x = [noise_rate(n) for n in names]
     y = [weights[n] for n in names]
     ax.semilogy(x, y, "o-", color="C3", label="learned weight")
     ax.axhline(1 / len(names), color="gray", ls=":", label="uniform")
-    ax.set(xlabel="fraction of corrupted outputs in the source", ylabel="weight p_s (log)",
-           title=title)
+    ax.set(
+        xlabel="fraction of corrupted outputs in the source", ylabel="weight p_s (log)", title=title
+    )
     ax.legend(loc="best")
     return ax
 
 
-def plot_lisa_raster(ax: plt.Axes, rows: Sequence[Mapping], n_blocks: int,
-                     title: str = "Which decoder blocks train when") -> plt.Axes:
+def plot_lisa_raster(
+    ax: plt.Axes,
+    rows: Sequence[Mapping],
+    n_blocks: int,
+    title: str = "Which decoder blocks train when",
+) -> plt.Axes:
     """Raster of the active LISA blocks of w (blue) and u (orange) at each step of a trajectory."""
     steps = [r["step"] for r in rows]
     grid = np.zeros((n_blocks, len(rows), 3)) + 1.0
@@ -205,20 +214,34 @@ def plot_lisa_raster(ax: plt.Axes, rows: Sequence[Mapping], n_blocks: int,
             grid[b, j] = (0.12, 0.47, 0.71)
         for b in r.get("lisa_u") or []:
             grid[b, j] = (1.0, 0.5, 0.05) if b not in (r.get("lisa_w") or []) else (0.3, 0.3, 0.3)
-    ax.imshow(grid, aspect="auto", interpolation="nearest", origin="lower",
-              extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, n_blocks - 0.5))
+    ax.imshow(
+        grid,
+        aspect="auto",
+        interpolation="nearest",
+        origin="lower",
+        extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, n_blocks - 0.5),
+    )
     ax.set(xlabel="step", ylabel="decoder block", title=title)
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color=(0.12, 0.47, 0.71), label="w only"),
-                       Patch(color=(1.0, 0.5, 0.05), label="u only"),
-                       Patch(color=(0.3, 0.3, 0.3), label="both")], loc="upper right")
+    ax.legend(
+        handles=[
+            Patch(color=(0.12, 0.47, 0.71), label="w only"),
+            Patch(color=(1.0, 0.5, 0.05), label="u only"),
+            Patch(color=(0.3, 0.3, 0.3), label="both"),
+        ],
+        loc="upper right",
+    )
     return ax
 
 
-def plot_memory_vs_size(ax: plt.Axes, sizes: Mapping[str, float],
-                        per_mode: Mapping[str, Sequence[float]], gpu_lines=(48, 80),
-                        title: str = "Predicted memory per GPU") -> plt.Axes:
+def plot_memory_vs_size(
+    ax: plt.Axes,
+    sizes: Mapping[str, float],
+    per_mode: Mapping[str, Sequence[float]],
+    gpu_lines=(48, 80),
+    title: str = "Predicted memory per GPU",
+) -> plt.Axes:
     """Per-GPU GiB against model size (parameters) for several training modes."""
     x = np.array(list(sizes.values()))
     for (mode, ys), c in zip(per_mode.items(), colors(len(per_mode))):
@@ -227,8 +250,55 @@ def plot_memory_vs_size(ax: plt.Axes, sizes: Mapping[str, float],
         ax.axhline(g, color="gray", ls=":", lw=1)
         ax.text(x[0], g * 1.05, f"{g} GiB per GPU", color="gray", fontsize=8)
     for name, v in sizes.items():
-        ax.annotate(name.split("/")[-1], (v, ax.get_ylim()[0]), fontsize=7, rotation=90,
-                    xytext=(2, 4), textcoords="offset points")
+        ax.annotate(
+            name.split("/")[-1],
+            (v, ax.get_ylim()[0]),
+            fontsize=7,
+            rotation=90,
+            xytext=(2, 4),
+            textcoords="offset points",
+        )
     ax.set(xlabel="parameters", ylabel="GiB per GPU", title=title)
     ax.legend(loc="lower right")
+    return ax
+
+
+def plot_method_weights(
+    ax: plt.Axes, weights: Mapping[str, Mapping[str, float]], title: str = ""
+) -> plt.Axes:
+    """Grouped bars: for each source, the weight each method gives it (the validation-only
+    method's mass on the validation set is drawn as its own group)."""
+    methods = list(weights)
+    sources = list(dict.fromkeys(s for w in weights.values() for s in w))
+    x = np.arange(len(sources))
+    width = 0.8 / max(1, len(methods))
+    for i, (m, c) in enumerate(zip(methods, colors(len(methods)))):
+        ax.bar(
+            x + (i - (len(methods) - 1) / 2) * width,
+            [weights[m].get(s, 0.0) for s in sources],
+            width,
+            color=c,
+            label=m,
+        )
+    ax.set_xticks(x, sources, rotation=30, ha="right")
+    ax.set(ylabel="weight p_s", title=title, ylim=(0, 1))
+    ax.legend(loc="best", fontsize=8)
+    return ax
+
+
+def plot_method_losses(
+    ax: plt.Axes, summary: Sequence[Mapping], title: str = "", key: str = "loss"
+) -> plt.Axes:
+    """Mean ± standard deviation over seeds of `key` ("loss" or "acc") for each method."""
+    methods = [r["method"] for r in summary]
+    mean = [r[f"{key}_mean"] for r in summary]
+    std = [r[f"{key}_std"] for r in summary]
+    x = np.arange(len(methods))
+    ax.bar(x, mean, yerr=std, capsize=4, color=colors(len(methods)))
+    lo, hi = min(m - s for m, s in zip(mean, std)), max(m + s for m, s in zip(mean, std))
+    pad = 0.15 * (hi - lo) + 1e-3
+    ax.set_ylim(max(0.0, lo - pad), hi + pad)
+    ax.set_xticks(x, methods, rotation=30, ha="right")
+    label = "target loss (held out)" if key == "loss" else "exact-match accuracy"
+    ax.set(ylabel=label, title=title)
     return ax

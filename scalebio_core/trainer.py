@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import runs
+from .baselines import METHODS
 from .bilevel import BilevelConfig, ConfigError, MicroBatches, NonFiniteLossError, init_state
 
 TRACKERS = ("none", "tensorboard", "wandb")
@@ -52,6 +53,11 @@ class TrainConfig:
     """The validation set as SourceSpec fields (with `sources`)."""
     val_path: str | None = None
     """Validation file; default: <data_dir>/validation.jsonl."""
+    test: dict | None = None
+    """Held-out target set to evaluate fine-tuned models (SourceSpec fields); embedded corpora
+    default to a fresh draw of the validation distribution."""
+    exact_match: str = "auto"
+    """Exact-match accuracy of the test answers: 'on', 'off', 'auto' (templated corpora)."""
     max_length: int = 64
     """Tokens per sample (prompt + response), truncated from the right."""
     sampler: str = "balanced"
@@ -111,6 +117,15 @@ class TrainConfig:
     """LoRA scaling alpha."""
     lora_targets: list | None = None
     """Module names to adapt; default: every linear layer inside the decoder blocks."""
+    # -- the method (baselines: scalebio_core.baselines)
+    method: str = "scalebio"
+    """'scalebio', or a baseline: 'uniform', 'natural', 'validation' (only), 'doremi'."""
+    doremi_ref_steps: int = 0
+    """DoReMi: steps of the reference model on the uniform mixture (0: as many as steps)."""
+    doremi_eta: float = 1.0
+    """DoReMi: step size of the exponentiated-gradient weight update."""
+    doremi_smoothing: float = 1e-3
+    """DoReMi: mixing of the weights with uniform after each update."""
     # -- run
     seed: int = 0
     out_dir: str = "runs/scalebio"
@@ -142,11 +157,20 @@ class TrainConfig:
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.lora_rank >= 0, "lora_rank must be >= 0"),
             (self.tracker in TRACKERS, f"tracker must be one of {TRACKERS}"),
+            (self.method in METHODS, f"method must be one of {METHODS}"),
+            (self.exact_match in ("auto", "on", "off"), "exact_match must be auto, on or off"),
+            (self.doremi_ref_steps >= 0, "doremi_ref_steps must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"TrainConfig: {message}.")
         self.bilevel()  # validates the ScaleBiO fields
+        self.doremi()
+
+    def doremi(self):
+        from .baselines import DoReMiConfig
+
+        return DoReMiConfig(eta=self.doremi_eta, smoothing=self.doremi_smoothing)
 
     def bilevel(self) -> BilevelConfig:
         names = {f.name for f in dataclasses.fields(BilevelConfig)}
@@ -279,6 +303,7 @@ class Setup:
     lisa: tuple | None
     device: torch.device
     accelerator: Any
+    tokenizer: Any = None
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (identity on one process)."""
@@ -287,13 +312,11 @@ class Setup:
         return self.accelerator.reduce(t.to(self.device), "sum")
 
 
-def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
-    """Tokenized training sources (sorted by name) and the tokenized validation set."""
+def data_specs(cfg: TrainConfig) -> tuple[list, Any]:
+    """The training sources' SourceSpecs and the validation set's, as the config gives them."""
     from .corpora import build_corpus
-    from .data import SourceSpec, load_records, load_sources, specs_from_dir, tokenize
-    from .tokenizer import cache_root
+    from .data import SourceSpec, specs_from_dir
 
-    cache = cache_root() / "tokenized"
     if cfg.sources:
         if not cfg.validation:
             raise ConfigError(
@@ -301,15 +324,22 @@ def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
                 "{name: validation, path: …} (or hf_name: …)."
             )
         specs = [SourceSpec(**d) for d in cfg.sources]
-        val_spec = SourceSpec(**{"name": "validation", **cfg.validation})
-    elif cfg.data_dir:
-        specs = specs_from_dir(cfg.data_dir)
+        return specs, SourceSpec(**{"name": "validation", **cfg.validation})
+    if cfg.data_dir:
         val_path = Path(cfg.val_path or Path(cfg.data_dir) / "validation.jsonl")
-        val_spec = SourceSpec(name="validation", path=str(val_path))
-    else:
-        corpus = build_corpus(cfg.corpus, **cfg.corpus_args)
-        specs = [SourceSpec(name=n, records=tuple(r)) for n, r in corpus.sources.items()]
-        val_spec = SourceSpec(name="validation", records=tuple(corpus.validation))
+        return specs_from_dir(cfg.data_dir), SourceSpec(name="validation", path=str(val_path))
+    corpus = build_corpus(cfg.corpus, **cfg.corpus_args)
+    specs = [SourceSpec(name=n, records=tuple(r)) for n, r in corpus.sources.items()]
+    return specs, SourceSpec(name="validation", records=tuple(corpus.validation))
+
+
+def build_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any]:
+    """Tokenized training sources (sorted by name) and the tokenized validation set."""
+    from .data import load_records, load_sources, tokenize
+    from .tokenizer import cache_root
+
+    cache = cache_root() / "tokenized"
+    specs, val_spec = data_specs(cfg)
     records = load_sources(specs)
     val_records = load_records(val_spec)
     train = tokenize(records, tokenizer, cfg.max_length, cache_dir=cache)
@@ -366,7 +396,8 @@ def make_accelerator(cfg: TrainConfig):
         return Accelerator(**kwargs)
 
 
-def setup(cfg: TrainConfig, accelerator=None) -> Setup:
+def setup(cfg: TrainConfig, accelerator=None, copies: int = 2) -> Setup:
+    """Data, samplers, the models and their state; `copies=1` (plain fine-tuning): u is w."""
     from .data import BatchSampler
     from .lisa import make_lisa_pair
     from .models import check_compatible, clone_model, load_model, load_tokenizer
@@ -405,7 +436,7 @@ def setup(cfg: TrainConfig, accelerator=None) -> Setup:
     check_compatible(w, tokenizer)
     if cfg.lora_rank > 0:
         w = add_lora(w, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lisa_layers_path)
-    u = clone_model(w)
+    u = clone_model(w) if copies == 2 else w
     w.to(accelerator.device).train()
     u.to(accelerator.device).train()
     state = init_state(w, u, train.names, cfg.bilevel())
@@ -440,6 +471,7 @@ def setup(cfg: TrainConfig, accelerator=None) -> Setup:
         lisa,
         accelerator.device,
         accelerator,
+        tokenizer,
     )
 
 
@@ -459,8 +491,9 @@ def _batches(s: Setup, data, idx: list[int], n: int) -> MicroBatches:
 # ------------------------------------------------------------------ checkpoints
 
 
-def save_checkpoint(s: Setup, run_dir: Path) -> None:
-    """Rank 0 writes (the state is replicated); every rank waits for it."""
+def save_checkpoint(s: Setup, run_dir: Path, weights: dict | None = None) -> None:
+    """Rank 0 writes (the state is replicated); every rank waits for it. `weights` replaces the
+    current p in weights.json (DoReMi's product is the average over its steps)."""
     s.accelerator.wait_for_everyone()
     if not s.accelerator.is_main_process:
         return
@@ -473,7 +506,7 @@ def save_checkpoint(s: Setup, run_dir: Path) -> None:
     if torch.cuda.is_available():
         sd["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     runs.save_torch(run_dir / runs.CHECKPOINT, sd)
-    runs.write_json(run_dir / runs.WEIGHTS, s.state.weights())
+    runs.write_json(run_dir / runs.WEIGHTS, s.state.weights() if weights is None else weights)
 
 
 def load_checkpoint(s: Setup, run_dir: Path) -> int:
@@ -504,8 +537,8 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
             )
         import yaml
 
-        old = yaml.safe_load((run_dir / runs.CONFIG).read_text())
-        diff = runs.config_diff(old, cfg.to_dict(), ignore=("tracker",))
+        old = TrainConfig.from_dict(yaml.safe_load((run_dir / runs.CONFIG).read_text()))
+        diff = runs.config_diff(old.to_dict(), cfg.to_dict(), ignore=("out_dir", "tracker"))
         if diff:
             raise ConfigError(
                 f"cannot resume {run_dir}: the config differs from the run's config.yaml:\n  "
@@ -521,33 +554,46 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     return run_dir
 
 
-def train(
-    cfg: TrainConfig,
-    resume: bool = False,
-    progress: bool = True,
-    callback: Callable[[dict, Any], None] | None = None,
-) -> dict[str, float]:
-    """Run (or resume) ScaleBiO; returns the final weights by source name."""
+def open_run(cfg: TrainConfig, resume: bool, weights: dict | None = None) -> tuple:
+    """The set-up of a run and its folder: a new run writes config.yaml, an empty trajectory and a
+    first checkpoint (`weights` for weights.json); a resumed one loads its checkpoint and drops
+    the log lines after it. Returns (setup, run folder, first step)."""
     accelerator = make_accelerator(cfg)
     run_dir = _prepare_run_dir(cfg, resume)  # every rank reads the same folder …
     accelerator.wait_for_everyone()  # … before rank 0 writes anything
     main = accelerator.is_main_process
     torch.manual_seed(cfg.seed)
     s = setup(cfg, accelerator)
-    traj, timing = runs.JsonlLog(run_dir / runs.TRAJECTORY), runs.JsonlLog(run_dir / runs.TIMING)
     start = 0
     if resume:
         start = load_checkpoint(s, run_dir)
         accelerator.wait_for_everyone()
         if main:
-            traj.truncate_to(start)
-            timing.truncate_to(start)
+            for log in (runs.TRAJECTORY, runs.TIMING):
+                runs.JsonlLog(run_dir / log).truncate_to(start)
     else:
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
             runs.write_yaml(run_dir / runs.CONFIG, cfg.to_dict())
             (run_dir / runs.TRAJECTORY).write_text("")
-        save_checkpoint(s, run_dir)
+        save_checkpoint(s, run_dir, weights)
+    return s, run_dir, start
+
+
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    callback: Callable[[dict, Any], None] | None = None,
+) -> dict[str, float]:
+    """Run (or resume) ScaleBiO or a baseline (`cfg.method`); returns the final weights."""
+    if cfg.method != "scalebio":
+        from .pipeline import run_baseline
+
+        return run_baseline(cfg, resume=resume, progress=progress, callback=callback)
+    s, run_dir, start = open_run(cfg, resume)
+    accelerator, main = s.accelerator, s.accelerator.is_main_process
+    traj, timing = runs.JsonlLog(run_dir / runs.TRAJECTORY), runs.JsonlLog(run_dir / runs.TIMING)
     if cfg.tracker != "none":
         s.accelerator.init_trackers(Path(cfg.out_dir).name, config=cfg.to_dict())
     fns = LMFns(cfg.val_dropout, val_scale=1.0 / accelerator.num_processes)

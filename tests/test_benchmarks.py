@@ -17,3 +17,78 @@ def test_gpu_check_tiny_on_cpu(tmp_path, capsys):
     table = capsys.readouterr().out
     assert table.count("| plain |") == 2 and table.count("| lisa |") == 2
     assert "# GPU check" in out.read_text()
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _numbers(row: str) -> list[float]:
+    """The numeric cells of a markdown table row ('0.12–0.34' gives both ends)."""
+    import re
+
+    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+    number = r"^-?[\d.]+(?=M?$)|[\d.]+(?=–)|(?<=–)[\d.]+"
+    return [float(x) for c in cells for x in re.findall(number, c)]
+
+
+def test_step_cost_tiny(tmp_path, capsys):
+    import math
+
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Other benchmark\n\nkept\n")
+    assert _load("step_cost").main(["--tiny", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for label in ("ScaleBiO full", "ScaleBiO + LISA 2/12", "plain fine-tuning"):
+        rows = [r for r in printed.splitlines() if r.startswith(f"| {label} |")]
+        assert len(rows) == 1, label
+        nums = _numbers(rows[0])
+        assert len(nums) >= 5 and all(math.isfinite(x) and x > 0 for x in nums), rows[0]
+    text = out.read_text()
+    assert text.startswith("# Other benchmark\n\nkept\n") and "## Step cost" in text
+    assert "- command: `python " in text and "- CPU: " in text
+
+
+def test_cost_scaling_tiny(tmp_path, capsys, monkeypatch):
+    import math
+
+    monkeypatch.setenv("SCALEBIO_FIGURES", str(tmp_path / "figures"))
+    out = tmp_path / "RESULTS.md"
+    assert _load("cost_scaling").main(["--tiny", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    size_rows = [r for r in printed.splitlines() if r.startswith("| 0.") and "vocab 512" in r]
+    k_rows = [r for r in printed.splitlines() if r.startswith(("| 2 |", "| 4 |"))]
+    assert len(size_rows) == 2 and len(k_rows) == 2
+    for row in size_rows + k_rows:
+        nums = _numbers(row)
+        assert len(nums) >= 5 and all(math.isfinite(x) and x > 0 for x in nums), row
+    slopes = [r for r in printed.splitlines() if r.startswith("| **log-log slope** |")]
+    assert len(slopes) == 2 and all(math.isfinite(x) for r in slopes for x in _numbers(r))
+    assert (tmp_path / "figures" / "cost_scaling.png").stat().st_size > 0
+    assert "## Cost scaling" in out.read_text()
+
+
+def test_memory_benchmark_tiny_on_cpu(tmp_path, capsys):
+    import math
+    import re
+
+    spec = importlib.util.spec_from_file_location("memory_bench", ROOT / "benchmarks/memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "results.md"
+    out.write_text("# Other\n\nkept\n")
+    assert module.main(["--tiny", "--steps", "1", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    for name, _, _ in module.CONFIGS:
+        row = next(r for r in rows if r.startswith(f"| {name} |"))
+        measured, predicted = (float(c.split()[0]) for c in row.split("|")[3:5])
+        assert math.isfinite(measured) and measured > 0 and math.isfinite(predicted)
+    text = out.read_text()
+    assert text.startswith("# Other\n\nkept\n") and text.count("## Memory") == 1
+    assert re.search(r"- command: `", text)
+    module.write_section(out, "Memory", ["again"])  # replaces the section, does not append
+    assert out.read_text().count("## Memory") == 1 and "kept" in out.read_text()

@@ -163,3 +163,19 @@ def test_multilingual_text_variant() -> None:
     assert t0 == r0["input"] + " " + r0["output"]
     with pytest.raises(ValueError, match="fmt"):
         multilingual_sources(fmt="markdown")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("instruction", {"n_per_task": 30}),
+        ("math", {"n": 30, "extra_tasks": ("uppercase", "sort_numbers")}),
+        ("noisy", {"n_per_source": 30}),
+        ("informative", {"n_terse": 30, "n_detailed": 30}),
+    ],
+)
+def test_every_source_holds_distinct_records(name, kwargs):
+    """Each record is a new draw (a fresh RNG per record once made a source of copies)."""
+    for source, records in build_corpus(name, **kwargs).sources.items():
+        distinct = len({json.dumps(r, sort_keys=True) for r in records})
+        assert distinct >= 0.5 * len(records), (source, distinct)

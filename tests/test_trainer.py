@@ -55,11 +55,13 @@ def test_run_directory_and_pinned_first_steps(tmp_path):
     assert list(weights.values()) == pytest.approx(pinned["weights"], rel=1e-4)
 
 
-# measured once with this config (seed 0, CPU, torch 2.13); a change means the numbers moved
+# measured once with this config (seed 0, CPU, torch 2.13); a change means the numbers moved.
+# Re-measured when the instruction and math corpora stopped repeating their first record (the
+# embedded tokenizer trains on them, so its merges, and these numbers, changed).
 PINNED = {
-    "L1": [7.609694957733154, 7.526686668395996, 7.363244533538818],
-    "L2_w": [7.6596574783325195, 7.483804225921631, 7.237407684326172],
-    "weights": [0.38941624760627747, 0.30691438913345337, 0.3036693334579468],
+    "L1": [7.633155345916748, 7.506791591644287, 7.324926853179932],
+    "L2_w": [7.635953903198242, 7.484339714050293, 7.1710968017578125],
+    "weights": [0.374853253364563, 0.306611031293869, 0.3185356855392456],
 }
 
 

@@ -1,0 +1,77 @@
+"""Quality of each method's mixture: held-out target loss (and accuracy) after fine-tuning.
+
+For each embedded corpus of notebooks 03–05, the weights of ScaleBiO, uniform, natural,
+validation-only and DoReMi; a fresh model fine-tuned on `n` examples resampled by each, for the
+same token budget, over several seeds; mean ± std of the target loss on a held-out draw of the
+target distribution (and exact-match accuracy where answers are checkable). The table of notebook
+07, from the command line:
+
+    python benchmarks/quality.py --preset quick --out benchmarks/RESULTS.md
+
+Runs are cached in the runs folder ($SCALEBIO_RUNS, default runs/): a rerun with the same
+settings reads them back. Settings: configs/baselines.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine_lines, write_section  # noqa: E402
+
+from scalebio_core.experiments import (  # noqa: E402
+    compare_methods,
+    comparison_spec,
+    format_table,
+    summarize,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="quick", choices=("smoke", "quick", "paper"))
+    ap.add_argument("--corpora", nargs="+", help="default: the preset's (configs/baselines.yaml)")
+    ap.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default: preset's)")
+    ap.add_argument("--out", type=Path, help="write/replace the Quality section of this file")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    spec = comparison_spec(args.preset)
+    if args.seeds:
+        spec["seeds"] = args.seeds
+    start = time.perf_counter()
+    rows = []
+    for corpus in args.corpora or spec["corpora"]:
+        rows += compare_methods(corpus, args.preset, spec)
+    summary = summarize(rows)
+    lines = [format_table(summary), ""]
+    for corpus in dict.fromkeys(r["corpus"] for r in summary):
+        table = {s["method"]: s for s in summary if s["corpus"] == corpus}
+        best = min(table, key=lambda m: table[m]["loss_mean"])
+        sb = table.get("scalebio")
+        if sb is not None:
+            others = {m: s["loss_mean"] - sb["loss_mean"] for m, s in table.items()
+                      if m != "scalebio"}
+            gaps = ", ".join(f"{m} {d:+.4f}" for m, d in others.items())
+            lines.append(f"- {corpus}: lowest mean loss: **{best}**; others minus ScaleBiO: {gaps}")
+    lines += ["", f"Wall time (incl. cached runs read back): {time.perf_counter() - start:.0f} s"]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        intro = [
+            f"Held-out target loss (mean ± std over seeds {spec['seeds']}) of a fresh model "
+            f"fine-tuned on {spec['n']} examples resampled by each method's weights, "
+            f"token budget {spec['token_budget']:,}; fine-tuning {spec['sft']}.",
+            "",
+        ]
+        write_section(args.out, "Quality: fine-tuning on each method's mixture",
+                      [*machine_lines(), "", *intro, text])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

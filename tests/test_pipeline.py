@@ -1,0 +1,199 @@
+"""Baselines as runs on a tiny model, resampling, fine-tuning and evaluation, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scalebio_core.bilevel import ConfigError
+from scalebio_core.pipeline import heldout_records, resample, resample_run, sft
+from scalebio_core.runs import read_jsonl
+from scalebio_core.trainer import TrainConfig, train
+
+SMOKE = dict(
+    corpus="informative",
+    corpus_args={"n_terse": 45, "n_detailed": 15, "n_val": 16},
+    model="embedded:nano",
+    max_length=96,
+    steps=4,
+    batch_size=8,
+    val_batch_size=4,
+    lr_w=2e-3,
+    lr_u=2e-3,
+    checkpoint_every=2,
+)
+
+
+def smoke(tmp_path: Path, name: str, **kw) -> TrainConfig:
+    return TrainConfig(**{**SMOKE, "out_dir": str(tmp_path / name), **kw})
+
+
+def test_fixed_baselines_write_a_run_directory(tmp_path):
+    for method, expected in [
+        ("uniform", {"detailed": 0.5, "terse": 0.5}),
+        ("natural", {"detailed": 0.25, "terse": 0.75}),
+        ("validation", {"detailed": 0.0, "terse": 0.0, "validation": 1.0}),
+    ]:
+        cfg = smoke(tmp_path, method, method=method)
+        assert train(cfg, progress=False) == pytest.approx(expected)
+        run = tmp_path / method
+        assert json.loads((run / "weights.json").read_text()) == pytest.approx(expected)
+        assert read_jsonl(run / "trajectory.jsonl")[0]["p"] == pytest.approx(expected)
+        assert (run / "config.yaml").exists()
+    with pytest.raises(ConfigError, match="method must be one of"):
+        smoke(tmp_path, "x", method="best")
+
+
+def test_doremi_run_resumes_on_the_identical_trajectory(tmp_path):
+    cfg = smoke(tmp_path, "full", method="doremi", doremi_ref_steps=3)
+    weights = train(cfg, progress=False)
+    rows = read_jsonl(tmp_path / "full" / "trajectory.jsonl")
+    assert [r["phase"] for r in rows] == ["reference"] * 3 + ["proxy"] * 4
+    assert all(r["p"] == pytest.approx({"detailed": 0.5, "terse": 0.5}) for r in rows[:3])
+    proxy = np.array([[r["p"][n] for n in ("detailed", "terse")] for r in rows[3:]])
+    assert list(weights.values()) == pytest.approx(proxy.mean(0).tolist())
+    assert not np.allclose(proxy, 0.5)  # the weights moved
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(row, s):
+        if row["step"] == 5:
+            raise Crash
+
+    cut = smoke(tmp_path, "cut", method="doremi", doremi_ref_steps=3)
+    with pytest.raises(Crash):
+        train(cut, progress=False, callback=crash_at_5)
+    assert train(cut, resume=True, progress=False) == pytest.approx(weights, rel=1e-6)
+    again = read_jsonl(tmp_path / "cut" / "trajectory.jsonl")
+    assert [r["step"] for r in again] == list(range(7))
+    assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+
+
+def test_resample_counts_validation_and_errors():
+    recs = {
+        "a": [{"prompt": "p", "response": f"a{i}"} for i in range(3)],
+        "b": [{"prompt": "p", "response": f"b{i}"} for i in range(50)],
+    }
+    val = [{"prompt": "q", "response": "v"}]
+    out = resample({"a": 0.7, "b": 0.3}, recs, 10, seed=1)
+    assert Counter(r["source"] for r in out) == {"a": 7, "b": 3}
+    # a small source is used whole before any record repeats
+    assert Counter(r["response"] for r in out if r["source"] == "a").most_common(1)[0][1] == 3
+    assert Counter(r["source"] for r in resample({"a": 1 / 3, "b": 2 / 3}, recs, 10)) == {
+        "a": 3,
+        "b": 7,
+    }
+    only_val = resample({"a": 0.0, "b": 0.0, "validation": 1.0}, recs, 4, validation=val)
+    assert [r["response"] for r in only_val] == ["v"] * 4
+    added = resample({"a": 0.5, "b": 0.5}, recs, 4, validation=val, add_validation=True)
+    assert len(added) == 5 and sum(r["source"] == "validation" for r in added) == 1
+    with pytest.raises(ConfigError, match=r"unknown \['c'\], missing \['b'\]"):
+        resample({"a": 0.5, "c": 0.5}, recs, 4)
+    with pytest.raises(ConfigError, match="sum to 1"):
+        resample({"a": 0.5, "b": 0.6}, recs, 4)
+
+
+def test_held_out_target_set_is_disjoint(tmp_path):
+    cfg = smoke(tmp_path, "t")
+    test = heldout_records(cfg)
+    from scalebio_core.data import load_records, load_sources
+    from scalebio_core.trainer import data_specs
+
+    specs, val_spec = data_specs(cfg)
+    seen = {(r["prompt"], r["response"]) for v in load_sources(specs).values() for r in v}
+    seen |= {(r["prompt"], r["response"]) for r in load_records(val_spec)}
+    assert test and not seen & {(r["prompt"], r["response"]) for r in test}
+    with pytest.raises(ConfigError, match="no held-out test set"):
+        heldout_records(smoke(tmp_path, "d", data_dir=str(tmp_path)))
+
+
+def test_resample_and_fine_tune_end_to_end(tmp_path):
+    cfg = smoke(tmp_path, "natural", method="natural")
+    train(cfg, progress=False)
+    data = resample_run(tmp_path / "natural", 40, seed=0)
+    assert Counter(r["source"] for r in read_jsonl(data)) == {"terse": 30, "detailed": 10}
+    result = sft(smoke(tmp_path, "x"), data, tmp_path / "sft", token_budget=3000, progress=False)
+    rows = read_jsonl(tmp_path / "sft" / "trajectory.jsonl")
+    assert len(rows) == result["steps"] and result["tokens"] == rows[-1]["tokens"]
+    # steps from the budget: ceil(budget / (batch · mean tokens)), the budget met in expectation
+    assert 0.8 * 3000 < result["tokens"] < 1.2 * 3000 + 8 * 96
+    assert np.isfinite(result["target_loss"]) and 0.0 <= result["accuracy"] <= 1.0
+    saved = json.loads((tmp_path / "sft" / "eval.json").read_text())
+    assert saved["target_loss"] == pytest.approx(result["target_loss"])
+    with pytest.raises(ConfigError, match="ran already"):
+        sft(smoke(tmp_path, "x"), data, tmp_path / "sft", progress=False)
+    with pytest.raises(ConfigError, match="does not exist"):
+        sft(smoke(tmp_path, "x"), tmp_path / "none.jsonl", tmp_path / "sft2", progress=False)
+
+
+def test_cli_resample_and_sft(tmp_path):
+    train(smoke(tmp_path, "u", method="uniform"), progress=False)
+    py = [sys.executable, "-m", "scalebio_core"]
+    out = subprocess.run(
+        [*py, "resample", "--run", str(tmp_path / "u"), "--n", "20", "--add-validation"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert json.loads(out)["counts"] == {"detailed": 10, "terse": 10, "validation": 16}
+    cfg = tmp_path / "u" / "config.yaml"
+    out = subprocess.run(
+        [
+            *py,
+            "sft",
+            "--config",
+            str(cfg),
+            "--data",
+            str(tmp_path / "u" / "resampled.jsonl"),
+            "--out",
+            str(tmp_path / "sft"),
+            "--no-progress",
+            "steps=2",
+            "method=scalebio",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert json.loads(out)["steps"] == 2
+    bad = subprocess.run(
+        [*py, "resample", "--run", str(tmp_path / "none"), "--n", "5"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "config.yaml does not exist" in bad.stderr
+
+
+def test_compare_methods_is_cached(tmp_path, monkeypatch):
+    from scalebio_core.experiments import compare_methods, summarize
+
+    monkeypatch.setenv("SCALEBIO_RUNS", str(tmp_path))
+    spec = {
+        "methods": ["uniform", "natural"],
+        "seeds": [0, 1],
+        "n": 30,
+        "token_budget": 1500,
+        "sft": {"lr_w": 0.002, "batch_size": 8},
+    }
+    rows = compare_methods("informative", "smoke", spec, progress=False)
+    assert [(r["method"], r["seed"]) for r in rows] == [
+        ("uniform", 0),
+        ("uniform", 1),
+        ("natural", 0),
+        ("natural", 1),
+    ]
+    stamp = (tmp_path / "sft_informative_smoke" / "natural_seed1" / "eval.json").stat().st_mtime
+    assert compare_methods("informative", "smoke", spec, progress=False) == rows
+    assert (
+        tmp_path / "sft_informative_smoke" / "natural_seed1" / "eval.json"
+    ).stat().st_mtime == stamp
+    table = summarize(rows)
+    assert [t["method"] for t in table] == ["uniform", "natural"]
+    assert all(t["seeds"] == 2 and np.isfinite(t["loss_std"]) for t in table)
