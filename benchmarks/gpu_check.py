@@ -10,24 +10,27 @@ few warm-up steps, then times `--steps` steps; tokens/s counts the training toke
 torch.cuda.max_memory_allocated over the timed steps (on a CPU: not measured). The prediction is
 `scalebio_core.memory.predict` for one GPU, no sharding, bf16 parameters with fp32 AdamW state and
 master weights (the model's assumption), no checkpointing. Prints a markdown table; `--out FILE`
-also writes it with the command, date and device.
+replaces its section of FILE (e.g. benchmarks/RESULTS.md) with it, the command, date and
+device.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import platform
-import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from scalebio_core.bilevel import BilevelConfig, init_state, scalebio_step
-from scalebio_core.lisa import make_lisa_pair
-from scalebio_core.memory import GIB, MemorySetup, model_shape, predict
-from scalebio_core.models import clone_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_lines, write_section  # noqa: E402
+
+from scalebio_core.bilevel import BilevelConfig, init_state, scalebio_step  # noqa: E402
+from scalebio_core.lisa import make_lisa_pair  # noqa: E402
+from scalebio_core.memory import GIB, MemorySetup, model_shape, predict  # noqa: E402
+from scalebio_core.models import clone_model  # noqa: E402
 from scalebio_core.trainer import LMFns, per_sample_loss
 
 SHAPES = {
@@ -183,14 +186,18 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if a.out:
         dev = torch.cuda.get_device_name() if a.device == "cuda" else platform.processor()
-        head = (
-            f"# GPU check\n\n- command: `python {shlex.join(sys.argv)}`\n- date: "
-            f"{datetime.datetime.now().isoformat(timespec='seconds')}\n- device: {dev}, "
-            f"torch {torch.__version__}\n- batch {a.batch} × {a.seq} tokens, {a.steps} timed "
-            f"steps after {a.warmup} warm-up\n\n"
+        write_section(
+            Path(a.out),
+            "GPU check",
+            [
+                *machine_lines(),
+                f"- device: {dev}",
+                f"- batch {a.batch} × {a.seq} tokens, {a.steps} timed steps after {a.warmup} "
+                "warm-up",
+                "",
+                table,
+            ],
         )
-        with open(a.out, "w") as f:
-            f.write(head + table + "\n")
     return 0
 
 

@@ -6,10 +6,12 @@ same token budget, over several seeds; mean ± std of the target loss on a held-
 target distribution (and exact-match accuracy where answers are checkable). The table of notebook
 07, from the command line:
 
-    python benchmarks/quality.py --preset quick --out benchmarks/RESULTS.md
+    python benchmarks/quality.py --preset quick --runs build/runs --out benchmarks/RESULTS.md
 
-Runs are cached in the runs folder ($SCALEBIO_RUNS, default runs/): a rerun with the same
-settings reads them back. Settings: configs/baselines.yaml.
+Runs are cached in the runs folder (--runs, else $SCALEBIO_RUNS, else runs/): a rerun with the
+same settings reads them back, so after `make reproduce` (which leaves notebook 07's runs in
+build/runs) this takes seconds; from a fresh folder, about 25 minutes at quick on 2 CPU cores.
+Settings: configs/baselines.yaml.
 """
 
 from __future__ import annotations
@@ -37,9 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="quick", choices=("smoke", "quick", "paper"))
     ap.add_argument("--corpora", nargs="+", help="default: the preset's (configs/baselines.yaml)")
     ap.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds (default: preset's)")
+    ap.add_argument(
+        "--runs",
+        type=Path,
+        help="runs folder to use and reuse (default: runs/, or "
+        "$SCALEBIO_RUNS); `make reproduce` leaves notebook 07's in build/runs",
+    )
     ap.add_argument("--out", type=Path, help="write/replace the Quality section of this file")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.runs:
+        os.environ["SCALEBIO_RUNS"] = str(args.runs.resolve())
     spec = comparison_spec(args.preset)
     if args.seeds:
         spec["seeds"] = args.seeds
@@ -54,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         best = min(table, key=lambda m: table[m]["loss_mean"])
         sb = table.get("scalebio")
         if sb is not None:
-            others = {m: s["loss_mean"] - sb["loss_mean"] for m, s in table.items()
-                      if m != "scalebio"}
+            others = {
+                m: s["loss_mean"] - sb["loss_mean"] for m, s in table.items() if m != "scalebio"
+            }
             gaps = ", ".join(f"{m} {d:+.4f}" for m, d in others.items())
             lines.append(f"- {corpus}: lowest mean loss: **{best}**; others minus ScaleBiO: {gaps}")
     lines += ["", f"Wall time (incl. cached runs read back): {time.perf_counter() - start:.0f} s"]
@@ -68,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
             f"token budget {spec['token_budget']:,}; fine-tuning {spec['sft']}.",
             "",
         ]
-        write_section(args.out, "Quality: fine-tuning on each method's mixture",
-                      [*machine_lines(), "", *intro, text])
+        write_section(
+            args.out,
+            "Quality: fine-tuning on each method's mixture",
+            [*machine_lines(), "", *intro, text],
+        )
     return 0
 
 

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
+    from .bilevel import NonFiniteLossError
     from .data import DataError
     from .pipeline import resample_run, sft
     from .trainer import TrainConfig
@@ -127,11 +128,11 @@ def _pipeline(args: argparse.Namespace) -> int:
             for line in out.read_text().splitlines():
                 src = json.loads(line)["source"]
                 counts[src] = counts.get(src, 0) + 1
-            print(json.dumps({"out": str(out), "counts": counts}, indent=2))
+            print(json.dumps({"out": str(out), "counts": dict(sorted(counts.items()))}, indent=2))
             return 0
         cfg = TrainConfig.from_dict(resolve_config(args.config, args.preset, args.overrides))
         result = sft(cfg, args.data, args.out, args.token_budget, progress=not args.no_progress)
-    except (ConfigError, DataError, FileNotFoundError, json.JSONDecodeError) as e:
+    except (ConfigError, DataError, NonFiniteLossError, OSError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))

@@ -16,7 +16,7 @@ def test_gpu_check_tiny_on_cpu(tmp_path, capsys):
     assert module.main(["--device", "cpu", "--tiny", "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert table.count("| plain |") == 2 and table.count("| lisa |") == 2
-    assert "# GPU check" in out.read_text()
+    assert "## GPU check" in out.read_text()
 
 
 def _load(name: str):
@@ -92,3 +92,15 @@ def test_memory_benchmark_tiny_on_cpu(tmp_path, capsys):
     assert re.search(r"- command: `", text)
     module.write_section(out, "Memory", ["again"])  # replaces the section, does not append
     assert out.read_text().count("## Memory") == 1 and "kept" in out.read_text()
+
+
+def test_quality_smoke(tmp_path, capsys):
+    out = tmp_path / "results.md"
+    args = ["--preset", "smoke", "--seeds", "0", "--runs", str(tmp_path / "runs")]
+    assert _load("quality").main([*args, "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    for method in ("scalebio", "uniform", "natural", "validation", "doremi"):
+        row = next(r for r in table.splitlines() if r.startswith(f"| noisy | {method} |"))
+        loss = float(row.split("|")[4].split("±")[0])  # the target-loss cell: mean ± std
+        assert 0 < loss < 20
+    assert "## Quality" in out.read_text()

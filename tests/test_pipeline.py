@@ -197,3 +197,12 @@ def test_compare_methods_is_cached(tmp_path, monkeypatch):
     table = summarize(rows)
     assert [t["method"] for t in table] == ["uniform", "natural"]
     assert all(t["seeds"] == 2 and np.isfinite(t["loss_std"]) for t in table)
+
+
+@pytest.mark.parametrize("name", ["noisy", "informative", "multilingual", "math"])
+def test_paper_presets_declare_a_held_out_test_set(name):
+    from scalebio_core.experiments import preset_config
+
+    cfg = preset_config(name, "paper")
+    assert cfg.test and (cfg.test.get("path") or cfg.test.get("hf_name"))
+    assert cfg.test != cfg.validation
