@@ -27,11 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_lines, write_section  # noqa: E402
 
+from scalebio_core.baselines import plain_step  # noqa: E402
 from scalebio_core.bilevel import BilevelConfig, init_state, scalebio_step  # noqa: E402
 from scalebio_core.lisa import make_lisa_pair  # noqa: E402
 from scalebio_core.memory import GIB, MemorySetup, model_shape, predict  # noqa: E402
 from scalebio_core.models import clone_model  # noqa: E402
-from scalebio_core.trainer import LMFns, per_sample_loss
+from scalebio_core.trainer import LMFns  # noqa: E402
 
 SHAPES = {
     "gpt2-small": (
@@ -95,18 +96,17 @@ def run(name: str, kind: str, kw: dict, mode: str, a: argparse.Namespace) -> dic
     batches = [batch(vocab, a.batch, a.seq, 4, a.device, g) for _ in range(a.steps + a.warmup)]
     val = [batch(vocab, a.batch, a.seq, 1, a.device, g) for _ in range(a.steps + a.warmup)]
     cfg = BilevelConfig(alpha=100.0, lr_w=2e-6, lr_u=2e-6, total_steps=a.steps + a.warmup)
-    if mode == "plain":
-        opt = torch.optim.AdamW(w.parameters(), lr=2e-6)
+    fns = LMFns()
+    if mode == "plain":  # the project's plain fine-tuning step (uniform mixture of the 4 sources)
+        opt = torch.optim.AdamW(w.parameters(), lr=cfg.lr_w)
+        p = torch.full((4,), 0.25, device=a.device)
 
         def step(i: int) -> None:
-            opt.zero_grad(set_to_none=True)
-            per_sample_loss(w, batches[i]).mean().backward()
-            opt.step()
+            plain_step(w, opt, batches[i], fns, p, cfg, i)
     else:
         u = clone_model(w)
         state = init_state(w, u, [f"s{i}" for i in range(4)], cfg)
         lisa = make_lisa_pair(w, u, n_active=2, interval=20, seed=0) if mode == "lisa" else None
-        fns = LMFns()
 
         def step(i: int) -> None:
             if lisa:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -273,8 +274,6 @@ def compare_methods(
             result = json.loads((out / EVAL).read_text())
         else:
             if out.exists():
-                import shutil
-
                 shutil.rmtree(out)  # an unfinished or outdated fine-tuning: regenerable
             data = resample_run(
                 run_dir, spec["n"], out / "data" / "train.jsonl", seed=seed, add_validation=add_val

@@ -121,15 +121,15 @@ def _doremi_run(cfg, resume: bool, progress: bool, callback) -> dict:
         dynamic_ncols=True,
     )
     for t in bar:
-        phase = "reference" if t < n_ref else "proxy"
+        ref = t < n_ref
+        phase = "reference" if ref else "proxy"
         batch = _batches(s, s.train, s.sampler.indices(t), cfg.grad_accum)
-        ref = phase == "reference"
         model, opt = (s.state.u, s.state.opt_u) if ref else (s.state.w, s.state.opt_w)
         if s.lisa:
-            s.lisa[1 if phase == "reference" else 0].apply(t, opt)
+            s.lisa[1 if ref else 0].apply(t, opt)
         try:
             with accelerator.autocast():
-                if phase == "reference":
+                if ref:
                     m = plain_step(model, opt, batch, fns, uniform, ref_cfg, t, **kw)
                 else:
                     s.state.u.eval()  # the reference is fixed: no dropout in its losses
@@ -157,7 +157,7 @@ def _doremi_run(cfg, resume: bool, progress: bool, callback) -> dict:
             "lr_w": m["lr_w"],
             "tokens": tokens,
         }
-        if phase == "proxy":
+        if not ref:
             proxy_ps.append(m["p"])
         if main:
             traj.append(row)
@@ -248,16 +248,15 @@ def resample_run(
     weights: Mapping[str, float] | None = None,
 ) -> Path:
     """Resample the sources of a run (its config.yaml) with its weights.json; write JSON Lines."""
+    import yaml
+
     from .data import load_records, load_sources
     from .trainer import TrainConfig, data_specs
 
     run_dir = Path(run_dir)
-    for f in (runs.CONFIG, runs.WEIGHTS):
-        if weights is None or f == runs.CONFIG:
-            if not (run_dir / f).exists():
-                raise ConfigError(f"{run_dir / f} does not exist: give a finished run directory.")
-    import yaml
-
+    needed = [runs.CONFIG] + ([runs.WEIGHTS] if weights is None else [])
+    for missing in [run_dir / f for f in needed if not (run_dir / f).exists()]:
+        raise ConfigError(f"{missing} does not exist: give a finished run directory.")
     cfg = TrainConfig.from_dict(yaml.safe_load((run_dir / runs.CONFIG).read_text()))
     if weights is None:
         weights = json.loads((run_dir / runs.WEIGHTS).read_text())
