@@ -254,24 +254,32 @@ class BilevelState:
         """Current weights p by source name (the method's product)."""
         return {n: float(v) for n, v in zip(self.source_names, self.p.tolist())}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "w": self.w.state_dict(),
-            "u": self.u.state_dict(),
+    def state_dict(self, models: bool = True) -> dict[str, Any]:
+        """Everything to resume; `models=False` leaves out w, u and their optimizers (sharded
+        runs save those per rank, see `sharding.py`)."""
+        sd = {
             "lam": self.lam.detach().clone(),
-            "opt_w": self.opt_w.state_dict(),
-            "opt_u": self.opt_u.state_dict(),
             "opt_lam": self.opt_lam.state_dict(),
             "step": self.step,
         }
+        if models:
+            sd.update(
+                w=self.w.state_dict(),
+                u=self.u.state_dict(),
+                opt_w=self.opt_w.state_dict(),
+                opt_u=self.opt_u.state_dict(),
+            )
+        return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.w.load_state_dict(sd["w"])
-        self.u.load_state_dict(sd["u"])
+        """Load what `state_dict` gave (w, u and their optimizers only when present)."""
+        if "w" in sd:
+            self.w.load_state_dict(sd["w"])
+            self.u.load_state_dict(sd["u"])
+            self.opt_w.load_state_dict(sd["opt_w"])
+            self.opt_u.load_state_dict(sd["opt_u"])
         with torch.no_grad():
             self.lam.copy_(sd["lam"])
-        self.opt_w.load_state_dict(sd["opt_w"])
-        self.opt_u.load_state_dict(sd["opt_u"])
         self.opt_lam.load_state_dict(sd["opt_lam"])
         self.step = int(sd["step"])
 
@@ -327,7 +335,8 @@ def _clip(model: nn.Module, max_norm: float) -> float:
     params = [q for q in model.parameters() if q.grad is not None]
     if not params:
         return 0.0
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor: FSDP
 
 
 class MicroBatches(list):

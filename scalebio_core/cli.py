@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .bilevel import ConfigError
+from .runs import load_yaml
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -24,7 +23,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for p in parents:  # corpus_args.n_per_source=100
             target = target.setdefault(p, {})
-        target[leaf] = yaml.safe_load(value)
+        target[leaf] = load_yaml(value)
     return out
 
 
@@ -42,7 +41,7 @@ def resolve_config(config: str | None, preset: str | None, overrides: list[str])
         path = Path(config)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist.")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
         sections = {"smoke", "quick", "paper"} & set(data)
         if sections:
             if preset is None:

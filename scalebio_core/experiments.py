@@ -14,8 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import runs
 from .bilevel import ConfigError
 from .presets import CONFIG_DIR
@@ -59,7 +57,7 @@ def run_preset(
     cfg = preset_config(name, preset, **overrides)
     run_dir = Path(cfg.out_dir)
     if (run_dir / runs.CONFIG).exists():
-        old = type(cfg).from_dict(yaml.safe_load((run_dir / runs.CONFIG).read_text()))
+        old = type(cfg).from_dict(runs.load_yaml((run_dir / runs.CONFIG).read_text()))
         # keys added since the run take their defaults; a moved run folder is the same run
         diff = runs.config_diff(old.to_dict(), cfg.to_dict(), ignore=("out_dir", "tracker"))
         if diff:
@@ -101,12 +99,15 @@ def memory_probe(
     by default the peak includes that slack; `mmap_threshold` (bytes) fixes the threshold in the
     child (MALLOC_MMAP_THRESHOLD_), so every larger block is returned to the OS when freed and
     the resident set tracks the live tensor bytes (what a GPU's max_memory_allocated reports).
+    The probe leaves glibc's settings to the environment (`cpu_malloc="system"`) unless
+    `cpu_malloc="keep"` (the trainer's CPU default, see `malloc.py`) is passed.
     """
     import subprocess
     import sys
     import tempfile
 
     malloc = {} if mmap_threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)}
+    overrides.setdefault("cpu_malloc", "system")
     with tempfile.TemporaryDirectory() as tmp:
         args = {
             "name": name,
@@ -215,7 +216,7 @@ def _probe(args_json: str) -> None:  # pragma: no cover - runs in the child proc
 def comparison_spec(preset: str, name: str = "baselines") -> dict:
     """The `preset` section of configs/<name>.yaml (corpora, methods, seeds, n, budget, sft)."""
     path = CONFIG_DIR / f"{name}.yaml"
-    data = yaml.safe_load(path.read_text())
+    data = runs.load_yaml(path.read_text())
     if preset not in data:
         raise ConfigError(f"{path} has no preset {preset!r}; known: {sorted(data)}.")
     return data[preset]

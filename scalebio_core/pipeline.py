@@ -248,7 +248,6 @@ def resample_run(
     weights: Mapping[str, float] | None = None,
 ) -> Path:
     """Resample the sources of a run (its config.yaml) with its weights.json; write JSON Lines."""
-    import yaml
 
     from .data import load_records, load_sources
     from .trainer import TrainConfig, data_specs
@@ -257,7 +256,7 @@ def resample_run(
     needed = [runs.CONFIG] + ([runs.WEIGHTS] if weights is None else [])
     for missing in [run_dir / f for f in needed if not (run_dir / f).exists()]:
         raise ConfigError(f"{missing} does not exist: give a finished run directory.")
-    cfg = TrainConfig.from_dict(yaml.safe_load((run_dir / runs.CONFIG).read_text()))
+    cfg = TrainConfig.from_dict(runs.load_yaml((run_dir / runs.CONFIG).read_text()))
     if weights is None:
         weights = json.loads((run_dir / runs.WEIGHTS).read_text())
     specs, val_spec = data_specs(cfg)

@@ -8,9 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .bilevel import ConfigError
+from .runs import load_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESET_NAMES = ("smoke", "quick", "paper")
@@ -24,7 +23,7 @@ def load_preset(name: str, preset: str, config_dir: Path | None = None) -> dict[
             f"no preset file {path}: run from a checkout of the repository, or pass "
             "config_dir=… pointing at its configs/ folder."
         )
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path.read_text()) or {}
     if preset not in data:
         known = sorted(k for k in data if k != "defaults")
         raise ConfigError(f"{path.name} has no preset {preset!r}; known presets: {known}.")

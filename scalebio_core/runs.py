@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -25,6 +26,21 @@ CONFIG, TRAJECTORY, WEIGHTS, TIMING = (
     "timing.jsonl",
 )
 CHECKPOINT = Path("checkpoints") / "last.pt"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with '1e-3' read as a number (YAML 1.1 wants '1.0e-3' and reads '1e-3' as text)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @contextmanager

@@ -4,8 +4,10 @@
 
 prints an accelerate config whose `fsdp_transformer_layer_cls_to_wrap` is the class of the
 model's decoder blocks, found by `lisa.find_blocks` on the model built from its config on the meta
-device (no download of weights, any architecture). `use_orig_params: true` is set because LISA
-mixes frozen and trainable parameters inside one FSDP unit, which flat parameters cannot hold.
+device (no download of weights, any architecture). The FSDP config is FSDP version 2 (torch's
+fully_shard, per-parameter sharding): LISA mixes frozen and trainable parameters inside one FSDP
+unit, which FSDP1's flat parameters cannot hold. The trainer shards u and w itself
+(`sharding.py`); the DeepSpeed config is refused by the trainer (kept for validation only).
 """
 
 from __future__ import annotations

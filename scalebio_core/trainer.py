@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
+import os
 import random
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 from . import runs
 from .baselines import METHODS
 from .bilevel import BilevelConfig, ConfigError, MicroBatches, NonFiniteLossError, init_state
+from .sharding import is_sharded
 
 TRACKERS = ("none", "tensorboard", "wandb")
 SAMPLERS, ESTIMATORS, PRECISIONS = (
@@ -79,6 +82,12 @@ class TrainConfig:
     """Vocabulary of the embedded tokenizer."""
     precision: str = "fp32"
     """'fp32' or 'bf16' (autocast)."""
+    fsdp: bool = False
+    """Shard u and w over the processes with FSDP2 (implied by an accelerate FSDP config)."""
+    fsdp_offload: bool = False
+    """With fsdp: keep parameters, gradients and optimizer states in CPU memory."""
+    cpu_malloc: str = "keep"
+    """On CPU: 'keep' freed memory in glibc's heap for the next step (faster), or 'system'."""
     val_dropout: bool = False
     """Compute L1 with dropout on (the reference code did, silently); default off."""
     # -- ScaleBiO (BilevelConfig)
@@ -135,10 +144,12 @@ class TrainConfig:
     """'none', 'tensorboard' or 'wandb' (accelerate trackers)."""
 
     def __post_init__(self) -> None:
+        self._check_types()
         checks = [
             (self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}"),
             (self.estimator in ESTIMATORS, f"estimator must be one of {ESTIMATORS}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+            (self.cpu_malloc in ("keep", "system"), "cpu_malloc must be 'keep' or 'system'"),
             (
                 self.steps >= 1 and self.batch_size >= 1 and self.val_batch_size >= 1,
                 "steps, batch_size and val_batch_size must be >= 1",
@@ -166,6 +177,24 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig: {message}.")
         self.bilevel()  # validates the ScaleBiO fields
         self.doremi()
+
+    def _check_types(self) -> None:
+        """Numbers, flags and names of the type of their defaults (a YAML typo gives text)."""
+        kinds = ((bool, (bool,)), (int, (numbers.Integral,)), (float, (numbers.Real,)))
+        kinds += ((str, (str,)),)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            for kind, accepted in kinds:
+                if type(f.default) is kind:
+                    ok = isinstance(value, accepted) and (
+                        kind is bool or not isinstance(value, bool)
+                    )
+                    if not ok:
+                        raise ConfigError(
+                            f"TrainConfig: {f.name} must be of type {kind.__name__} (like "
+                            f"{f.default!r}); got {value!r}."
+                        )
+                    break
 
     def doremi(self):
         from .baselines import DoReMiConfig
@@ -266,8 +295,8 @@ class LMFns:
         self.fast: bool | None = None  # decided on the first batch
 
     def loss(self, model, batch) -> torch.Tensor:
-        if self.fast is None:
-            self.fast = _fast_path_matches(model, batch)
+        if self.fast is None:  # sharded: the head's weight is gathered only inside forward()
+            self.fast = not is_sharded(model) and _fast_path_matches(model, batch)
         return (response_only_loss if self.fast else per_sample_loss)(model, batch)
 
     def source_ids(self, batch: dict) -> torch.Tensor:
@@ -304,6 +333,8 @@ class Setup:
     device: torch.device
     accelerator: Any
     tokenizer: Any = None
+    sharded: bool = False
+    """u and w are FSDP2-sharded (sharding.py): FSDP reduces gradients, checkpoints per rank."""
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (identity on one process)."""
@@ -413,12 +444,28 @@ def setup(cfg: TrainConfig, accelerator=None, copies: int = 2) -> Setup:
             )
     accelerator = accelerator or make_accelerator(cfg)
     engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    if engine in ("FSDP", "DEEPSPEED"):
+    if engine == "DEEPSPEED":
         raise ConfigError(
-            f"{engine} is configured, but this trainer does not shard u and w yet: it replicates "
-            "them and all-reduces gradients (DDP-style). Launch with configs/accelerate/ddp.yaml "
-            "(or plain --multi_gpu); the FSDP and ZeRO-3 configs are validated, not yet run."
+            "DeepSpeed is configured, but this trainer cannot run u and w as DeepSpeed engines "
+            "(its step needs two models' gradients before either moves). Shard with FSDP "
+            "instead, the ZeRO-3 equivalent: configs/accelerate/fsdp.yaml (or fsdp: true with "
+            "any multi-process launch); for replicated models use configs/accelerate/ddp.yaml."
         )
+    fsdp, offload = cfg.fsdp, cfg.fsdp_offload
+    if engine == "FSDP" or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        # an accelerate FSDP config (its launcher sets these variables; on CPUs accelerate drops
+        # the FSDP type but not them): the trainer shards u and w itself, with FSDP2
+        fsdp = True
+        offload = offload or os.environ.get("FSDP_OFFLOAD_PARAMS", "").lower() == "true"
+    if fsdp and (cfg.lora_rank > 0 or copies != 2 or cfg.method != "scalebio"):
+        raise ConfigError(
+            "fsdp shards ScaleBiO's two full models; LoRA and the baselines (method) are not "
+            "sharded yet: run them with fsdp: false (replicated, DDP-style)."
+        )
+    if accelerator.device.type == "cpu" and cfg.cpu_malloc == "keep":
+        from .malloc import keep_freed_memory
+
+        keep_freed_memory()  # once per process; see malloc.py (time only, no result changes)
     world = accelerator.num_processes
     if cfg.batch_size % (world * cfg.grad_accum) or cfg.val_batch_size % (world * cfg.grad_accum):
         raise ConfigError(
@@ -439,6 +486,11 @@ def setup(cfg: TrainConfig, accelerator=None, copies: int = 2) -> Setup:
     u = clone_model(w) if copies == 2 else w
     w.to(accelerator.device).train()
     u.to(accelerator.device).train()
+    if fsdp:  # before the optimizers are built: they hold the sharded parameters
+        from .sharding import shard_model
+
+        for model in (w, u):
+            shard_model(model, offload=offload, layers_path=cfg.lisa_layers_path)
     state = init_state(w, u, train.names, cfg.bilevel())
     lisa = None
     if cfg.lisa_active > 0:
@@ -472,6 +524,7 @@ def setup(cfg: TrainConfig, accelerator=None, copies: int = 2) -> Setup:
         accelerator.device,
         accelerator,
         tokenizer,
+        sharded=fsdp,
     )
 
 
@@ -493,11 +546,27 @@ def _batches(s: Setup, data, idx: list[int], n: int) -> MicroBatches:
 
 def save_checkpoint(s: Setup, run_dir: Path, weights: dict | None = None) -> None:
     """Rank 0 writes (the state is replicated); every rank waits for it. `weights` replaces the
-    current p in weights.json (DoReMi's product is the average over its steps)."""
-    s.accelerator.wait_for_everyone()
-    if not s.accelerator.is_main_process:
-        return
-    sd = s.state.state_dict()
+    current p in weights.json (DoReMi's product is the average over its steps). Sharded runs:
+    every rank first writes its shard of u and w (sharding.py), rank 0 then the rest."""
+    acc = s.accelerator
+    acc.wait_for_everyone()
+    if s.sharded:
+        from .sharding import drop_old_shards, save_shards
+
+        save_shards(s.state, run_dir, acc.process_index)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            _save_main(s, run_dir, weights)
+        acc.wait_for_everyone()  # checkpoint.pt names the new shards: the old ones can go
+        drop_old_shards(run_dir, s.state.step, acc.process_index)
+    elif acc.is_main_process:
+        _save_main(s, run_dir, weights)
+
+
+def _save_main(s: Setup, run_dir: Path, weights: dict | None) -> None:
+    sd = s.state.state_dict(models=not s.sharded)
+    if s.sharded:
+        sd["shards"] = {"world": s.accelerator.num_processes}
     sd["rng"] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
@@ -510,8 +579,23 @@ def save_checkpoint(s: Setup, run_dir: Path, weights: dict | None = None) -> Non
 
 
 def load_checkpoint(s: Setup, run_dir: Path) -> int:
-    sd = torch.load(run_dir / runs.CHECKPOINT, map_location=s.device, weights_only=False)
+    where = "cpu" if s.device.type == "cpu" else s.device  # gloo ranks are 'cpu:<rank>'
+    sd = torch.load(run_dir / runs.CHECKPOINT, map_location=where, weights_only=False)
+    if s.sharded != ("shards" in sd):
+        raise ConfigError(
+            f"{run_dir / runs.CHECKPOINT} was written by a "
+            f"{'sharded (fsdp)' if 'shards' in sd else 'replicated'} run and this one is "
+            f"{'sharded' if s.sharded else 'replicated'}: resume it the way it was launched."
+        )
     s.state.load_state_dict(sd)
+    if s.sharded:
+        from .sharding import load_shards
+
+        acc = s.accelerator
+        world = acc.num_processes
+        load_shards(
+            s.state, run_dir, int(sd["step"]), acc.process_index, world, sd["shards"]["world"]
+        )
     if s.lisa is not None:  # the flags of the step's period; state of frozen blocks dropped as
         for lisa, opt in zip(s.lisa, (s.state.opt_w, s.state.opt_u)):  # an unbroken run has
             lisa.apply(int(sd["step"]), opt)
@@ -535,10 +619,9 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
                 f"cannot resume: {run_dir / runs.CHECKPOINT} does not exist. Start "
                 "the run without --resume."
             )
-        import yaml
-
-        old = TrainConfig.from_dict(yaml.safe_load((run_dir / runs.CONFIG).read_text()))
-        diff = runs.config_diff(old.to_dict(), cfg.to_dict(), ignore=("out_dir", "tracker"))
+        old = TrainConfig.from_dict(runs.load_yaml((run_dir / runs.CONFIG).read_text()))
+        same = ("out_dir", "tracker", "cpu_malloc", "fsdp_offload")  # where, not what
+        diff = runs.config_diff(old.to_dict(), cfg.to_dict(), ignore=same)
         if diff:
             raise ConfigError(
                 f"cannot resume {run_dir}: the config differs from the run's config.yaml:\n  "
@@ -683,6 +766,7 @@ def run_step(s: Setup, step: int, fns: LMFns) -> tuple[dict, list | None, list, 
     batch = _batches(s, s.train, s.sampler.indices(step), s.cfg.grad_accum)
     val_batch = _batches(s, s.val, s.val_sampler.indices(step), s.cfg.grad_accum)
     multi = s.accelerator.num_processes > 1
+    sync = _all_reduce_grads if multi and not s.sharded else None  # FSDP reduces its own
     with s.accelerator.autocast():
         m = scalebio_step(
             s.state,
@@ -691,6 +775,6 @@ def run_step(s: Setup, step: int, fns: LMFns) -> tuple[dict, list | None, list, 
             fns,
             divisor=None if s.divisor is None else s.divisor.to(s.device),
             reduce=s.reduce if multi else None,
-            sync=_all_reduce_grads if multi else None,
+            sync=sync,
         )
     return m, active, batch, val_batch

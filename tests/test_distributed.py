@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from scalebio_core.runs import load_trajectory, read_jsonl
+from scalebio_core.scaleout import accelerate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {
@@ -36,34 +40,72 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _run(out_dir: Path, processes: int, **extra) -> None:
+def _cmd(
+    out_dir: Path, processes: int, resume: bool = False, config_file: Path | None = None, **extra
+) -> list[str]:
     overrides = [
         f"{k}={json.dumps(v)}" for k, v in {**BASE, **extra, "out_dir": str(out_dir)}.items()
     ]
     train = ["-m", "scalebio_core", "train", "--no-progress", *overrides]
+    if resume:
+        train.append("--resume")
     if processes == 1:
-        cmd = [sys.executable, *train]
-    else:  # --multi_gpu without GPUs runs gloo on the CPU; --cpu would silently run one process
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
+        return [sys.executable, *train]
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_file is not None:  # an accelerate config file (FSDP) with 2 processes
+        return [
+            *launch,
+            "--config_file",
+            str(config_file),
             "--main_process_port",
             str(_port()),
             *train,
         ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # --multi_gpu without GPUs runs gloo on the CPU; --cpu would silently run one process
+    return [
+        *launch,
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_port()),
+        *train,
+    ]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(out_dir: Path, processes: int, resume: bool = False, **extra) -> None:
+    cmd = _cmd(out_dir, processes, resume, **extra)
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "trajectory.jsonl").read_text().split("\n") if x]
+
+
+def _same_trajectory(one: Path, two: Path) -> None:
+    """`two` (2 processes) follows `one` (1 process) to float tolerance, and really ran 2."""
+    timing = read_jsonl(two / "timing.jsonl")
+    assert {r["world_size"] for r in timing} == {2}, "accelerate did not start two processes"
+    assert {r["world_size"] for r in read_jsonl(one / "timing.jsonl")} == {1}
+    a, b = load_trajectory(one), load_trajectory(two)
+    assert len(a["step"]) == len(b["step"]) == BASE["steps"]
+    np.testing.assert_allclose(b["p"], a["p"], rtol=1e-5, atol=1e-7)
+    for key in ("L1", "L2_w", "L2_u"):
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-5)
+    assert not np.allclose(a["p"][-1], a["p"][0])  # the weights moved: a real comparison
+    rows_one, rows_two = _rows(one), _rows(two)
+    assert [r["lisa_w"] for r in rows_one] == [r["lisa_w"] for r in rows_two]
+    assert [r["tokens"] for r in rows_one] == [r["tokens"] for r in rows_two]
 
 
 @pytest.mark.slow
@@ -72,20 +114,100 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path, lisa_active):
     extra = {"lisa_active": lisa_active, "lisa_interval": 2} if lisa_active else {}
     _run(tmp_path / "one", 1, **extra)
     _run(tmp_path / "two", 2, **extra)
-    timing = read_jsonl(tmp_path / "two" / "timing.jsonl")
-    assert {r["world_size"] for r in timing} == {2}, "accelerate did not start two processes"
-    assert {r["world_size"] for r in read_jsonl(tmp_path / "one" / "timing.jsonl")} == {1}
-    a, b = load_trajectory(tmp_path / "one"), load_trajectory(tmp_path / "two")
-    assert len(a["step"]) == len(b["step"]) == BASE["steps"]
-    np.testing.assert_allclose(b["p"], a["p"], rtol=1e-5, atol=1e-7)
-    for key in ("L1", "L2_w", "L2_u"):
-        np.testing.assert_allclose(b[key], a[key], rtol=1e-5)
-    assert not np.allclose(a["p"][-1], a["p"][0])  # the weights moved: a real comparison
-    one = [
-        json.loads(x) for x in (tmp_path / "one" / "trajectory.jsonl").read_text().split("\n") if x
-    ]
-    two = [
-        json.loads(x) for x in (tmp_path / "two" / "trajectory.jsonl").read_text().split("\n") if x
-    ]
-    assert [r["lisa_w"] for r in one] == [r["lisa_w"] for r in two]
-    assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
+    _same_trajectory(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lisa_active", [0, 1])
+def test_fsdp_two_processes_follow_the_one_process_trajectory(tmp_path, lisa_active):
+    """u and w sharded with FSDP2 over 2 gloo processes (LISA: frozen and trainable parameters
+    in one FSDP unit, changing every 2 steps) against the unsharded single process. Without
+    LISA through `fsdp=true`; with LISA through the shipped FSDP launch config (made for 2 CPU
+    processes: no offload, fp32, GPT-2's block class)."""
+    extra = {"lisa_active": lisa_active, "lisa_interval": 2} if lisa_active else {}
+    _run(tmp_path / "one", 1, **extra)
+    if lisa_active:
+        cfg = accelerate_config("fsdp", None, gpus=2, offload=False)
+        cfg["mixed_precision"] = "no"
+        cfg["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] = "GPT2Block"
+        (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(cfg))
+        _run(tmp_path / "fsdp", 2, config_file=tmp_path / "fsdp.yaml", **extra)
+    else:
+        _run(tmp_path / "fsdp", 2, fsdp=True, **extra)
+    _same_trajectory(tmp_path / "one", tmp_path / "fsdp")
+    shards = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "shards").iterdir())
+    assert shards == [f"step{BASE['steps']:07d}-rank{r}.pt" for r in (0, 1)]  # old ones dropped
+
+
+@pytest.mark.slow
+def test_fsdp_killed_run_resumes_from_its_shards_on_the_same_trajectory(tmp_path):
+    extra = {"fsdp": True, "lisa_active": 1, "lisa_interval": 2, "checkpoint_every": 2}
+    extra["steps"] = 12  # the kill lands after 3 logged steps, mid-run
+    _run(tmp_path / "full", 2, **extra)
+    victim = subprocess.Popen(
+        _cmd(tmp_path / "killed", 2, **extra),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # the launcher and its two workers: one process group
+    )
+    traj = tmp_path / "killed" / "trajectory.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:
+        if traj.exists() and len(traj.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert len(traj.read_text().splitlines()) < extra["steps"], "finished before it was killed"
+    _run(tmp_path / "killed", 2, resume=True, **extra)
+    for name in ("trajectory.jsonl", "weights.json"):
+        assert (tmp_path / "killed" / name).read_text() == (tmp_path / "full" / name).read_text()
+    with pytest.raises(AssertionError, match="fsdp: true needs several processes"):
+        _run(tmp_path / "killed", 1, resume=True, **extra)
+
+
+def test_sharded_checkpoint_refuses_another_process_count_and_missing_shards(tmp_path):
+    from scalebio_core.bilevel import ConfigError
+    from scalebio_core.sharding import load_shards
+
+    with pytest.raises(
+        ConfigError, match="written by 2 processes .* resume with --num_processes 2"
+    ):
+        load_shards(None, tmp_path, 4, rank=0, world=4, saved_world=2)
+    with pytest.raises(ConfigError, match="step0000004-rank0.pt is missing"):
+        load_shards(None, tmp_path, 4, rank=0, world=2, saved_world=2)
+
+
+def test_fsdp_in_one_process_is_refused_with_the_launch_to_use(tmp_path):
+    out = subprocess.run(
+        _cmd(tmp_path / "one", 1, fsdp=True),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0
+    assert "fsdp: true needs several processes" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_deepspeed_is_refused_naming_the_fsdp_config():
+    """An accelerate DeepSpeed launch: refused before anything is built, the FSDP config named."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from scalebio_core.bilevel import ConfigError
+    from scalebio_core.trainer import TrainConfig, setup
+
+    fake = SimpleNamespace(distributed_type="DistributedType.DEEPSPEED", device=torch.device("cpu"))
+    with pytest.raises(
+        ConfigError, match=r"DeepSpeed is configured.*configs/accelerate/fsdp\.yaml"
+    ):
+        setup(TrainConfig(model="embedded:nano"), accelerator=fake)
+    with pytest.raises(ConfigError, match="LoRA and the baselines"):
+        cfg = TrainConfig(model="embedded:nano", fsdp=True, lora_rank=4)
+        setup(cfg, accelerator=SimpleNamespace(distributed_type="MULTI_CPU", device=fake.device))

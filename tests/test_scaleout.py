@@ -27,7 +27,7 @@ def test_fsdp_wrap_class_resolved_on_tiny_models(arch, cls, tmp_path):
     assert block_class(str(path)) == cls
     cfg = accelerate_config("fsdp", str(path), gpus=2, offload=True)
     assert cfg["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == cls
-    assert cfg["fsdp_config"]["fsdp_use_orig_params"] is True  # LISA mixes frozen/trainable
+    assert cfg["fsdp_config"]["fsdp_version"] == 2  # per-parameter sharding: LISA can freeze
     out = tmp_path / "fsdp.yaml"
     import yaml
 

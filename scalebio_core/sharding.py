@@ -1,0 +1,158 @@
+"""Sharding u and w over the processes with FSDP2 (torch's `fully_shard`), and sharded checkpoints.
+
+Each decoder block (found generically by `lisa.find_blocks`) and then the whole model become one
+FSDP unit, for both copies: every rank holds 1/N of each parameter, its gradient and its AdamW
+state, and all-gathers a block's parameters only while that block runs. Parameters are sharded
+one by one (no flat parameters), so LISA's frozen and trainable parameters can sit in one unit and
+change every `lisa_interval` steps: a frozen parameter simply gets no gradient to reduce.
+
+The trajectory is the one of a single process with the same global batch: each rank's loss is
+its samples' share of the global loss (the trainer's convention), so gradients are *summed* over
+ranks (`set_gradient_divide_factor(1.0)`; FSDP2 would average); clipping takes the norm of the
+whole sharded gradient (`clip_grad_norm_` on DTensors); λ's gradient and the per-source counts are
+reduced as without sharding.
+
+Checkpoints: every rank writes its own shard of w, u and their optimizer states to
+`checkpoints/shards/step<step>-rank<r>.pt`; then rank 0 writes checkpoints/last.pt (λ, its
+optimizer, the step, RNG states, the world size), and only after that are older shard files
+deleted, so a crash at any point leaves a consistent checkpoint. Resuming needs the same number
+of processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import runs
+from .bilevel import ConfigError
+
+SHARDS = "shards"
+
+
+def is_sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: nn.Module, offload: bool = False, layers_path: str | None = None) -> None:
+    """fully_shard each decoder block, then the model (in place); gradients summed over ranks."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
+
+    from .lisa import find_blocks
+
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise ConfigError(
+            "fsdp: true needs several processes: launch with `accelerate launch --num_processes "
+            "N …` (on a CPU machine add --multi_gpu, gloo), or set fsdp: false for one process."
+        )
+    _, blocks = find_blocks(model, layers_path)
+    kw = {"offload_policy": CPUOffloadPolicy()} if offload else {}
+    for block in blocks:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+
+
+def _local(x: Any) -> Any:
+    """DTensors → this rank's local shard (recursively); everything else as it is."""
+    if isinstance(x, dict):
+        return {k: _local(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_local(v) for v in x]
+    if hasattr(x, "to_local"):
+        return x.to_local().detach().clone()
+    return x
+
+
+def _model_local(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {n: _local(p.data) for n, p in model.named_parameters()}
+    out.update({f"buffer:{n}": b.detach().clone() for n, b in model.named_buffers()})
+    return out
+
+
+def _load_model_local(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            target = p.data.to_local() if hasattr(p.data, "to_local") else p.data
+            target.copy_(sd[n])
+        for n, b in model.named_buffers():
+            b.copy_(sd[f"buffer:{n}"])
+
+
+def _load_optimizer_local(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+    """Rebuild the DTensor optimizer state from local shards, then load it."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {}
+    for idx, st in sd["state"].items():
+        p = params[int(idx)]
+        state[idx] = {
+            k: (
+                DTensor.from_local(
+                    v.to(p.device),
+                    p.device_mesh,
+                    p.placements,
+                    run_check=False,
+                    shape=p.shape,
+                    stride=p.stride(),
+                )
+                if isinstance(p, DTensor) and torch.is_tensor(v) and v.ndim == p.ndim and v.ndim
+                else v
+            )
+            for k, v in st.items()
+        }
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+def shard_path(run_dir: Path, step: int, rank: int) -> Path:
+    return Path(run_dir) / runs.CHECKPOINT.parent / SHARDS / f"step{step:07d}-rank{rank}.pt"
+
+
+def save_shards(state, run_dir: Path, rank: int) -> None:
+    """This rank's shard of w, u and their optimizer states (atomic file)."""
+    sd = {
+        "w": _model_local(state.w),
+        "u": _model_local(state.u),
+        "opt_w": _local(state.opt_w.state_dict()),
+        "opt_u": _local(state.opt_u.state_dict()),
+        "step": state.step,
+    }
+    path = shard_path(run_dir, state.step, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runs.save_torch(path, sd)
+
+
+def drop_old_shards(run_dir: Path, step: int, rank: int) -> None:
+    for f in shard_path(run_dir, step, rank).parent.glob(f"step*-rank{rank}.pt"):
+        if f != shard_path(run_dir, step, rank):
+            f.unlink(missing_ok=True)
+
+
+def load_shards(state, run_dir: Path, step: int, rank: int, world: int, saved_world: int) -> None:
+    if saved_world != world:
+        raise ConfigError(
+            f"the checkpoint in {run_dir} was written by {saved_world} processes (FSDP shards) "
+            f"and this run has {world}: resume with --num_processes {saved_world}."
+        )
+    path = shard_path(run_dir, step, rank)
+    if not path.exists():
+        raise ConfigError(
+            f"{path} is missing: the sharded checkpoint of step {step} is incomplete. Restore "
+            f"{path.parent}, or start a new out_dir."
+        )
+    sd = torch.load(path, map_location="cpu", weights_only=False)
+    _load_model_local(state.w, sd["w"])
+    _load_model_local(state.u, sd["u"])
+    _load_optimizer_local(state.opt_w, sd["opt_w"])
+    _load_optimizer_local(state.opt_u, sd["opt_u"])
