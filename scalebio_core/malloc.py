@@ -7,8 +7,8 @@ of its heap when more than twice that threshold is free there. The next allocati
 size then touches fresh pages, and the kernel zero-fills each 4 KiB page on first touch (a page
 fault). A ScaleBiO step frees and reallocates more memory per step than plain fine-tuning (two
 models' activations and gradients, alive at different times), and on the CPU machine measured in
-benchmarks/RESULTS.md ("Step cost") these page faults made w's passes about 1.6× slower than u's
-identical ones: hundreds of thousands of faults per step, counted by
+benchmarks/RESULTS.md ("Step cost (cpu_malloc=system)") these page faults make w's backward passes
+1.5-1.8× slower than u's identical one: hundreds of thousands of faults per step, counted by
 `resource.getrusage().ru_minflt`.
 
 `keep_freed_memory()` sets, for the process, glibc's mmap and trim thresholds to 2 GiB (mallopt
@@ -17,11 +17,11 @@ malloc's heap and the next pass reuses it without faults. On that machine the st
 no page once warm, and w's passes take as long as u's. The cost is resident memory: the heap does
 not shrink after its peak (the next step needs that memory again anyway), and it can keep a few
 freed copies of a large block that an aligned request of the same size cannot reuse (glibc's
-per-thread cache holds the small remainders between them; the waste is bounded, measured in the
-step-cost benchmark at +7% resident for GPT-2 small, and per configuration in the memory
-benchmark's `cpu_malloc=keep` column). The trainer applies it on CPU unless `cpu_malloc: system`
-is set; it changes no result, only time and resident memory. Elsewhere (not glibc, GPUs) it does
-nothing.
+per-thread cache holds the small remainders between them; the waste is bounded). The memory
+benchmark measures it per configuration (its `cpu_malloc=keep` column; GPT-2 small, full
+ScaleBiO: a peak of 5110 MiB against 4293 MiB of live tensors). The trainer applies it on CPU
+unless `cpu_malloc: system` is set; it changes no result, only time and resident memory.
+Elsewhere (not glibc, GPUs) it does nothing.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import numbers
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -457,6 +458,13 @@ def setup(cfg: TrainConfig, accelerator=None, copies: int = 2) -> Setup:
         # the FSDP type but not them): the trainer shards u and w itself, with FSDP2
         fsdp = True
         offload = offload or os.environ.get("FSDP_OFFLOAD_PARAMS", "").lower() == "true"
+    if fsdp and offload and accelerator.device.type == "cpu":
+        warnings.warn(
+            "fsdp offload ignored: it moves FSDP's shards from the GPUs to CPU memory, and this "
+            "run is on the CPU already.",
+            stacklevel=2,
+        )
+        offload = False
     if fsdp and (cfg.lora_rank > 0 or copies != 2 or cfg.method != "scalebio"):
         raise ConfigError(
             "fsdp shards ScaleBiO's two full models; LoRA and the baselines (method) are not "

@@ -132,8 +132,8 @@ def test_fsdp_two_processes_follow_the_one_process_trajectory(tmp_path, lisa_act
         cfg["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] = "GPT2Block"
         (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(cfg))
         _run(tmp_path / "fsdp", 2, config_file=tmp_path / "fsdp.yaml", **extra)
-    else:
-        _run(tmp_path / "fsdp", 2, fsdp=True, **extra)
+    else:  # offload is ignored on CPUs (nothing to offload to), with a warning
+        _run(tmp_path / "fsdp", 2, fsdp=True, fsdp_offload=True, **extra)
     _same_trajectory(tmp_path / "one", tmp_path / "fsdp")
     shards = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "shards").iterdir())
     assert shards == [f"step{BASE['steps']:07d}-rank{r}.pt" for r in (0, 1)]  # old ones dropped
