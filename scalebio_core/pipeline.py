@@ -107,7 +107,7 @@ def _doremi_run(cfg, resume: bool, progress: bool, callback) -> dict:
     kw = {
         "divisor": None if s.divisor is None else s.divisor.to(s.device),
         "reduce": s.reduce if multi else None,
-        "sync": _all_reduce_grads if multi else None,
+        "sync": _all_reduce_grads if multi and not s.sharded else None,  # FSDP reduces its own
     }
     ref_cfg = dataclasses.replace(s.state.config, total_steps=n_ref)
     dcfg: DoReMiConfig = cfg.doremi()
@@ -449,6 +449,11 @@ def sft(
     )
     accelerator = make_accelerator(run_cfg)
     torch.manual_seed(run_cfg.seed)
+    if accelerator.num_processes > 1:
+        raise ConfigError(
+            "sft fine-tunes in one process (its steps do not reduce gradients over ranks): run "
+            "it with python -m scalebio_core sft …, not accelerate launch."
+        )
     s = setup(run_cfg, accelerator, copies=1)
     steps = run_cfg.steps
     if token_budget:

@@ -465,10 +465,10 @@ def setup(cfg: TrainConfig, accelerator=None, copies: int = 2) -> Setup:
             stacklevel=2,
         )
         offload = False
-    if fsdp and (cfg.lora_rank > 0 or copies != 2 or cfg.method != "scalebio"):
+    if fsdp and (copies != 2 or cfg.method not in ("scalebio", "doremi")):
         raise ConfigError(
-            "fsdp shards ScaleBiO's two full models; LoRA and the baselines (method) are not "
-            "sharded yet: run them with fsdp: false (replicated, DDP-style)."
+            "fsdp shards the two models of ScaleBiO and DoReMi; plain fine-tuning (sft) is not "
+            "sharded: run it with fsdp: false."
         )
     if accelerator.device.type == "cpu" and cfg.cpu_malloc == "keep":
         from .malloc import keep_freed_memory
