@@ -31,8 +31,8 @@ Allocator: `--cpu-malloc keep` (default) runs all three modes with the trainer's
 keeps freed memory in glibc's heap for the next step; `--cpu-malloc system` leaves glibc as it is
 configured and writes its own section ("Step cost (cpu_malloc=system)"). The table counts page
 faults per step: with glibc's defaults the ScaleBiO step returns memory to the OS and faults it
-back in (see scalebio_core/malloc.py), which made its w passes ~1.6× slower than u's on this
-machine before the trainer kept freed memory.
+back in (see scalebio_core/malloc.py), which makes its w backward passes 1.5-1.8× slower than u's
+on this machine.
 
 Timing: one process holds the three setups and interleaves them, one turn of `--steps` steps per
 mode per round, with the order rotated every round (a b c, b c a, c a b, …), for `--repeats`
@@ -114,7 +114,6 @@ class Phases:
     def __init__(self, sync: Callable[[], None]):
         self.sync = sync
         self.now: dict[str, float] = defaultdict(float)
-        self.faults = 0  # page faults of the current step (minor: a fresh page zero-filled)
         self.backward_label = "backward"
 
     def timed(self, label: str | Callable[..., str], fn: Callable) -> Callable:
@@ -428,7 +427,7 @@ def report(res: dict, a) -> tuple[str, dict]:
         f"{a.steps} step(s) per mode after {a.warmup} warm-up round(s): {n} timed steps per mode.",
         f"CPU allocator: `cpu_malloc={a.cpu_malloc}` for all three modes"
         + (
-            " (the trainer's default: glibc keeps freed blocks under 32 MiB for the next step; "
+            " (the trainer's default: glibc keeps freed memory for the next step; "
             "scalebio_core/malloc.py)."
             if a.cpu_malloc == "keep"
             else " (glibc's defaults: freed memory goes back to the OS and is faulted in again)."

@@ -70,13 +70,15 @@ def _local(x: Any) -> Any:
     if isinstance(x, list):
         return [_local(v) for v in x]
     if hasattr(x, "to_local"):
-        return x.to_local().detach().clone()
+        x = x.to_local()
+    if torch.is_tensor(x):  # to the CPU for saving: no second copy in GPU memory
+        return x.detach().cpu()
     return x
 
 
 def _model_local(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {n: _local(p.data) for n, p in model.named_parameters()}
-    out.update({f"buffer:{n}": b.detach().clone() for n, b in model.named_buffers()})
+    out.update({f"buffer:{n}": b.detach().cpu() for n, b in model.named_buffers()})
     return out
 
 
@@ -152,6 +154,8 @@ def load_shards(state, run_dir: Path, step: int, rank: int, world: int, saved_wo
             f"{path.parent}, or start a new out_dir."
         )
     sd = torch.load(path, map_location="cpu", weights_only=False)
+    if sd["step"] != step:
+        raise ConfigError(f"{path} holds step {sd['step']}, not {step}: the shards are mixed up.")
     _load_model_local(state.w, sd["w"])
     _load_model_local(state.u, sd["u"])
     _load_optimizer_local(state.opt_w, sd["opt_w"])
