@@ -181,21 +181,16 @@ class TrainConfig:
 
     def _check_types(self) -> None:
         """Numbers, flags and names of the type of their defaults (a YAML typo gives text)."""
-        kinds = ((bool, (bool,)), (int, (numbers.Integral,)), (float, (numbers.Real,)))
-        kinds += ((str, (str,)),)
+        kinds = {bool: bool, int: numbers.Integral, float: numbers.Real, str: str}
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            for kind, accepted in kinds:
-                if type(f.default) is kind:
-                    ok = isinstance(value, accepted) and (
-                        kind is bool or not isinstance(value, bool)
-                    )
-                    if not ok:
-                        raise ConfigError(
-                            f"TrainConfig: {f.name} must be of type {kind.__name__} (like "
-                            f"{f.default!r}); got {value!r}."
-                        )
-                    break
+            value, kind = getattr(self, f.name), type(f.default)
+            if kind not in kinds:  # None defaults (optional fields), lists, dicts
+                continue
+            if not isinstance(value, kinds[kind]) or (kind is not bool and type(value) is bool):
+                raise ConfigError(
+                    f"TrainConfig: {f.name} must be of type {kind.__name__} (like "
+                    f"{f.default!r}); got {value!r}."
+                )
 
     def doremi(self):
         from .baselines import DoReMiConfig

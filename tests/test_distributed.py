@@ -88,10 +88,6 @@ def _run(out_dir: Path, processes: int, resume: bool = False, **extra) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "trajectory.jsonl").read_text().split("\n") if x]
-
-
 def _same_trajectory(one: Path, two: Path, p_rtol: float = 1e-5) -> None:
     """`two` (2 processes) follows `one` (1 process) to float tolerance, and really ran 2."""
     timing = read_jsonl(two / "timing.jsonl")
@@ -103,7 +99,7 @@ def _same_trajectory(one: Path, two: Path, p_rtol: float = 1e-5) -> None:
     for key in ("L1", "L2_w", "L2_u"):
         np.testing.assert_allclose(b[key], a[key], rtol=1e-5)
     assert not np.allclose(a["p"][-1], a["p"][0])  # the weights moved: a real comparison
-    rows_one, rows_two = _rows(one), _rows(two)
+    rows_one, rows_two = (read_jsonl(d / "trajectory.jsonl") for d in (one, two))
     assert [r["lisa_w"] for r in rows_one] == [r["lisa_w"] for r in rows_two]
     assert [r["tokens"] for r in rows_one] == [r["tokens"] for r in rows_two]
 
@@ -158,7 +154,7 @@ def test_doremi_with_fsdp_follows_the_one_process_trajectory(tmp_path):
     extra = {"method": "doremi", "doremi_ref_steps": 3, "steps": 4}
     _run(tmp_path / "one", 1, **extra)
     _run(tmp_path / "fsdp", 2, fsdp=True, **extra)
-    a, b = _rows(tmp_path / "one"), _rows(tmp_path / "fsdp")
+    a, b = (read_jsonl(tmp_path / d / "trajectory.jsonl") for d in ("one", "fsdp"))
     assert [r["phase"] for r in a] == [r["phase"] for r in b] == ["reference"] * 3 + ["proxy"] * 4
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)
     pa, pb = ([list(r["p"].values()) for r in rows] for rows in (a, b))
