@@ -339,6 +339,27 @@ def _clip(model: nn.Module, max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor: FSDP
 
 
+class StepEngine(Protocol):
+    """A distributed engine that owns backward, gradient reduction, clipping and the update of
+    u and w (DeepSpeed ZeRO, `zero.py`); the step's optimizers of u and w are its adapters."""
+
+    def backward(self, model: nn.Module, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of this rank's share of the global loss."""
+
+    def clip_at(self, model: nn.Module, max_norm: float) -> None:
+        """Clip the whole gradient to `max_norm` when the model's optimizer steps."""
+
+    def grad_norm(self, model: nn.Module) -> float:
+        """The norm of the whole gradient before clipping, after the optimizer stepped."""
+
+
+def _backward(model: nn.Module, loss: torch.Tensor, engine: StepEngine | None) -> None:
+    if engine is None:
+        loss.backward()
+    else:
+        engine.backward(model, loss)
+
+
 class MicroBatches(list):
     """A batch given as micro-batches: gradients accumulate, counts are those of the whole batch."""
 
@@ -356,6 +377,7 @@ def _lower_backward(
     scale: float,
     step: int,
     label: str,
+    engine: StepEngine | None = None,
 ) -> torch.Tensor:
     """Backpropagate scale · L2 over the micro-batches; return this rank's Σ_mb sums/div (K)."""
     est = torch.zeros_like(p)
@@ -363,7 +385,7 @@ def _lower_backward(
         losses, ids = fns.source_losses(model, mb)
         l2, est_mb, _ = weighted_lower_loss(losses, ids, p, div)
         _check_finite({label: l2}, step)
-        (scale * l2).backward()
+        _backward(model, scale * l2, engine)
         est += est_mb.to(p.dtype)
     return est
 
@@ -376,6 +398,7 @@ def scalebio_step(
     reduce: Reduce | None = None,
     divisor: torch.Tensor | None = None,
     sync: Callable[[nn.Module], None] | None = None,
+    engine: StepEngine | None = None,
 ) -> dict[str, Any]:
     """One ScaleBiO step on `state` (in place); returns the step's metrics.
 
@@ -386,7 +409,8 @@ def scalebio_step(
     validation micro-batches are weighted equally. `divisor` replaces the realized per-source
     counts (see `weighted_lower_loss`). Across ranks, each rank's loss is its own samples' share
     of the global loss; `sync(model)` sums the gradients over ranks (all-reduce) and `reduce` the
-    metrics, so N ranks follow the one-process trajectory.
+    metrics, so N ranks follow the one-process trajectory. An `engine` (DeepSpeed) takes over the
+    backward passes, the reduction and clipping of the gradients; `state.opt_u`/`opt_w` step it.
     """
     reduce = reduce or _identity
     cfg, step = state.config, state.step
@@ -399,7 +423,7 @@ def scalebio_step(
 
     # 1. u: gradient of alpha · L2(lam, u)
     state.opt_u.zero_grad(set_to_none=True)
-    lbar_u = reduce(_lower_backward(state.u, micro, fns, p, div, alpha, step, "L2(u)"))
+    lbar_u = reduce(_lower_backward(state.u, micro, fns, p, div, alpha, step, "L2(u)", engine))
     if sync is not None:
         sync(state.u)
 
@@ -409,16 +433,19 @@ def scalebio_step(
     for vmb in val_micro:
         l1_part = fns.val_loss(state.w, vmb) / len(val_micro)
         _check_finite({"L1": l1_part}, step)
-        l1_part.backward()
+        _backward(state.w, l1_part, engine)
         l1 += float(l1_part.detach())
-    lbar_w = reduce(_lower_backward(state.w, micro, fns, p, div, alpha, step, "L2(w)"))
+    lbar_w = reduce(_lower_backward(state.w, micro, fns, p, div, alpha, step, "L2(w)", engine))
     if sync is not None:
         sync(state.w)
     l1 = float(reduce(torch.tensor(l1, dtype=p.dtype, device=p.device)))
 
     max_norm = alpha if cfg.clip_norm is None else cfg.clip_norm
-    gnorm_u = _clip(state.u, max_norm)
-    gnorm_w = _clip(state.w, max_norm)
+    if engine is None:
+        gnorm_u, gnorm_w = _clip(state.u, max_norm), _clip(state.w, max_norm)
+    else:  # the engine clips inside its optimizer step
+        engine.clip_at(state.u, max_norm)
+        engine.clip_at(state.w, max_norm)
 
     # all losses finite: now move u, w, then lam (its gradient uses the pre-update losses)
     mult = lr_multiplier(cfg.schedule, step, cfg)
@@ -427,6 +454,8 @@ def scalebio_step(
     lr_lam = _set_lr(state.opt_lam, cfg.lr_lam, lr_multiplier(cfg.lam_schedule, step, cfg))
     state.opt_u.step()
     state.opt_w.step()
+    if engine is not None:
+        gnorm_u, gnorm_w = engine.grad_norm(state.u), engine.grad_norm(state.w)
     g = lam_grad(p, lbar_w, lbar_u, alpha)
     state.opt_lam.zero_grad(set_to_none=True)
     state.lam.grad = g.to(state.lam.dtype).to(state.lam.device)

@@ -7,7 +7,8 @@ model's decoder blocks, found by `lisa.find_blocks` on the model built from its 
 device (no download of weights, any architecture). The FSDP config is FSDP version 2 (torch's
 fully_shard, per-parameter sharding): LISA mixes frozen and trainable parameters inside one FSDP
 unit, which FSDP1's flat parameters cannot hold. The trainer shards u and w itself
-(`sharding.py`); the DeepSpeed config is refused by the trainer (kept for validation only).
+(`sharding.py`). Under the DeepSpeed config u and w become two DeepSpeed engines (`zero.py`;
+ZeRO-1/2/3, LoRA but not LISA).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ directory of DESIGN §5 and `train(cfg, resume=True)` continues it on the identi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import numbers
@@ -27,6 +28,9 @@ from . import runs
 from .baselines import METHODS
 from .bilevel import BilevelConfig, ConfigError, MicroBatches, NonFiniteLossError, init_state
 from .sharding import is_sharded
+from .zero import check_supported as check_zero
+from .zero import is_engine
+from .zero import launch_settings as zero_settings
 
 TRACKERS = ("none", "tensorboard", "wandb")
 SAMPLERS, ESTIMATORS, PRECISIONS = (
@@ -87,6 +91,10 @@ class TrainConfig:
     """Shard u and w over the processes with FSDP2 (implied by an accelerate FSDP config)."""
     fsdp_offload: bool = False
     """With fsdp: keep parameters, gradients and optimizer states in CPU memory."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 1–3 for u and w (0 = off; implied by an accelerate DeepSpeed config)."""
+    zero_offload: bool = False
+    """With zero_stage: optimizer states (ZeRO-3: parameters too) in CPU memory (GPUs only)."""
     cpu_malloc: str = "keep"
     """On CPU: 'keep' freed memory in glibc's heap for the next step (faster), or 'system'."""
     val_dropout: bool = False
@@ -151,6 +159,7 @@ class TrainConfig:
             (self.estimator in ESTIMATORS, f"estimator must be one of {ESTIMATORS}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
             (self.cpu_malloc in ("keep", "system"), "cpu_malloc must be 'keep' or 'system'"),
+            (self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0 (off), 1, 2 or 3"),
             (
                 self.steps >= 1 and self.batch_size >= 1 and self.val_batch_size >= 1,
                 "steps, batch_size and val_batch_size must be >= 1",
@@ -292,7 +301,8 @@ class LMFns:
 
     def loss(self, model, batch) -> torch.Tensor:
         if self.fast is None:  # sharded: the head's weight is gathered only inside forward()
-            self.fast = not is_sharded(model) and _fast_path_matches(model, batch)
+            sharded = is_sharded(model) or is_engine(model)
+            self.fast = not sharded and _fast_path_matches(model, batch)
         return (response_only_loss if self.fast else per_sample_loss)(model, batch)
 
     def source_ids(self, batch: dict) -> torch.Tensor:
@@ -330,7 +340,10 @@ class Setup:
     accelerator: Any
     tokenizer: Any = None
     sharded: bool = False
-    """u and w are FSDP2-sharded (sharding.py): FSDP reduces gradients, checkpoints per rank."""
+    """u and w are sharded, by FSDP2 (sharding.py) or DeepSpeed (zero.py): the engine reduces
+    the gradients, checkpoints are written per rank."""
+    zero: Any = None
+    """The DeepSpeed `zero.ZeroEngines` when u and w are DeepSpeed engines."""
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (identity on one process)."""
@@ -423,6 +436,15 @@ def make_accelerator(cfg: TrainConfig):
         return Accelerator(**kwargs)
 
 
+def _whole_models(accelerator):
+    """Under a GPU DeepSpeed launch with zero3_init_flag, transformers would build models already
+    partitioned (deepspeed.zero.Init), which cannot be copied into u; build them whole."""
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    if plugin is None:
+        return contextlib.nullcontext()
+    return plugin.zero3_init_context_manager(enable=False)
+
+
 def setup(cfg: TrainConfig, accelerator=None, copies: int = 2) -> Setup:
     """Data, samplers, the models and their state; `copies=1` (plain fine-tuning): u is w."""
     from .data import BatchSampler
@@ -440,13 +462,17 @@ def setup(cfg: TrainConfig, accelerator=None, copies: int = 2) -> Setup:
             )
     accelerator = accelerator or make_accelerator(cfg)
     engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    if engine == "DEEPSPEED":
-        raise ConfigError(
-            "DeepSpeed is configured, but this trainer cannot run u and w as DeepSpeed engines "
-            "(its step needs two models' gradients before either moves). Shard with FSDP "
-            "instead, the ZeRO-3 equivalent: configs/accelerate/fsdp.yaml (or fsdp: true with "
-            "any multi-process launch); for replicated models use configs/accelerate/ddp.yaml."
-        )
+    # an accelerate DeepSpeed config: u and w become two DeepSpeed engines (zero.py)
+    stage, zero_offload = zero_settings(cfg.zero_stage, cfg.zero_offload)
+    if stage:
+        check_zero(cfg, copies)
+        if zero_offload and accelerator.device.type == "cpu":
+            warnings.warn(
+                "zero offload ignored: it moves ZeRO's partitions from the GPUs to CPU memory, "
+                "and this run is on the CPU already.",
+                stacklevel=2,
+            )
+            zero_offload = False
     fsdp, offload = cfg.fsdp, cfg.fsdp_offload
     if engine == "FSDP" or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         # an accelerate FSDP config (its launcher sets these variables; on CPUs accelerate drops
@@ -482,7 +508,8 @@ def setup(cfg: TrainConfig, accelerator=None, copies: int = 2) -> Setup:
     )
     tokenizer = load_tokenizer(tok_name, vocab_size=cfg.vocab_size)
     train, val = build_data(cfg, tokenizer)
-    w = load_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.seed)
+    with _whole_models(accelerator):  # each copy built whole; its engine partitions it
+        w = load_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.seed)
     check_compatible(w, tokenizer)
     if cfg.lora_rank > 0:
         w = add_lora(w, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lisa_layers_path)
@@ -495,6 +522,12 @@ def setup(cfg: TrainConfig, accelerator=None, copies: int = 2) -> Setup:
         for model in (w, u):
             shard_model(model, offload=offload, layers_path=cfg.lisa_layers_path)
     state = init_state(w, u, train.names, cfg.bilevel())
+    zero = None
+    if stage:  # after the optimizers are built: the engines take them over
+        from .zero import make_engines
+
+        micro = cfg.batch_size // (world * cfg.grad_accum)
+        zero = make_engines(state, stage, zero_offload, micro, world, accelerator.device)
     lisa = None
     if cfg.lisa_active > 0:
         lisa = make_lisa_pair(
@@ -527,7 +560,8 @@ def setup(cfg: TrainConfig, accelerator=None, copies: int = 2) -> Setup:
         accelerator.device,
         accelerator,
         tokenizer,
-        sharded=fsdp,
+        sharded=fsdp or zero is not None,
+        zero=zero,
     )
 
 
@@ -553,7 +587,16 @@ def save_checkpoint(s: Setup, run_dir: Path, weights: dict | None = None) -> Non
     every rank first writes its shard of u and w (sharding.py), rank 0 then the rest."""
     acc = s.accelerator
     acc.wait_for_everyone()
-    if s.sharded:
+    if s.zero is not None:  # DeepSpeed: both engines write (collective), then rank 0
+        from . import zero
+
+        zero.save(s.state, run_dir)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            _save_main(s, run_dir, weights)
+            zero.drop_old(run_dir, s.state.step)
+        acc.wait_for_everyone()
+    elif s.sharded:
         from .sharding import drop_old_shards, save_shards
 
         save_shards(s.state, run_dir, acc.process_index)
@@ -569,7 +612,9 @@ def save_checkpoint(s: Setup, run_dir: Path, weights: dict | None = None) -> Non
 def _save_main(s: Setup, run_dir: Path, weights: dict | None) -> None:
     sd = s.state.state_dict(models=not s.sharded)
     if s.sharded:
-        sd["shards"] = {"world": s.accelerator.num_processes}
+        sd["shards"] = {"world": s.accelerator.num_processes, "engine": _engine_name(s)}
+        if s.zero is not None:
+            sd["shards"]["stage"] = s.zero.stage
     sd["rng"] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
@@ -581,17 +626,28 @@ def _save_main(s: Setup, run_dir: Path, weights: dict | None) -> None:
     runs.write_json(run_dir / runs.WEIGHTS, s.state.weights() if weights is None else weights)
 
 
+def _engine_name(s: Setup) -> str:
+    if s.zero is not None:
+        return "deepspeed"
+    return "fsdp" if s.sharded else "replicated"
+
+
 def load_checkpoint(s: Setup, run_dir: Path) -> int:
     where = "cpu" if s.device.type == "cpu" else s.device  # gloo ranks are 'cpu:<rank>'
     sd = torch.load(run_dir / runs.CHECKPOINT, map_location=where, weights_only=False)
-    if s.sharded != ("shards" in sd):
+    saved = sd["shards"].get("engine", "fsdp") if "shards" in sd else "replicated"
+    if saved != _engine_name(s):
         raise ConfigError(
-            f"{run_dir / runs.CHECKPOINT} was written by a "
-            f"{'sharded (fsdp)' if 'shards' in sd else 'replicated'} run and this one is "
-            f"{'sharded' if s.sharded else 'replicated'}: resume it the way it was launched."
+            f"{run_dir / runs.CHECKPOINT} was written by a {saved} run and this one is "
+            f"{_engine_name(s)}: resume it the way it was launched."
         )
     s.state.load_state_dict(sd)
-    if s.sharded:
+    if s.zero is not None:
+        from . import zero
+
+        acc = s.accelerator
+        zero.load(s.state, run_dir, int(sd["step"]), acc.num_processes, s.zero.stage, sd["shards"])
+    elif s.sharded:
         from .sharding import load_shards
 
         acc = s.accelerator
@@ -623,7 +679,7 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
                 "the run without --resume."
             )
         old = TrainConfig.from_dict(runs.load_yaml((run_dir / runs.CONFIG).read_text()))
-        same = ("out_dir", "tracker", "cpu_malloc", "fsdp_offload")  # where, not what
+        same = ("out_dir", "tracker", "cpu_malloc", "fsdp_offload", "zero_offload")  # where
         diff = runs.config_diff(old.to_dict(), cfg.to_dict(), ignore=same)
         if diff:
             raise ConfigError(
@@ -757,6 +813,14 @@ def train(
     return weights
 
 
+def autocast(s: Setup):
+    """bf16 autocast when configured. accelerate leaves mixed precision to DeepSpeed under a
+    DeepSpeed launch; the engines here keep fp32 weights, so the trainer autocasts itself."""
+    if s.zero is not None and s.cfg.precision == "bf16":
+        return torch.autocast(s.device.type, dtype=torch.bfloat16)
+    return s.accelerator.autocast()
+
+
 def run_step(s: Setup, step: int, fns: LMFns) -> tuple[dict, list | None, list, list]:
     """LISA draw, this rank's batches, one ScaleBiO step: (metrics, active blocks, batches)."""
     from .bilevel import scalebio_step
@@ -769,8 +833,8 @@ def run_step(s: Setup, step: int, fns: LMFns) -> tuple[dict, list | None, list, 
     batch = _batches(s, s.train, s.sampler.indices(step), s.cfg.grad_accum)
     val_batch = _batches(s, s.val, s.val_sampler.indices(step), s.cfg.grad_accum)
     multi = s.accelerator.num_processes > 1
-    sync = _all_reduce_grads if multi and not s.sharded else None  # FSDP reduces its own
-    with s.accelerator.autocast():
+    sync = _all_reduce_grads if multi and not s.sharded else None  # FSDP, DeepSpeed: their own
+    with autocast(s):
         m = scalebio_step(
             s.state,
             batch,
@@ -779,5 +843,6 @@ def run_step(s: Setup, step: int, fns: LMFns) -> tuple[dict, list | None, list, 
             divisor=None if s.divisor is None else s.divisor.to(s.device),
             reduce=s.reduce if multi else None,
             sync=sync,
+            engine=s.zero,
         )
     return m, active, batch, val_batch

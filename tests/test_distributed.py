@@ -82,8 +82,10 @@ def _cmd(
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _run(out_dir: Path, processes: int, resume: bool = False, **extra) -> None:
-    cmd = _cmd(out_dir, processes, resume, **extra)
+def _run(
+    out_dir: Path, processes: int, resume: bool = False, config_file: Path | None = None, **extra
+) -> None:
+    cmd = _cmd(out_dir, processes, resume, config_file, **extra)
     out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
@@ -165,13 +167,14 @@ def test_doremi_with_fsdp_follows_the_one_process_trajectory(tmp_path):
     assert sorted(f.name for f in shards) == [f"step{7:07d}-rank{r}.pt" for r in (0, 1)]
 
 
-@pytest.mark.slow
-def test_fsdp_killed_run_resumes_from_its_shards_on_the_same_trajectory(tmp_path):
-    extra = {"fsdp": True, "lisa_active": 1, "lisa_interval": 2, "checkpoint_every": 2}
-    extra["steps"] = 12  # the kill lands after 3 logged steps, mid-run
-    _run(tmp_path / "full", 2, **extra)
+def _killed_and_resumed(tmp_path: Path, config_file: Path | None = None, **extra) -> dict:
+    """A 2-process run killed (SIGKILL to the launcher and its workers) after 3 logged steps, then
+    resumed: its trajectory and weights are byte-identical to the uninterrupted run's. Returns
+    the run's config overrides."""
+    extra = {"checkpoint_every": 2, "steps": 12, **extra}  # the kill lands mid-run
+    _run(tmp_path / "full", 2, config_file=config_file, **extra)
     victim = subprocess.Popen(
-        _cmd(tmp_path / "killed", 2, **extra),
+        _cmd(tmp_path / "killed", 2, config_file=config_file, **extra),
         cwd=ROOT,
         env=ENV,
         stdout=subprocess.DEVNULL,
@@ -187,9 +190,15 @@ def test_fsdp_killed_run_resumes_from_its_shards_on_the_same_trajectory(tmp_path
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
     assert len(traj.read_text().splitlines()) < extra["steps"], "finished before it was killed"
-    _run(tmp_path / "killed", 2, resume=True, **extra)
+    _run(tmp_path / "killed", 2, resume=True, config_file=config_file, **extra)
     for name in ("trajectory.jsonl", "weights.json"):
         assert (tmp_path / "killed" / name).read_text() == (tmp_path / "full" / name).read_text()
+    return extra
+
+
+@pytest.mark.slow
+def test_fsdp_killed_run_resumes_from_its_shards_on_the_same_trajectory(tmp_path):
+    extra = _killed_and_resumed(tmp_path, fsdp=True, lisa_active=1, lisa_interval=2)
     with pytest.raises(AssertionError, match="fsdp: true needs several processes"):
         _run(tmp_path / "killed", 1, resume=True, **extra)
 
@@ -220,8 +229,95 @@ def test_fsdp_in_one_process_is_refused_with_the_launch_to_use(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_deepspeed_is_refused_naming_the_fsdp_config():
-    """An accelerate DeepSpeed launch: refused before anything is built, the FSDP config named."""
+def _zero_config(tmp_path: Path, stage: int) -> Path:
+    """The shipped DeepSpeed launch config for 2 CPU processes (no offload, fp32) at `stage`."""
+    cfg = accelerate_config("deepspeed_zero3", None, gpus=2, offload=False)
+    cfg["mixed_precision"] = "no"
+    cfg["deepspeed_config"]["zero_stage"] = stage
+    path = tmp_path / f"zero{stage}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, extra", [(1, {}), (2, {}), (3, {"lora_rank": 4})])
+def test_deepspeed_zero_follows_the_one_process_trajectory(tmp_path, stage, extra):
+    """u and w as two DeepSpeed engines (ZeRO-1: optimizer states partitioned; -2: gradients too;
+    -3: parameters too, here with LoRA on both copies) over 2 gloo processes against one process
+    without DeepSpeed. ZeRO-1 through `zero_stage=1` under a plain 2-process launch, the others
+    through the shipped DeepSpeed launch config. LoRA: p to rtol 1e-4, as under FSDP."""
+    _run(tmp_path / "one", 1, **extra)
+    if stage == 1:
+        _run(tmp_path / "zero", 2, zero_stage=1, **extra)
+    else:
+        _run(tmp_path / "zero", 2, config_file=_zero_config(tmp_path, stage), **extra)
+    _same_trajectory(tmp_path / "one", tmp_path / "zero", p_rtol=1e-4 if extra else 1e-5)
+    folders = tmp_path / "zero" / "checkpoints" / "deepspeed"
+    for name in ("w", "u"):  # DeepSpeed's checkpoints, the last step's only
+        assert sorted(d.name for d in (folders / name).iterdir() if d.is_dir()) == [
+            f"step{BASE['steps']:07d}"
+        ]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_killed_run_resumes_on_the_same_trajectory(tmp_path):
+    config = _zero_config(tmp_path, 3)
+    extra = _killed_and_resumed(tmp_path, config_file=config)
+    with pytest.raises(
+        AssertionError, match="written by a deepspeed run and this one is replicated"
+    ):
+        _run(tmp_path / "killed", 1, resume=True, **extra)  # without the DeepSpeed launch
+
+
+def test_deepspeed_refuses_what_it_cannot_run_naming_what_can(monkeypatch, tmp_path):
+    """LISA, DoReMi, fsdp together with DeepSpeed, ZeRO stage 0, one process, bad config files."""
+    from types import SimpleNamespace
+
+    from scalebio_core import zero
+    from scalebio_core.bilevel import ConfigError
+    from scalebio_core.trainer import TrainConfig
+
+    ok = SimpleNamespace(fsdp=False, method="scalebio", lisa_active=0)
+    with pytest.raises(ConfigError, match=r"LISA cannot run under DeepSpeed.*fsdp\.yaml"):
+        zero.check_supported(SimpleNamespace(**{**vars(ok), "lisa_active": 2}), copies=2)
+    with pytest.raises(ConfigError, match=r"method 'doremi' .*configs/accelerate/fsdp\.yaml"):
+        zero.check_supported(SimpleNamespace(**{**vars(ok), "method": "doremi"}), copies=2)
+    with pytest.raises(ConfigError, match=r"plain fine-tuning \(sft\) is not run by DeepSpeed"):
+        zero.check_supported(ok, copies=1)
+    with pytest.raises(ConfigError, match="fsdp and DeepSpeed .* choose one"):
+        zero.check_supported(SimpleNamespace(**{**vars(ok), "fsdp": True}), copies=2)
+    with pytest.raises(ConfigError, match="zero_stage needs several processes"):
+        zero.check_supported(ok, copies=2)  # no process group in this test process
+
+    with pytest.raises(ConfigError, match="zero_stage must be 0 \\(off\\), 1, 2 or 3"):
+        TrainConfig(zero_stage=4)
+    assert zero.launch_settings(0, False) == (0, False)  # no DeepSpeed launch: the config's
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    assert zero.launch_settings(0, False) == (3, True)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")
+    with pytest.raises(ConfigError, match=r"stage 0 .*configs/accelerate/ddp\.yaml"):
+        zero.launch_settings(0, False)
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds_json))
+    assert zero.launch_settings(0, False) == (2, False)
+    for bad in ("{not json", '{"zero_optimization": {"stage": "auto"}}'):
+        ds_json.write_text(bad)
+        with pytest.raises(ConfigError, match=f"cannot read the DeepSpeed config {ds_json}"):
+            zero.launch_settings(0, False)
+
+    saved = {"world": 2, "stage": 3}
+    with pytest.raises(
+        ConfigError, match="written by 2 processes at ZeRO stage 3, .* 4 at stage 3"
+    ):
+        zero.load(None, tmp_path, 4, world=4, stage=3, saved=saved)
+    with pytest.raises(ConfigError, match=r"deepspeed/w/step0000004 is missing"):
+        zero.load(None, tmp_path, 4, world=2, stage=3, saved=saved)
+
+
+def test_sft_is_not_sharded_by_fsdp():
     from types import SimpleNamespace
 
     import torch
@@ -229,12 +325,8 @@ def test_deepspeed_is_refused_naming_the_fsdp_config():
     from scalebio_core.bilevel import ConfigError
     from scalebio_core.trainer import TrainConfig, setup
 
-    fake = SimpleNamespace(distributed_type="DistributedType.DEEPSPEED", device=torch.device("cpu"))
-    with pytest.raises(
-        ConfigError, match=r"DeepSpeed is configured.*configs/accelerate/fsdp\.yaml"
-    ):
-        setup(TrainConfig(model="embedded:nano"), accelerator=fake)
+    cpu = torch.device("cpu")
     with pytest.raises(ConfigError, match=r"plain fine-tuning \(sft\) is not sharded"):
         cfg = TrainConfig(model="embedded:nano", fsdp=True)
-        multi = SimpleNamespace(distributed_type="MULTI_CPU", device=fake.device)
+        multi = SimpleNamespace(distributed_type="MULTI_CPU", device=cpu)
         setup(cfg, accelerator=multi, copies=1)
