@@ -97,7 +97,7 @@ def plain_step(
     counts = reduce(torch.bincount(ids, minlength=p.shape[0]).to(p.dtype).to(p.device))
     div = counts.clamp_min(1) if divisor is None else divisor
     opt.zero_grad(set_to_none=True)
-    lbar = reduce(_lower_backward(model, micro, fns, p, div, 1.0, step, "loss"))
+    lbar = reduce(_lower_backward(model, micro, fns, p, div, 1.0, step, "loss", reduce=reduce))
     if sync is not None:
         sync(model)
     gnorm = _clip(model, 1.0 if cfg.clip_norm is None else cfg.clip_norm / cfg.alpha)
@@ -175,7 +175,8 @@ def doremi_step(
         for mb in micro:
             losses, ids = fns.source_losses(proxy, mb)
             ref, _ = fns.source_losses(reference, mb)
-            _check_finite({"loss(proxy)": losses.sum(), "loss(reference)": ref.sum()}, step)
+            values = {"loss(proxy)": losses.sum(), "loss(reference)": ref.sum()}
+            _check_finite(values, step, reduce)
             s_mb, n_mb = excess_sums(losses, ref, ids, k)
             sums += s_mb.to(p.device)
             n += n_mb.to(p.device)

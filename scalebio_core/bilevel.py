@@ -378,13 +378,14 @@ def _lower_backward(
     step: int,
     label: str,
     engine: StepEngine | None = None,
+    reduce: Reduce | None = None,
 ) -> torch.Tensor:
     """Backpropagate scale · L2 over the micro-batches; return this rank's Σ_mb sums/div (K)."""
     est = torch.zeros_like(p)
     for mb in micro:
         losses, ids = fns.source_losses(model, mb)
         l2, est_mb, _ = weighted_lower_loss(losses, ids, p, div)
-        _check_finite({label: l2}, step)
+        _check_finite({label: l2}, step, reduce)
         _backward(model, scale * l2, engine)
         est += est_mb.to(p.dtype)
     return est
@@ -423,7 +424,9 @@ def scalebio_step(
 
     # 1. u: gradient of alpha · L2(lam, u)
     state.opt_u.zero_grad(set_to_none=True)
-    lbar_u = reduce(_lower_backward(state.u, micro, fns, p, div, alpha, step, "L2(u)", engine))
+    lbar_u = reduce(
+        _lower_backward(state.u, micro, fns, p, div, alpha, step, "L2(u)", engine, reduce)
+    )
     if sync is not None:
         sync(state.u)
 
@@ -432,10 +435,12 @@ def scalebio_step(
     l1 = 0.0
     for vmb in val_micro:
         l1_part = fns.val_loss(state.w, vmb) / len(val_micro)
-        _check_finite({"L1": l1_part}, step)
+        _check_finite({"L1": l1_part}, step, reduce)
         _backward(state.w, l1_part, engine)
         l1 += float(l1_part.detach())
-    lbar_w = reduce(_lower_backward(state.w, micro, fns, p, div, alpha, step, "L2(w)", engine))
+    lbar_w = reduce(
+        _lower_backward(state.w, micro, fns, p, div, alpha, step, "L2(w)", engine, reduce)
+    )
     if sync is not None:
         sync(state.w)
     l1 = float(reduce(torch.tensor(l1, dtype=p.dtype, device=p.device)))
@@ -482,8 +487,16 @@ def scalebio_step(
     }
 
 
-def _check_finite(values: dict[str, torch.Tensor], step: int) -> None:
+def _check_finite(values: dict[str, torch.Tensor], step: int, reduce: Reduce | None = None) -> None:
+    """Raise NonFiniteLossError if a loss is NaN/inf. With `reduce` (the sum over processes) the
+    verdict is shared, so every process raises at the same point and none is left waiting in a
+    collective (a hang) for one that stopped."""
     bad = {k: float(v.detach()) for k, v in values.items() if not torch.isfinite(v.detach()).all()}
+    if reduce is not None:
+        device = next(iter(values.values())).device
+        others = float(reduce(torch.tensor(float(len(bad)), device=device))) - len(bad)
+        if others > 0 and not bad:
+            bad = {f"{' / '.join(values)} on another process": math.nan}
     if bad:
         names = ", ".join(f"{k} = {v}" for k, v in bad.items())
         raise NonFiniteLossError(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .bilevel import ConfigError
+from .memory import SHARDINGS
 from .runs import load_yaml
 
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--lora", type=int, default=0, help="LoRA rank (0: off)")
     m.add_argument("--batch", type=int, default=1, help="micro-batch per GPU")
     m.add_argument("--seq", type=int, default=1024)
-    m.add_argument("--sharding", choices=("fsdp", "ddp"), default="fsdp")
+    m.add_argument("--sharding", choices=SHARDINGS, default="fsdp", help="zero1-3: DeepSpeed")
     m.add_argument("--offload", action="store_true", help="optimizer state on the CPU")
     m.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     args = parser.parse_args(argv)

@@ -7,6 +7,10 @@ device (no memory, any architecture), its decoder blocks found by `lisa.find_blo
     gradients    2 × T × grad_bytes / shards                      T = trainable parameters per copy
     optimizer    2 × T × (8 [AdamW m, v in fp32] + 4 [fp32 master, if params are 16-bit]) / shards
                  (0 on the GPU with CPU offload of optimizer state)
+
+    shards: N GPUs for what the sharding partitions, 1 for what it replicates. FSDP full shard
+    and DeepSpeed ZeRO-3 partition all three; ZeRO-2 gradients and optimizer state; ZeRO-1 the
+    optimizer state only; DDP nothing.
     activations  one copy's forward-backward at a time (u's backward ends before w's forward, and
                  w's validation micro-batch before its training one), in one of two variants:
 
@@ -54,6 +58,7 @@ from .bilevel import ConfigError
 from .presets import CONFIG_DIR
 
 GIB = 2**30
+SHARDINGS = ("fsdp", "zero3", "zero2", "zero1", "ddp")
 MODEL_CONFIGS = CONFIG_DIR / "models"
 PAPER_MODELS = ("gpt2", "meta-llama/Meta-Llama-3-8B", "EleutherAI/gpt-neox-20b", "01-ai/Yi-34B")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -150,7 +155,7 @@ class MemorySetup:
     param_dtype: str = "bf16"
     batch: int = 1  # micro-batch per GPU
     seq: int = 1024
-    sharding: str = "fsdp"  # "fsdp" (full shard) or "ddp"
+    sharding: str = "fsdp"  # "fsdp" (full shard), "zero3", "zero2", "zero1" or "ddp"
     offload: bool = False  # optimizer state (and master weights) on the CPU
     checkpointing: bool = False
     label_tokens: int | None = None  # positions where the LM head runs per micro-batch (b·s)
@@ -159,8 +164,13 @@ class MemorySetup:
 
 def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
     """Bytes per GPU by component (see the module docstring), and their total."""
-    if s.mode not in ("full", "lisa", "lora") or s.sharding not in ("fsdp", "ddp"):
-        raise ConfigError("mode must be full, lisa or lora; sharding fsdp or ddp.")
+    if s.mode not in ("full", "lisa", "lora") or s.sharding not in SHARDINGS:
+        raise ConfigError(f"mode must be full, lisa or lora; sharding one of {SHARDINGS}.")
+    if s.mode == "lisa" and s.sharding.startswith("zero"):
+        raise ConfigError(
+            "LISA does not run under DeepSpeed ZeRO (the trainer refuses it, see zero.py): "
+            "predict it with sharding fsdp, the launch that runs it."
+        )
     if s.activations not in ("gpu16", "eager32"):
         raise ConfigError("activations must be gpu16 or eager32.")
     n = len(shape.block_params)
@@ -169,7 +179,10 @@ def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
     if s.mode == "lisa" and not 0 <= s.lisa_lowest <= n - s.lisa_active:
         raise ConfigError(f"lisa_lowest must lie in [0, {n - s.lisa_active}] (n_blocks - active).")
     pb = DTYPE_BYTES[s.param_dtype]
-    shards = s.gpus if s.sharding == "fsdp" else 1
+    full_shard = s.sharding in ("fsdp", "zero3")
+    shards = s.gpus if full_shard else 1  # of the weights
+    grad_shards = s.gpus if full_shard or s.sharding == "zero2" else 1
+    optim_shards = 1 if s.sharding == "ddp" else s.gpus
     if s.mode == "full":
         trainable = shape.params
     elif s.mode == "lisa":
@@ -179,10 +192,10 @@ def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
     else:
         trainable = sum(s.lora_rank * (i + o) for i, o in shape.lora_dims)
     weights = 2 * shape.params * pb / shards
-    if s.sharding == "fsdp" and shards > 1:
+    if full_shard and shards > 1:
         weights += 2 * max(shape.block_params) * pb  # the gathered block and the prefetched one
-    grads = 2 * trainable * pb / shards
-    optim = 0.0 if s.offload else 2 * trainable * (8 + (4 if pb < 4 else 0)) / shards
+    grads = 2 * trainable * pb / grad_shards
+    optim = 0.0 if s.offload else 2 * trainable * (8 + (4 if pb < 4 else 0)) / optim_shards
     if s.activations == "eager32":
         acts = _eager32_activations(shape, s)
     else:

@@ -188,6 +188,25 @@ def test_nan_loss_stops_and_leaves_state_untouched():
         assert torch.equal(before[name], t), name
 
 
+def test_a_non_finite_loss_on_another_process_stops_every_process_before_any_update():
+    """Processes share the verdict (a sum over ranks of the bad-loss count), so a healthy rank
+    raises at the same check as the one whose loss is NaN instead of waiting for it in the next
+    collective. Here `reduce` stands for a sum with another rank that found one bad loss."""
+    prob = _quad_problem()
+    w, u = ParamVector(prob.init), ParamVector(prob.init)
+    state = init_state(w, u, prob.names, BilevelConfig(total_steps=10, lr_w=0.1, lr_u=0.1))
+    from scalebio_core.problem import ProblemFns
+
+    before = [t.clone() for t in (w.theta.data, u.theta.data, state.lam.data)]
+    with pytest.raises(NonFiniteLossError, match=r"step 0: L2\(u\) on another process = nan"):
+        scalebio_step(state, None, None, ProblemFns(prob), reduce=lambda t: t + 1)
+    assert state.step == 0
+    for old, new in zip(before, (w.theta.data, u.theta.data, state.lam.data)):
+        assert torch.equal(old, new)
+    scalebio_step(state, None, None, ProblemFns(prob), reduce=lambda t: t)  # no one failed: runs
+    assert state.step == 1
+
+
 def test_inf_lower_loss_is_reported():
     prob = BilevelProblem(
         sources={"a": lambda th: th.sum() * math.inf, "b": lambda th: th.sum()},

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from scalebio_core.bilevel import ConfigError
-from scalebio_core.memory import MemorySetup, model_shape, predict
+from scalebio_core.memory import SHARDINGS, MemorySetup, model_shape, predict
 
 MIB = 2**20
 
@@ -60,6 +60,23 @@ def test_lisa_and_sharding_lower_the_prediction():
         predict(shape, MemorySetup(mode="lisa", lisa_active=40))
     with pytest.raises(ConfigError, match="no config for 'acme/unknown'"):
         model_shape("acme/unknown")
+
+
+def test_zero_stages_partition_what_they_should():
+    """ZeRO-3 is FSDP's full shard; ZeRO-2 replicates the weights; ZeRO-1 the gradients too."""
+    shape = model_shape("meta-llama/Meta-Llama-3-8B")
+    by = {k: predict(shape, MemorySetup(gpus=8, sharding=k)) for k in SHARDINGS}
+    assert by["zero3"] == by["fsdp"]
+    assert by["zero2"]["weights"] == by["zero1"]["weights"] == by["ddp"]["weights"]
+    assert by["zero2"]["gradients"] == by["fsdp"]["gradients"] == by["ddp"]["gradients"] / 8
+    assert by["zero1"]["gradients"] == by["ddp"]["gradients"]
+    assert by["zero1"]["optimizer"] == by["fsdp"]["optimizer"] == by["ddp"]["optimizer"] / 8
+    totals = [by[k]["total"] for k in ("ddp", "zero1", "zero2", "zero3")]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
+    with pytest.raises(ConfigError, match="sharding one of"):
+        predict(shape, MemorySetup(sharding="zero4"))
+    with pytest.raises(ConfigError, match="LISA does not run under DeepSpeed ZeRO"):
+        predict(shape, MemorySetup(sharding="zero3", mode="lisa"))
 
 
 def test_memory_cli_prints_the_four_paper_models_offline():
