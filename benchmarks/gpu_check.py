@@ -1,5 +1,6 @@
 """GPU check (issue 5): ScaleBiO step cost and peak memory on a GPT-2-small shape and a ~1B Llama
-shape (random init, bf16), against a plain fine-tuning step, beside the memory model's prediction.
+shape (random init, bf16 autocast), against a plain fine-tuning step, beside the memory model's
+prediction.
 
     python benchmarks/gpu_check.py                  # on a CUDA machine, about 3-5 minutes
     python benchmarks/gpu_check.py --device cpu --tiny   # checks the code path on a CPU (seconds)
@@ -8,8 +9,9 @@ For each model and mode (plain fine-tuning, ScaleBiO full, ScaleBiO with LISA 2 
 few warm-up steps, then times `--steps` steps; tokens/s counts the training tokens of the batch
 (ScaleBiO also reads a validation batch of the same size). Peak memory is
 torch.cuda.max_memory_allocated over the timed steps (on a CPU: not measured). The prediction is
-`scalebio_core.memory.predict` for one GPU, no sharding, bf16 parameters with fp32 AdamW state and
-master weights (the model's assumption), no checkpointing. Prints a markdown table; `--out FILE`
+`scalebio_core.memory.predict` for one GPU, no sharding, no checkpointing, at the precision the
+trainer runs with `precision: bf16` ("amp": fp32 weights, gradients and AdamW state, bf16 autocast;
+on a CPU: fp32 without autocast). Prints a markdown table; `--out FILE`
 replaces its section of FILE (e.g. benchmarks/RESULTS.md) with it, the command, date and
 device.
 """
@@ -89,8 +91,7 @@ def batch(vocab: int, b: int, t: int, k: int, device: str, g: torch.Generator) -
 
 
 def run(name: str, kind: str, kw: dict, mode: str, a: argparse.Namespace) -> dict:
-    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
-    w = build(kind, kw, a.device, dtype)
+    w = build(kind, kw, a.device, torch.float32)  # the trainer's weights: fp32
     vocab = w.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(0)
     batches = [batch(vocab, a.batch, a.seq, 4, a.device, g) for _ in range(a.steps + a.warmup)]
@@ -114,6 +115,13 @@ def run(name: str, kind: str, kw: dict, mode: str, a: argparse.Namespace) -> dic
                     lz.apply(i, opt)
             scalebio_step(state, batches[i], val[i], fns)
 
+    amp = a.device == "cuda"  # the trainer's precision: bf16 (autocast)
+    timed = step
+
+    def step(i: int) -> None:
+        with torch.autocast(a.device, dtype=torch.bfloat16, enabled=amp):
+            timed(i)
+
     for i in range(a.warmup):
         step(i)
     if a.device == "cuda":
@@ -134,6 +142,7 @@ def run(name: str, kind: str, kw: dict, mode: str, a: argparse.Namespace) -> dic
         lisa_active=2,
         batch=a.batch,
         seq=a.seq,
+        param_dtype="amp" if amp else "fp32",
     )
     pred = predict(shape, setup)
     if mode == "plain":  # one copy, no follower: halve the copy-proportional terms

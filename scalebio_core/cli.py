@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .bilevel import ConfigError
-from .memory import SHARDINGS
+from .memory import PRECISIONS, SHARDINGS
 from .runs import load_yaml
 
 
@@ -92,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--seq", type=int, default=1024)
     m.add_argument("--sharding", choices=SHARDINGS, default="fsdp", help="zero1-3: DeepSpeed")
     m.add_argument("--offload", action="store_true", help="optimizer state on the CPU")
+    m.add_argument(
+        "--precision",
+        choices=tuple(PRECISIONS),
+        default="amp",
+        help="amp: the trainer's bf16 autocast, fp32 weights; bf16: 16-bit weights, fp32 master",
+    )
     m.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     args = parser.parse_args(argv)
 
@@ -156,6 +162,7 @@ def _memory(args: argparse.Namespace) -> int:
         sharding=args.sharding,
         offload=args.offload,
         checkpointing=args.checkpointing,
+        param_dtype=args.precision,
     )
     try:
         for name in args.model or PAPER_MODELS:

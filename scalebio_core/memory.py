@@ -8,6 +8,14 @@ device (no memory, any architecture), its decoder blocks found by `lisa.find_blo
     optimizer    2 × T × (8 [AdamW m, v in fp32] + 4 [fp32 master, if params are 16-bit]) / shards
                  (0 on the GPU with CPU offload of optimizer state)
 
+    param_dtype: "amp" (the default) is what the trainer does with `precision: bf16`: fp32
+    weights, gradients and AdamW state (no master copy), 16-bit activations under autocast.
+    "bf16"/"fp16" hold 16-bit weights and gradients with an fp32 master copy in the optimizer
+    (the usual mixed-precision recipe; the trainer does not do it), "fp32" is fp32 throughout.
+    For full training both give 16 bytes per parameter and copy (FSDP's gathered blocks come in
+    the weights' dtype); with LISA or LoRA, where frozen weights dominate, "amp" needs twice the
+    weight memory of "bf16".
+
     shards: N GPUs for what the sharding partitions, 1 for what it replicates. FSDP full shard
     and DeepSpeed ZeRO-3 partition all three; ZeRO-2 gradients and optimizer state; ZeRO-1 the
     optimizer state only; DDP nothing.
@@ -62,6 +70,8 @@ SHARDINGS = ("fsdp", "zero3", "zero2", "zero1", "ddp")
 MODEL_CONFIGS = CONFIG_DIR / "models"
 PAPER_MODELS = ("gpt2", "meta-llama/Meta-Llama-3-8B", "EleutherAI/gpt-neox-20b", "01-ai/Yi-34B")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# (weight and gradient bytes, activation bytes) per element of each param_dtype
+PRECISIONS = {"amp": (4, 2), "bf16": (2, 2), "fp16": (2, 2), "fp32": (4, 4)}
 
 
 def load_config(name_or_path: str):
@@ -152,7 +162,7 @@ class MemorySetup:
     lisa_train_embeddings: bool = True  # embeddings, head, final norm train under LISA
     lisa_lowest: int = 0  # lowest active block of the draw (eager32: no graph below it)
     lora_rank: int = 128
-    param_dtype: str = "bf16"
+    param_dtype: str = "amp"  # the trainer's bf16 autocast; "bf16", "fp16", "fp32" (docstring)
     batch: int = 1  # micro-batch per GPU
     seq: int = 1024
     sharding: str = "fsdp"  # "fsdp" (full shard), "zero3", "zero2", "zero1" or "ddp"
@@ -178,7 +188,9 @@ def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
         raise ConfigError(f"lisa_active must lie in [1, {n}].")
     if s.mode == "lisa" and not 0 <= s.lisa_lowest <= n - s.lisa_active:
         raise ConfigError(f"lisa_lowest must lie in [0, {n - s.lisa_active}] (n_blocks - active).")
-    pb = DTYPE_BYTES[s.param_dtype]
+    if s.param_dtype not in PRECISIONS:
+        raise ConfigError(f"param_dtype must be one of {tuple(PRECISIONS)}.")
+    pb, ab = PRECISIONS[s.param_dtype]  # weights and gradients; activations
     full_shard = s.sharding in ("fsdp", "zero3")
     shards = s.gpus if full_shard else 1  # of the weights
     grad_shards = s.gpus if full_shard or s.sharding == "zero2" else 1
@@ -200,10 +212,10 @@ def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
         acts = _eager32_activations(shape, s)
     else:
         h, a, b, t = shape.hidden, shape.heads, s.batch, s.seq
-        per_block = t * b * h * (34 + 5 * a * t / h) * pb / 2
-        acts = (n * 2 * t * b * h * pb / 2 + per_block) if s.checkpointing else n * per_block
+        per_block = t * b * h * (34 + 5 * a * t / h) * ab / 2
+        acts = (n * 2 * t * b * h * ab / 2 + per_block) if s.checkpointing else n * per_block
         labels = b * t if s.label_tokens is None else s.label_tokens
-        acts += labels * shape.vocab * (pb + 4)
+        acts += labels * shape.vocab * (ab + 4)
     out = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts}
     out["total"] = sum(out.values())
     return out
@@ -241,7 +253,8 @@ def verdict(name: str, setup: MemorySetup, gpu_gib: float) -> str:
     rows = [
         f"{name}: {setup.gpus} GPU(s) × {gpu_gib:g} GiB, {setup.mode}"
         + (f" ({setup.lisa_active} blocks)" if setup.mode == "lisa" else "")
-        + f", {setup.sharding}{', offload' if setup.offload else ''}, micro-batch "
+        + f", {setup.sharding}{', offload' if setup.offload else ''}, {setup.param_dtype}, "
+        f"micro-batch "
         f"{setup.batch}×{setup.seq}{', checkpointing' if setup.checkpointing else ''}"
     ]
     rows += [f"  {k:<12}{v / GIB:9.1f} GiB" for k, v in p.items()]

@@ -26,8 +26,13 @@ def test_meta_device_counts_equal_the_real_model(arch, tmp_path):
     assert shape.block_params == tuple(sum(p.numel() for p in b.parameters()) for b in blocks)
 
 
-@pytest.mark.parametrize("lisa_active", [0, 1])
-def test_predicted_state_and_gradients_match_measured(lisa_active):
+@pytest.mark.parametrize(
+    "lisa_active, precision, param_dtype",
+    [(0, "fp32", "fp32"), (1, "fp32", "fp32"), (1, "bf16", "amp")],
+)
+def test_predicted_state_and_gradients_match_measured(lisa_active, precision, param_dtype):
+    """The trainer's tensors against the model's terms; with `precision: bf16` (autocast) the
+    trainer keeps fp32 weights, gradients and AdamW state: the "amp" terms."""
     from scalebio_core.experiments import memory_probe, preset_config
     from scalebio_core.models import load_model
 
@@ -36,12 +41,12 @@ def test_predicted_state_and_gradients_match_measured(lisa_active):
     setup = MemorySetup(
         gpus=1,
         sharding="ddp",
-        param_dtype="fp32",
+        param_dtype=param_dtype,
         mode="lisa" if lisa_active else "full",
         lisa_active=max(1, lisa_active),
     )
     pred = predict(shape, setup)
-    measured = memory_probe("lisa", "smoke", steps=2, lisa_active=lisa_active)
+    measured = memory_probe("lisa", "smoke", steps=2, lisa_active=lisa_active, precision=precision)
     assert measured["grads_mib"] == pytest.approx(pred["gradients"] / MIB, rel=1e-6)
     # AdamW also keeps one scalar `step` tensor per parameter tensor: well under 1%
     assert measured["optimizer_state_mib"] == pytest.approx(pred["optimizer"] / MIB, rel=0.01)
@@ -60,6 +65,23 @@ def test_lisa_and_sharding_lower_the_prediction():
         predict(shape, MemorySetup(mode="lisa", lisa_active=40))
     with pytest.raises(ConfigError, match="no config for 'acme/unknown'"):
         model_shape("acme/unknown")
+
+
+def test_amp_holds_fp32_weights_without_a_master_copy():
+    """Full training: 16 bytes per parameter and copy either way; LISA: amp's weights double.
+    (One GPU: under FSDP the gathered blocks come in the weights' dtype as well.)"""
+    shape = model_shape("meta-llama/Meta-Llama-3-8B")
+    one = {"gpus": 1, "sharding": "ddp"}
+    full = {d: predict(shape, MemorySetup(**one, param_dtype=d)) for d in ("amp", "bf16")}
+    assert full["amp"]["total"] == full["bf16"]["total"]
+    assert full["amp"]["weights"] == 2 * full["bf16"]["weights"]
+    lisa = {
+        d: predict(shape, MemorySetup(**one, mode="lisa", param_dtype=d)) for d in ("amp", "bf16")
+    }
+    assert lisa["amp"]["weights"] == 2 * lisa["bf16"]["weights"]
+    assert lisa["amp"]["optimizer"] == lisa["bf16"]["optimizer"] * 8 / 12  # no fp32 master copy
+    with pytest.raises(ConfigError, match="param_dtype must be one of"):
+        predict(shape, MemorySetup(param_dtype="int8"))
 
 
 def test_zero_stages_partition_what_they_should():
