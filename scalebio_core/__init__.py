@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os as _os
+
+import torch as _torch
+
+# transformers imports DeepSpeed (when installed) as it loads or saves a model; DeepSpeed then
+# warns on every import that it fell back to the CPU. Where there is no GPU, say so up front.
+if "DS_ACCELERATOR" not in _os.environ and not _torch.cuda.is_available():
+    _os.environ["DS_ACCELERATOR"] = "cpu"
+
 from .bilevel import (
     BilevelConfig,
     BilevelState,

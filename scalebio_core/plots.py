@@ -259,7 +259,7 @@ def plot_memory_vs_size(
             textcoords="offset points",
         )
     ax.set(xlabel="parameters", ylabel="GiB per GPU", title=title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="center right")  # clear of the model names at the bottom
     return ax
 
 
