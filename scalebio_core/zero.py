@@ -234,11 +234,12 @@ def save(state: Any, run_dir: Path) -> None:
 
 
 def drop_old(run_dir: Path, step: int) -> None:
-    """Rank 0, after last.pt names `step`: delete the other steps' folders."""
+    """Rank 0, after last.pt names `step`: delete the other steps' folders (DeepSpeed's
+    zero_to_fp32.py beside them stays)."""
     for name in NAMES:
         for d in _dir(run_dir, name).iterdir():
-            if d.name != _tag(step):
-                shutil.rmtree(d, ignore_errors=True)
+            if d.is_dir() and d.name != _tag(step):
+                shutil.rmtree(d)
 
 
 def load(state: Any, run_dir: Path, step: int, world: int, stage: int, saved: dict) -> None:
