@@ -7,18 +7,6 @@ device (no memory, any architecture), its decoder blocks found by `lisa.find_blo
     gradients    2 × T × grad_bytes / shards                      T = trainable parameters per copy
     optimizer    2 × T × (8 [AdamW m, v in fp32] + 4 [fp32 master, if params are 16-bit]) / shards
                  (0 on the GPU with CPU offload of optimizer state)
-
-    param_dtype: "amp" (the default) is what the trainer does with `precision: bf16`: fp32
-    weights, gradients and AdamW state (no master copy), 16-bit activations under autocast.
-    "bf16"/"fp16" hold 16-bit weights and gradients with an fp32 master copy in the optimizer
-    (the usual mixed-precision recipe; the trainer does not do it), "fp32" is fp32 throughout.
-    For full training both give 16 bytes per parameter and copy (FSDP's gathered blocks come in
-    the weights' dtype); with LISA or LoRA, where frozen weights dominate, "amp" needs twice the
-    weight memory of "bf16".
-
-    shards: N GPUs for what the sharding partitions, 1 for what it replicates. FSDP full shard
-    and DeepSpeed ZeRO-3 partition all three; ZeRO-2 gradients and optimizer state; ZeRO-1 the
-    optimizer state only; DDP nothing.
     activations  one copy's forward-backward at a time (u's backward ends before w's forward, and
                  w's validation micro-batch before its training one), in one of two variants:
 
@@ -40,6 +28,15 @@ device (no memory, any architecture), its decoder blocks found by `lisa.find_blo
         of the largest trainable parameter (sqrt(v) and its quotient) — the larger of the two
         phases counts.
 
+shards: N GPUs for what the sharding partitions, 1 for what it replicates. FSDP full shard and
+DeepSpeed ZeRO-3 partition all three; ZeRO-2 gradients and optimizer state; ZeRO-1 the optimizer
+state only; DDP nothing.
+param_dtype: "amp" (the default) is what the trainer does with `precision: bf16`: fp32 weights,
+gradients and AdamW state (no master copy), 16-bit activations under autocast. "bf16"/"fp16"
+hold 16-bit weights and gradients with an fp32 master copy in the optimizer (the usual
+mixed-precision recipe; the trainer does not do it), "fp32" is fp32 throughout. For full training
+both give 16 bytes per parameter and copy (FSDP's gathered blocks come in the weights' dtype);
+with LISA or LoRA, where frozen weights dominate, "amp" needs twice the weight memory of "bf16".
 N: positions where the LM head runs. The trainer computes it only at labelled positions
 (`trainer.response_only_loss`), N = label_tokens of the micro-batch; b·s when unset.
 T: all parameters (full); n_active blocks, plus embeddings, head and final norm when
@@ -69,7 +66,6 @@ GIB = 2**30
 SHARDINGS = ("fsdp", "zero3", "zero2", "zero1", "ddp")
 MODEL_CONFIGS = CONFIG_DIR / "models"
 PAPER_MODELS = ("gpt2", "meta-llama/Meta-Llama-3-8B", "EleutherAI/gpt-neox-20b", "01-ai/Yi-34B")
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # (weight and gradient bytes, activation bytes) per element of each param_dtype
 PRECISIONS = {"amp": (4, 2), "bf16": (2, 2), "fp16": (2, 2), "fp32": (4, 4)}
 
