@@ -10,10 +10,9 @@ few warm-up steps, then times `--steps` steps; tokens/s counts the training toke
 (ScaleBiO also reads a validation batch of the same size). Peak memory is
 torch.cuda.max_memory_allocated over the timed steps (on a CPU: not measured). The prediction is
 `scalebio_core.memory.predict` for one GPU, no sharding, no checkpointing, at the precision the
-trainer runs with `precision: bf16` ("amp": fp32 weights, gradients and AdamW state, bf16 autocast;
-on a CPU: fp32 without autocast). Prints a markdown table; `--out FILE`
-replaces its section of FILE (e.g. benchmarks/RESULTS.md) with it, the command, date and
-device.
+trainer runs with `precision: bf16` ("amp": fp32 weights, gradients and AdamW state, bf16
+autocast; on a CPU: fp32 without autocast). Prints a markdown table; `--out FILE` replaces its
+section of FILE (e.g. benchmarks/RESULTS.md) with it, the command, date and device.
 """
 
 from __future__ import annotations
@@ -116,23 +115,18 @@ def run(name: str, kind: str, kw: dict, mode: str, a: argparse.Namespace) -> dic
             scalebio_step(state, batches[i], val[i], fns)
 
     amp = a.device == "cuda"  # the trainer's precision: bf16 (autocast)
-    timed = step
-
-    def step(i: int) -> None:
-        with torch.autocast(a.device, dtype=torch.bfloat16, enabled=amp):
-            timed(i)
-
-    for i in range(a.warmup):
-        step(i)
-    if a.device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for i in range(a.warmup, a.warmup + a.steps):
-        step(i)
-    if a.device == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t0) / a.steps
+    with torch.autocast(a.device, dtype=torch.bfloat16, enabled=amp):
+        for i in range(a.warmup):
+            step(i)
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for i in range(a.warmup, a.warmup + a.steps):
+            step(i)
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t0) / a.steps
     peak = torch.cuda.max_memory_allocated() / GIB if a.device == "cuda" else float("nan")
     shape = model_shape(model=w)
     setup = MemorySetup(

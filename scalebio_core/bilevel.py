@@ -492,7 +492,7 @@ def _check_finite(values: dict[str, torch.Tensor], step: int, reduce: Reduce | N
     verdict is shared, so every process raises at the same point and none is left waiting in a
     collective (a hang) for one that stopped."""
     bad = {k: float(v.detach()) for k, v in values.items() if not torch.isfinite(v.detach()).all()}
-    if reduce is not None:
+    if reduce is not None and reduce is not _identity:  # several processes
         device = next(iter(values.values())).device
         others = float(reduce(torch.tensor(float(len(bad)), device=device))) - len(bad)
         if others > 0 and not bad:

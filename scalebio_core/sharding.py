@@ -21,6 +21,7 @@ of processes.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,15 @@ def is_sharded(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - torch without FSDP2
         return False
     return isinstance(model, FSDPModule)
+
+
+def launch_settings(fsdp: bool, offload: bool, distributed_type: str) -> tuple[bool, bool]:
+    """(fsdp, offload): the config's, or an accelerate FSDP launch's. Its launcher exports the
+    config as variables; on CPUs accelerate drops the FSDP type but not them."""
+    env = os.environ
+    if distributed_type == "FSDP" or env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return True, offload or env.get("FSDP_OFFLOAD_PARAMS", "").lower() == "true"
+    return fsdp, offload
 
 
 def shard_model(model: nn.Module, offload: bool = False, layers_path: str | None = None) -> None:

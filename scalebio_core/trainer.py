@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import json
 import numbers
-import os
 import random
 import time
 import warnings
@@ -28,6 +27,7 @@ from . import runs
 from .baselines import METHODS
 from .bilevel import BilevelConfig, ConfigError, MicroBatches, NonFiniteLossError, init_state
 from .sharding import is_sharded
+from .sharding import launch_settings as fsdp_settings
 from .zero import check_supported as check_zero
 from .zero import is_engine
 from .zero import launch_settings as zero_settings
@@ -445,6 +445,18 @@ def _whole_models(accelerator):
     return plugin.zero3_init_context_manager(enable=False)
 
 
+def _offload_on_gpus(kind: str, offload: bool, device: torch.device) -> bool:
+    """Offload moves shards from GPU to CPU memory: on a CPU it is ignored, with a warning."""
+    if offload and device.type == "cpu":
+        warnings.warn(
+            f"{kind} offload ignored: it moves the shards from the GPUs to CPU memory, and this "
+            "run is on the CPU already.",
+            stacklevel=3,
+        )
+        return False
+    return offload
+
+
 def setup(cfg: TrainConfig, accelerator=None, copies: int = 2) -> Setup:
     """Data, samplers, the models and their state; `copies=1` (plain fine-tuning): u is w."""
     from .data import BatchSampler
@@ -461,31 +473,14 @@ def setup(cfg: TrainConfig, accelerator=None, copies: int = 2) -> Setup:
                 f"pip install {module} (or tracker=none)."
             )
     accelerator = accelerator or make_accelerator(cfg)
-    engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    # an accelerate DeepSpeed config: u and w become two DeepSpeed engines (zero.py)
+    # the config's sharding, or an accelerate launch's: FSDP2 (sharding.py) or ZeRO (zero.py)
+    distributed = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    fsdp, offload = fsdp_settings(cfg.fsdp, cfg.fsdp_offload, distributed)
     stage, zero_offload = zero_settings(cfg.zero_stage, cfg.zero_offload)
     if stage:
-        check_zero(cfg, copies)
-        if zero_offload and accelerator.device.type == "cpu":
-            warnings.warn(
-                "zero offload ignored: it moves ZeRO's partitions from the GPUs to CPU memory, "
-                "and this run is on the CPU already.",
-                stacklevel=2,
-            )
-            zero_offload = False
-    fsdp, offload = cfg.fsdp, cfg.fsdp_offload
-    if engine == "FSDP" or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        # an accelerate FSDP config (its launcher sets these variables; on CPUs accelerate drops
-        # the FSDP type but not them): the trainer shards u and w itself, with FSDP2
-        fsdp = True
-        offload = offload or os.environ.get("FSDP_OFFLOAD_PARAMS", "").lower() == "true"
-    if fsdp and offload and accelerator.device.type == "cpu":
-        warnings.warn(
-            "fsdp offload ignored: it moves FSDP's shards from the GPUs to CPU memory, and this "
-            "run is on the CPU already.",
-            stacklevel=2,
-        )
-        offload = False
+        check_zero(cfg, copies, fsdp)
+    offload = fsdp and _offload_on_gpus("fsdp", offload, accelerator.device)
+    zero_offload = bool(stage) and _offload_on_gpus("zero", zero_offload, accelerator.device)
     if fsdp and (copies != 2 or cfg.method not in ("scalebio", "doremi")):
         raise ConfigError(
             "fsdp shards the two models of ScaleBiO and DoReMi; plain fine-tuning (sft) is not "

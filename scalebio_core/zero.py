@@ -83,9 +83,9 @@ def launch_settings(stage: int, offload: bool) -> tuple[int, bool]:
     return launched, offload or any(str(d).lower() not in ("none", "") for d in devices)
 
 
-def check_supported(cfg: Any, copies: int) -> None:
-    """Refuse what ZeRO engines cannot run, naming what can."""
-    if cfg.fsdp:
+def check_supported(cfg: Any, copies: int, fsdp: bool | None = None) -> None:
+    """Refuse what ZeRO engines cannot run, naming what can (`fsdp`: also set by a launch)."""
+    if cfg.fsdp if fsdp is None else fsdp:
         raise ConfigError(
             "fsdp and DeepSpeed (zero_stage) both shard u and w: choose one (fsdp: false under a "
             "DeepSpeed launch, or launch with configs/accelerate/fsdp.yaml)."
@@ -179,8 +179,8 @@ class ZeroEngines:
 
 def _prepare(device: torch.device) -> None:
     """DeepSpeed logs every initialisation at INFO: keep its warnings only. On a CPU, skip its
-    shared-memory all-reduce kernel, which it would JIT-compile with a C++ compiler on first use
-    (40 s here): it serves inference collectives, and training reduces through gloo anyway."""
+    shared-memory all-reduce kernel, which it would JIT-compile with a C++ compiler on first use:
+    it serves inference collectives, and training reduces through gloo anyway."""
     import deepspeed.ops
     from deepspeed.utils import logger
 
