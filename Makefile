@@ -47,6 +47,7 @@ browser:
 
 test: setup browser
 	$(BIN)/python -m ruff check scalebio_core tests benchmarks
+	$(BIN)/python -m ruff format --check scalebio_core tests benchmarks
 	$(BIN)/python -m pytest
 
 lab: setup

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/cost_scaling.py --out benchmarks/RESULTS.md   # ~2-3 min on 2 cores
     .venv/bin/python benchmarks/cost_scaling.py --tiny                        # code path, seconds
 
-Every point is one fresh subprocess: `trainer.setup` (fp32, eager, AdamW, full ScaleBiO, union
+Every point is one fresh subprocess: `build.setup` (fp32, eager, AdamW, full ScaleBiO, union
 sampler, val_batch_size = batch_size), `--warmup` untimed `trainer.run_step`s, then `--steps` timed
 ones; the step time is their median. Models are random-init GPT-2 shapes of growing width and depth
 with the embedded tokenizer's vocabulary (2048), and GPT-2 small itself (vocab 50257, 124M) as the
@@ -74,8 +74,10 @@ def child(spec: dict) -> dict:  # runs in a fresh subprocess
     import transformers.models.gpt2.modeling_gpt2  # noqa: F401
     from step_cost import train_config
 
+    from scalebio_core.build import setup
     from scalebio_core.lisa import optimizer_state_bytes
-    from scalebio_core.trainer import LMFns, run_step, setup
+    from scalebio_core.losses import LMFns
+    from scalebio_core.trainer import run_step
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

@@ -10,7 +10,7 @@ few warm-up steps, then times `--steps` steps; tokens/s counts the training toke
 (ScaleBiO also reads a validation batch of the same size). Peak memory is
 torch.cuda.max_memory_allocated over the timed steps (on a CPU: not measured). The prediction is
 `scalebio_core.memory.predict` for one GPU, no sharding, no checkpointing, at the precision the
-trainer runs with `precision: bf16` ("amp": fp32 weights, gradients and AdamW state, bf16
+trainer runs with `precision: bf16` (fp32 weights, gradients and AdamW state, bf16
 autocast; on a CPU: fp32 without autocast). Prints a markdown table; `--out FILE` replaces its
 section of FILE (e.g. benchmarks/RESULTS.md) with it, the command, date and device.
 """
@@ -31,9 +31,9 @@ from _common import machine_lines, write_section  # noqa: E402
 from scalebio_core.baselines import plain_step  # noqa: E402
 from scalebio_core.bilevel import BilevelConfig, init_state, scalebio_step  # noqa: E402
 from scalebio_core.lisa import make_lisa_pair  # noqa: E402
+from scalebio_core.losses import LMFns  # noqa: E402
 from scalebio_core.memory import GIB, MemorySetup, model_shape, predict  # noqa: E402
 from scalebio_core.models import clone_model  # noqa: E402
-from scalebio_core.trainer import LMFns  # noqa: E402
 
 SHAPES = {
     "gpt2-small": (
@@ -136,7 +136,7 @@ def run(name: str, kind: str, kw: dict, mode: str, a: argparse.Namespace) -> dic
         lisa_active=2,
         batch=a.batch,
         seq=a.seq,
-        param_dtype="amp" if amp else "fp32",
+        param_dtype="bf16" if amp else "fp32",
     )
     pred = predict(shape, setup)
     if mode == "plain":  # one copy, no follower: halve the copy-proportional terms

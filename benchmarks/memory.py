@@ -1,6 +1,6 @@
 """Memory (issue 5): measured peak of ScaleBiO training steps on a CPU beside the memory model.
 
-Each configuration runs 2 real trainer steps (`trainer.setup` + `trainer.run_step`, fp32, eager)
+Each configuration runs 2 real trainer steps (`build.setup` + `trainer.run_step`, fp32, eager)
 in a fresh subprocess (`experiments.memory_probe`), one after the other. Measured: the peak
 resident set during the steps above the resident set before the models were built (after the
 imports): weights + gradients + optimizer state + activations + whatever the process adds. The

@@ -4,13 +4,13 @@ one plain fine-tuning step on the same model and the same training batch.
     .venv/bin/python benchmarks/step_cost.py --out benchmarks/RESULTS.md   # GPT-2 small, ~3 min
     .venv/bin/python benchmarks/step_cost.py --tiny                        # code path, seconds
 
-Modes, each built by `trainer.setup` from one TrainConfig (fp32, eager, AdamW, the union sampler):
+Modes, each built by `build.setup` from one TrainConfig (fp32, eager, AdamW, the union sampler):
 
 * scalebio  `trainer.run_step`: LISA draw (none), batches, `bilevel.scalebio_step` (u and w).
 * lisa      the same with `lisa_active=2` (2 of 12 blocks train, redrawn every 20 steps; the
             embeddings, head and final norm train, as in the paper).
 * plain     `baselines.plain_step` on w alone (`copies=1`), uniform p, the same per-source loss
-            estimator, clipping and AdamW; its batch comes from `trainer._batches` for the same
+            estimator, clipping and AdamW; its batch comes from `build.batches` for the same
             sampler indices as the ScaleBiO step's training batch.
 
 ScaleBiO also reads a validation batch: its size is the training batch size (`val_batch_size =
@@ -81,7 +81,7 @@ SECTION = "Step cost"
 
 def train_config(model_dir: Path, data_dir: Path, out_dir: Path, batch: int, seq: int, **kw):
     """The TrainConfig of the benchmarks: val_batch_size = batch_size, union sampler, fp32."""
-    from scalebio_core.trainer import TrainConfig
+    from scalebio_core.config import TrainConfig
 
     return TrainConfig(
         model=str(model_dir),
@@ -144,30 +144,22 @@ def page_faults() -> int:
 @contextlib.contextmanager
 def global_timers(ph: Phases) -> Iterator[None]:
     """Time every Tensor.backward (under the label of the last forward) and gradient clipping."""
-    from scalebio_core import trainer
-
-    backward, clip, batches = (
-        torch.Tensor.backward,
-        torch.nn.utils.clip_grad_norm_,
-        trainer._batches,
-    )
+    backward, clip = torch.Tensor.backward, torch.nn.utils.clip_grad_norm_
 
     def timed_backward(t, *args, **kwargs):
         return ph.timed(ph.backward_label, backward)(t, *args, **kwargs)
 
     torch.Tensor.backward = timed_backward
     torch.nn.utils.clip_grad_norm_ = ph.timed("clip gradients", clip)
-    trainer._batches = ph.timed("build batches", batches)
     try:
         yield
     finally:
         torch.Tensor.backward, torch.nn.utils.clip_grad_norm_ = backward, clip
-        trainer._batches = batches
 
 
 def timed_fns(ph: Phases, u: torch.nn.Module | None, **kw):
     """LMFns whose forwards are timed; each sets the label of the backward that follows."""
-    from scalebio_core.trainer import LMFns
+    from scalebio_core.losses import LMFns
 
     class TimedFns(LMFns):
         def source_losses(self, model, batch):
@@ -187,13 +179,14 @@ def timed_fns(ph: Phases, u: torch.nn.Module | None, **kw):
 
 def build(mode: str, model_dir: Path, data_dir: Path, tmp: Path, a, ph: Phases) -> Callable:
     """Set up `mode`; return step(i) -> None (one full step, batches included)."""
+    from scalebio_core import build as builder
     from scalebio_core import trainer
     from scalebio_core.baselines import plain_step
 
     kw = {"lisa_active": 2} if mode == "lisa" else {}
     kw["cpu_malloc"] = a.cpu_malloc
     cfg = train_config(model_dir, data_dir, tmp / mode, a.batch, a.seq, **kw)
-    s = trainer.setup(cfg, copies=1 if mode == "plain" else 2)
+    s = builder.setup(cfg, copies=1 if mode == "plain" else 2)
     st = s.state
     st.opt_w.step = ph.timed("w optimizer step", st.opt_w.step)
     st.opt_u.step = ph.timed("u optimizer step", st.opt_u.step)
@@ -213,12 +206,13 @@ def build(mode: str, model_dir: Path, data_dir: Path, tmp: Path, a, ph: Phases) 
         p = torch.full((len(s.names),), 1.0 / len(s.names))
 
         def step(i: int) -> None:
-            batch = trainer._batches(s, s.train, s.sampler.indices(i), cfg.grad_accum)
+            indices = s.sampler.indices(i)
+            batch = ph.timed("build batches", builder.batches)(s, s.train, indices, cfg.grad_accum)
             plain_step(st.w, st.opt_w, batch, fns, p, st.config, i, divisor=s.divisor)
     else:
 
         def step(i: int) -> None:
-            trainer.run_step(s, i, fns)
+            trainer.run_step(s, i, fns, ph.timed("build batches", builder.step_batches)(s, i))
 
     step.drop_grads = drop_grads  # type: ignore[attr-defined]
     step.trainable = lambda: sum(  # type: ignore[attr-defined]

@@ -116,7 +116,8 @@ class DiagonalBilevel:
 
     def penalty_w(self, p: torch.Tensor, alpha: float) -> torch.Tensor:
         return (self.gdiag * self.t + alpha * (p @ (self.a * self.c))) / (
-            self.gdiag + alpha * (p @ self.a))
+            self.gdiag + alpha * (p @ self.a)
+        )
 
     def objective(self, p: torch.Tensor) -> torch.Tensor:
         """F(p) = L1(w*(p))."""
@@ -132,10 +133,12 @@ class DiagonalBilevel:
         return float(self.a.max()) / self.d, float(self.gdiag.max()) / self.d
 
     def as_problem(self) -> BilevelProblem:
-        sources = [(n, (lambda s: lambda th: self.source_loss(s, th))(s))
-                   for s, n in enumerate(self.names)]
-        return BilevelProblem(sources=sources, val_loss=self.upper_loss,
-                              init=torch.zeros(self.d, dtype=DT))
+        sources = [
+            (n, (lambda s: lambda th: self.source_loss(s, th))(s)) for s, n in enumerate(self.names)
+        ]
+        return BilevelProblem(
+            sources=sources, val_loss=self.upper_loss, init=torch.zeros(self.d, dtype=DT)
+        )
 
 
 # ------------------------------------------------------------------ the two methods
@@ -161,10 +164,18 @@ def run_scalebio(toy: DiagonalBilevel, s: Settings, monitor: Monitor) -> torch.T
     """ScaleBiO steps: SGD everywhere, u and w at 1/L, constant α; returns final p."""
     la, lg = toy.lipschitz()
     cfg = BilevelConfig(
-        alpha=s.alpha, lr_u=1.0 / (s.alpha * la), lr_w=1.0 / (lg + s.alpha * la),
-        lr_lam=s.lr_lam, optimizer="sgd", lam_optimizer="sgd", weight_decay=0.0,
-        schedule="constant", lam_schedule="constant", warmup_ratio=0.0,
-        total_steps=s.steps_scalebio, clip_norm=float("inf"),
+        alpha=s.alpha,
+        lr_u=1.0 / (s.alpha * la),
+        lr_w=1.0 / (lg + s.alpha * la),
+        lr_lam=s.lr_lam,
+        optimizer="sgd",
+        lam_optimizer="sgd",
+        weight_decay=0.0,
+        schedule="constant",
+        lam_schedule="constant",
+        warmup_ratio=0.0,
+        total_steps=s.steps_scalebio,
+        clip_norm=float("inf"),
     )
     problem = toy.as_problem()
     state = init_state(ParamVector(problem.init), ParamVector(problem.init), problem.names, cfg)
@@ -175,8 +186,9 @@ def run_scalebio(toy: DiagonalBilevel, s: Settings, monitor: Monitor) -> torch.T
     return state.p
 
 
-def conjugate_gradient(hvp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
-                       x: torch.Tensor, iters: int) -> torch.Tensor:
+def conjugate_gradient(
+    hvp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x: torch.Tensor, iters: int
+) -> torch.Tensor:
     """At most `iters` CG iterations on H x = b from the warm start x (H by products only).
 
     Costs one product for the warm-start residual plus one per iteration; stops early once the
@@ -263,15 +275,27 @@ def child(method: str, d: int, s: Settings, p_star: list[float]) -> dict:
     p = run(toy, s, monitor)
     seconds = time.perf_counter() - monitor.start
     peak = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"p": p.tolist(), "seconds": seconds, "peak_mib": max(0, peak - rss0) / 1024,
-            "updates": monitor.updates, "hit": monitor.hit,
-            "memory": "VmHWM reset" if reset else "ru_maxrss"}
+    return {
+        "p": p.tolist(),
+        "seconds": seconds,
+        "peak_mib": max(0, peak - rss0) / 1024,
+        "updates": monitor.updates,
+        "hit": monitor.hit,
+        "memory": "VmHWM reset" if reset else "ru_maxrss",
+    }
 
 
 def run_child(method: str, d: int, s: Settings, p_star: np.ndarray) -> dict:
     """Run `child` in a fresh interpreter (clean memory accounting); returns its result."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, str(d),
-           json.dumps(asdict(s)), json.dumps(p_star.tolist())]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        method,
+        str(d),
+        json.dumps(asdict(s)),
+        json.dumps(p_star.tolist()),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
@@ -305,8 +329,10 @@ def benchmark(sizes: list[int], s: Settings) -> tuple[list[str], list[str]]:
         toy = DiagonalBilevel(d, s)
         p_star, f_star, p_alpha = exact(toy, s.alpha)
         bias = float(np.abs(p_alpha - p_star).max())
-        notes.append(f"- d={d:,}: p* = {fmt_p(p_star)}, F* = {f_star:.6g}; surrogate bias "
-                     f"max|p_α − p*| = {bias:.2e} at α = {s.alpha:g}")
+        notes.append(
+            f"- d={d:,}: p* = {fmt_p(p_star)}, F* = {f_star:.6g}; surrogate bias "
+            f"max|p_α − p*| = {bias:.2e} at α = {s.alpha:g}"
+        )
         res = {m: run_child(m, d, s, p_star) for m in METHODS}
         base = res["ScaleBiO"]
         for m, r in res.items():
@@ -321,15 +347,22 @@ def benchmark(sizes: list[int], s: Settings) -> tuple[list[str], list[str]]:
                 ratios = "1 | 1 | 1"
             else:
                 base_hit = base["hit"] or (None, None)
-                ratios = (f"{_ratio(r['seconds'], base['seconds'])} | "
-                          f"{_ratio(hit[1], base_hit[1])} | "
-                          f"{_ratio(r['peak_mib'], base['peak_mib'])}")
+                ratios = (
+                    f"{_ratio(r['seconds'], base['seconds'])} | "
+                    f"{_ratio(hit[1], base_hit[1])} | "
+                    f"{_ratio(r['peak_mib'], base['peak_mib'])}"
+                )
             gap_s = f"{gap:.2e}" if abs(gap) >= 1e-15 else "< 1e-15"
-            rows.append(f"| {d:,} | {m} | {r['updates']} | {err:.2e} | {gap_s} | {to_tol} "
-                        f"| {r['seconds']:.2f} | {r['peak_mib']:.2f} | {ratios} |")
+            rows.append(
+                f"| {d:,} | {m} | {r['updates']} | {err:.2e} | {gap_s} | {to_tol} "
+                f"| {r['seconds']:.2f} | {r['peak_mib']:.2f} | {ratios} |"
+            )
             print(f"  d={d:,} {m}: error {err:.2e}, {r['seconds']:.1f} s", file=sys.stderr)
-    mem_note = ("peak RSS increase over the loop (VmHWM reset via /proc/self/clear_refs)"
-                if memory == {"VmHWM reset"} else "peak RSS increase over the loop (ru_maxrss)")
+    mem_note = (
+        "peak RSS increase over the loop (VmHWM reset via /proc/self/clear_refs)"
+        if memory == {"VmHWM reset"}
+        else "peak RSS increase over the loop (ru_maxrss)"
+    )
     header = [
         f"### ScaleBiO (first order, penalty α = {s.alpha:g}, constant) vs implicit "
         "differentiation (IFT + CG with autograd HVPs)",
@@ -370,8 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(method, d, Settings(**spec), p_star)))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="d = 1e2..1e4 and half the steps (under a minute)")
+    ap.add_argument(
+        "--quick", action="store_true", help="d = 1e2..1e4 and half the steps (under a minute)"
+    )
     ap.add_argument("--sizes", type=int, nargs="+", help="problem sizes d (parameters)")
     ap.add_argument("--steps", type=int, help="ScaleBiO steps (default 2000, quick 1000)")
     ap.add_argument("--outer", type=int, help="implicit lam updates (default 200, quick 100)")
@@ -380,8 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=Settings.alpha, help="ScaleBiO penalty α")
     ap.add_argument("--lr-lam", type=float, default=Settings.lr_lam, help="SGD lr on lam (both)")
     ap.add_argument("--k", type=int, default=Settings.k, help="number of sources K")
-    ap.add_argument("--kappa", type=float, default=Settings.kappa,
-                    help="condition number of the lower level")
+    ap.add_argument(
+        "--kappa", type=float, default=Settings.kappa, help="condition number of the lower level"
+    )
     ap.add_argument("--tol", type=float, default=Settings.tol, help="error for the to-tol column")
     ap.add_argument("--seed", type=int, default=Settings.seed)
     ap.add_argument("--threads", type=int, default=Settings.threads, help="torch threads")
@@ -391,17 +426,31 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--k must be >= 2 (one source has nothing to reweight)")
     half = 2 if args.quick else 1
     s = Settings(
-        k=args.k, kappa=args.kappa, seed=args.seed, alpha=args.alpha, lr_lam=args.lr_lam,
+        k=args.k,
+        kappa=args.kappa,
+        seed=args.seed,
+        alpha=args.alpha,
+        lr_lam=args.lr_lam,
         steps_scalebio=args.steps or Settings.steps_scalebio // half,
         steps_implicit=args.outer or Settings.steps_implicit // half,
-        inner=args.inner, cg=args.cg, tol=args.tol, threads=args.threads,
+        inner=args.inner,
+        cg=args.cg,
+        tol=args.tol,
+        threads=args.threads,
     )
     sizes = args.sizes or ([100, 1_000, 10_000] if args.quick else [100, 1_000, 10_000, 100_000])
     start = time.perf_counter()
     header, table = benchmark(sizes, s)
     total = time.perf_counter() - start
-    text = "\n".join([*header, "", *table, "",
-                      f"Total wall time of the benchmark (incl. exact solves): {total:.1f} s"])
+    text = "\n".join(
+        [
+            *header,
+            "",
+            *table,
+            "",
+            f"Total wall time of the benchmark (incl. exact solves): {total:.1f} s",
+        ]
+    )
     print(text)
     if args.out:
         write_section(

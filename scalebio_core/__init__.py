@@ -14,14 +14,13 @@ if "DS_ACCELERATOR" not in _os.environ and not _torch.cuda.is_available():
 from .bilevel import (
     BilevelConfig,
     BilevelState,
-    ConfigError,
-    NonFiniteLossError,
     init_state,
     lam_grad,
     scalebio_step,
     warmup_cosine,
     weighted_lower_loss,
 )
+from .errors import ConfigError, NonFiniteLossError
 from .problem import BilevelProblem, BilevelResult, loglog_slope, solve
 
 __version__ = "0.1.0"

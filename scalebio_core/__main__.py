@@ -1,3 +1,5 @@
+"""`python -m scalebio_core …`: the command line of `cli.py`."""
+
 from __future__ import annotations
 
 import sys

@@ -21,7 +21,7 @@ models run the same code.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,18 +31,18 @@ from torch import nn
 
 from .bilevel import (
     BilevelConfig,
-    ConfigError,
-    Reduce,
     StepFns,
-    _check_finite,
-    _clip,
-    _identity,
-    _lower_backward,
-    _micro,
-    _set_lr,
+    TrainBatch,
+    check_finite,
+    lower_backward,
     lr_multiplier,
     make_optimizer,
+    micro_batches,
+    set_lr,
 )
+from .distributed import LOCAL, Distribution
+from .errors import ConfigError, check_all, check_types
+from .problem import ParamVector, ProblemFns
 
 METHODS = ("scalebio", "uniform", "natural", "validation", "doremi")
 VALIDATION = "validation"  # the key of the validation set in a validation-only weights.json
@@ -82,39 +82,35 @@ def plain_step(
     cfg: BilevelConfig,
     step: int,
     divisor: torch.Tensor | None = None,
-    reduce: Reduce | None = None,
-    sync: Callable[[nn.Module], None] | None = None,
+    dist: Distribution = LOCAL,
 ) -> dict[str, Any]:
     """One fine-tuning step on L = Σ_s p_s · l̂_s (fixed p); lr_w and its schedule, clip at 1.
 
     ScaleBiO clips alpha·L2 at alpha (`clip_norm=None`), i.e. L2's own gradient at norm 1: the
     same clipping here. The loss is checked before the model moves (`NonFiniteLossError`).
     """
-    reduce = reduce or _identity
-    micro = _micro(batch)
     p = p.detach()
-    ids = torch.cat([torch.as_tensor(fns.source_ids(mb)).reshape(-1).cpu() for mb in micro])
-    counts = reduce(torch.bincount(ids, minlength=p.shape[0]).to(p.dtype).to(p.device))
-    div = counts.clamp_min(1) if divisor is None else divisor
+    train = TrainBatch.of(batch, fns, p, dist, divisor)
     opt.zero_grad(set_to_none=True)
-    lbar = reduce(_lower_backward(model, micro, fns, p, div, 1.0, step, "loss", reduce=reduce))
-    if sync is not None:
-        sync(model)
-    gnorm = _clip(model, 1.0 if cfg.clip_norm is None else cfg.clip_norm / cfg.alpha)
-    lr = _set_lr(opt, cfg.lr_w, lr_multiplier(cfg.schedule, step, cfg))
-    opt.step()
+    lbar = lower_backward(model, train, fns, p, 1.0, "loss", step, dist)
+    lr = set_lr(opt, cfg.lr_w, lr_multiplier(cfg.schedule, step, cfg))
+    max_norm = 1.0 if cfg.clip_norm is None else cfg.clip_norm / cfg.alpha
+    gnorm = dist.clip_and_step(model, opt, max_norm)
     return {
         "step": step,
         "p": p.tolist(),
         "loss": float((p * lbar).sum()),
         "loss_w": lbar.tolist(),
-        "counts": counts.tolist(),
+        "counts": train.counts.tolist(),
         "lr_w": lr,
         "grad_norm_w": gnorm,
     }
 
 
 # ---------------------------------------------------------------- DoReMi
+
+
+FLAT_PREFIX = "doremi_"  # a run config sets DoReMiConfig's fields as doremi_<field>
 
 
 @dataclass(frozen=True)
@@ -125,12 +121,22 @@ class DoReMiConfig:
     """Step size of the exponentiated-gradient update of the weights."""
     smoothing: float = 1e-3
     """Mixing with uniform after each update: p ← (1 − c)·p + c/K."""
+    ref_steps: int = 0
+    """Steps of the reference model on the uniform mixture (0: as many as the proxy's)."""
 
     def __post_init__(self) -> None:
-        if not (self.eta > 0 and math.isfinite(self.eta)):
-            raise ConfigError("doremi_eta must be a finite number > 0.")
-        if not 0 <= self.smoothing < 1:
-            raise ConfigError("doremi_smoothing must lie in [0, 1).")
+        check_types(self, prefix=FLAT_PREFIX)  # messages name the keys of a run config
+        check_all(
+            "DoReMiConfig",
+            [
+                (
+                    self.eta > 0 and math.isfinite(self.eta),
+                    "doremi_eta must be a finite number > 0",
+                ),
+                (0 <= self.smoothing < 1, "doremi_smoothing must lie in [0, 1)"),
+                (self.ref_steps >= 0, "doremi_ref_steps must be >= 0"),
+            ],
+        )
 
 
 def doremi_update(p: torch.Tensor, excess: torch.Tensor, cfg: DoReMiConfig) -> torch.Tensor:
@@ -161,29 +167,26 @@ def doremi_step(
     dcfg: DoReMiConfig,
     step: int,
     divisor: torch.Tensor | None = None,
-    reduce: Reduce | None = None,
-    sync: Callable[[nn.Module], None] | None = None,
+    dist: Distribution = LOCAL,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """One DoReMi proxy step: new weights from the batch's excess losses, then a plain step of
     the proxy on the mixture they give. Returns (the new weights, the step's metrics)."""
-    reduce = reduce or _identity
     k = p.shape[0]
-    micro = _micro(batch)
     sums = torch.zeros(k, dtype=torch.float64, device=p.device)
     n = torch.zeros(k, dtype=torch.float64, device=p.device)
     with torch.no_grad():
-        for mb in micro:
+        for mb in micro_batches(batch):
             losses, ids = fns.source_losses(proxy, mb)
             ref, _ = fns.source_losses(reference, mb)
             values = {"loss(proxy)": losses.sum(), "loss(reference)": ref.sum()}
-            _check_finite(values, step, reduce)
+            check_finite(values, step, dist)
             s_mb, n_mb = excess_sums(losses, ref, ids, k)
             sums += s_mb.to(p.device)
             n += n_mb.to(p.device)
     # the mean excess of each source over the whole batch (all ranks); an absent source gets 0
-    excess = reduce(sums) / reduce(n).clamp_min(1)
+    excess = dist.reduce(sums) / dist.reduce(n).clamp_min(1)
     p_new = doremi_update(p.double(), excess, dcfg).to(p.dtype)
-    m = plain_step(proxy, opt, batch, fns, p_new, cfg, step, divisor, reduce, sync)
+    m = plain_step(proxy, opt, batch, fns, p_new, cfg, step, divisor, dist)
     m["excess"] = excess.tolist()
     return p_new, m
 
@@ -200,9 +203,7 @@ class BaselineResult:
     theta: torch.Tensor
 
 
-def _problem_parts(problem):
-    from .problem import ParamVector, ProblemFns
-
+def _problem_parts(problem) -> tuple[ParamVector, ProblemFns]:
     return ParamVector(problem.init), ProblemFns(problem)
 
 

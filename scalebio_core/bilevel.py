@@ -12,37 +12,24 @@ One step, all gradients first order, in this order:
     2. w   ← w   − lr_w · ∇_w [L1(w) + alpha · L2(lam, w)]
     3. lam ← lam − lr_lam · alpha · (diag(p) − p pᵀ)(l̄(w) − l̄(u))   (both at the pre-update models)
 
-Sources where w is worse than u lose weight. Nothing here prints, plots or touches files.
+Sources where w is worse than u lose weight. Nothing here prints, plots or touches files, and
+nothing names a distributed engine: the processes are reached through one `Distribution`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from .distributed import LOCAL, Distribution
+from .errors import ConfigError, NonFiniteLossError, check_all, check_types
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message names the field and the fix."""
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or inf; no parameter was updated in the step that found it."""
-
-    def __init__(self, message: str, step: int, metrics: dict[str, float]):
-        super().__init__(message)
-        self.step = step
-        self.metrics = metrics
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 @dataclass(frozen=True)
@@ -87,28 +74,40 @@ class BilevelConfig:
     """Max gradient norm of u and w; None clips at alpha (the reference), inf turns clipping off."""
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.alpha > 0 and math.isfinite(self.alpha), "alpha must be a finite number > 0"),
-            (self.tau >= 1, "tau must be >= 1 (alpha may only grow; use 1 for constant alpha)"),
-            (self.tau_every >= 1, "tau_every must be a whole number >= 1"),
-            (self.alpha_max >= self.alpha, "alpha_max must be >= alpha"),
-            (self.lr_w > 0 and self.lr_u > 0 and self.lr_lam > 0, "learning rates must be > 0"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {sorted(OPTIMIZERS)}"),
-            (
-                self.lam_optimizer in OPTIMIZERS,
-                f"lam_optimizer must be one of {sorted(OPTIMIZERS)}",
-            ),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {sorted(SCHEDULES)}"),
-            (self.lam_schedule in SCHEDULES, f"lam_schedule must be one of {sorted(SCHEDULES)}"),
-            (0 <= self.warmup_ratio < 1, "warmup_ratio must lie in [0, 1)"),
-            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must lie in [0, 1]"),
-            (self.total_steps >= 1, "total_steps must be >= 1"),
-            (self.clip_norm is None or self.clip_norm > 0, "clip_norm must be > 0 or None"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"BilevelConfig: {message}.")
+        check_types(self)
+        betas = tuple(self.betas) if isinstance(self.betas, list | tuple) else ()
+        object.__setattr__(self, "betas", betas)  # YAML gives a list
+        check_all(
+            "BilevelConfig",
+            [
+                (self.alpha > 0 and math.isfinite(self.alpha), "alpha must be a finite number > 0"),
+                (self.tau >= 1, "tau must be >= 1 (alpha may only grow; use 1 for constant alpha)"),
+                (self.tau_every >= 1, "tau_every must be a whole number >= 1"),
+                (self.alpha_max >= self.alpha, "alpha_max must be >= alpha"),
+                (self.lr_w > 0 and self.lr_u > 0 and self.lr_lam > 0, "learning rates must be > 0"),
+                (self.optimizer in OPTIMIZERS, f"optimizer must be one of {sorted(OPTIMIZERS)}"),
+                (
+                    self.lam_optimizer in OPTIMIZERS,
+                    f"lam_optimizer must be one of {sorted(OPTIMIZERS)}",
+                ),
+                (self.weight_decay >= 0, "weight_decay must be >= 0"),
+                (self.schedule in SCHEDULES, f"schedule must be one of {sorted(SCHEDULES)}"),
+                (
+                    self.lam_schedule in SCHEDULES,
+                    f"lam_schedule must be one of {sorted(SCHEDULES)}",
+                ),
+                (0 <= self.warmup_ratio < 1, "warmup_ratio must lie in [0, 1)"),
+                (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must lie in [0, 1]"),
+                (self.total_steps >= 1, "total_steps must be >= 1"),
+                (self.clip_norm is None or self.clip_norm > 0, "clip_norm must be > 0 or None"),
+                (
+                    len(betas) == 2
+                    and all(isinstance(b, float | int) and 0 <= b < 1 for b in betas),
+                    "betas must be two numbers in [0, 1), e.g. [0.9, 0.999]",
+                ),
+                (self.momentum >= 0, "momentum must be >= 0"),
+            ],
+        )
 
     def alpha_at(self, step: int) -> float:
         """alpha_i = alpha_0 · tau^i with i = step // tau_every, capped at alpha_max."""
@@ -175,7 +174,7 @@ def weighted_lower_loss(
     Returns (L2 on this rank's samples — differentiable in `losses` and `p`, the global per-source
     estimates l̂ (detached, K), the global counts (K)).
     """
-    reduce = reduce or _identity
+    reduce = reduce or (lambda t: t)
     k = p.shape[0]
     if losses.ndim != 1 or source_ids.shape != losses.shape:
         raise ValueError(
@@ -240,7 +239,6 @@ class BilevelState:
     config: BilevelConfig
     source_names: tuple[str, ...]
     step: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def p(self) -> torch.Tensor:
@@ -256,7 +254,7 @@ class BilevelState:
 
     def state_dict(self, models: bool = True) -> dict[str, Any]:
         """Everything to resume; `models=False` leaves out w, u and their optimizers (sharded
-        runs save those per rank, see `sharding.py`)."""
+        runs save those per rank, see `distributed.py`)."""
         sd = {
             "lam": self.lam.detach().clone(),
             "opt_lam": self.opt_lam.state_dict(),
@@ -325,176 +323,99 @@ def init_state(
     )
 
 
-def _set_lr(opt: torch.optim.Optimizer, peak: float, mult: float) -> float:
+def set_lr(opt: torch.optim.Optimizer, peak: float, mult: float) -> float:
+    """Set every group's learning rate to peak · mult; returns it."""
     for g in opt.param_groups:
         g["lr"] = peak * mult
     return peak * mult
 
 
-def _clip(model: nn.Module, max_norm: float) -> float:
-    params = [q for q in model.parameters() if q.grad is not None]
-    if not params:
-        return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor: FSDP
-
-
-class StepEngine(Protocol):
-    """A distributed engine that owns backward, gradient reduction, clipping and the update of
-    u and w (DeepSpeed ZeRO, `zero.py`); the step's optimizers of u and w are its adapters."""
-
-    def backward(self, model: nn.Module, loss: torch.Tensor) -> None:
-        """Accumulate the gradient of this rank's share of the global loss."""
-
-    def clip_at(self, model: nn.Module, max_norm: float) -> None:
-        """Clip the whole gradient to `max_norm` when the model's optimizer steps."""
-
-    def grad_norm(self, model: nn.Module) -> float:
-        """The norm of the whole gradient before clipping, after the optimizer stepped."""
-
-
-def _backward(model: nn.Module, loss: torch.Tensor, engine: StepEngine | None) -> None:
-    if engine is None:
-        loss.backward()
-    else:
-        engine.backward(model, loss)
+# ---------------------------------------------------------------- the passes of a step
 
 
 class MicroBatches(list):
     """A batch given as micro-batches: gradients accumulate, counts are those of the whole batch."""
 
 
-def _micro(batch: Any) -> list:
+def micro_batches(batch: Any) -> list:
+    """The micro-batches of a batch (a batch that is not `MicroBatches` is one)."""
     return list(batch) if isinstance(batch, MicroBatches) else [batch]
 
 
-def _lower_backward(
+@dataclass
+class TrainBatch:
+    """A training batch as the lower level sees it: its micro-batches, the per-source counts of
+    the whole batch over every process, and the per-source divisor of L2."""
+
+    micro: list
+    counts: torch.Tensor
+    div: torch.Tensor
+
+    @classmethod
+    def of(
+        cls,
+        batch: Any,
+        fns: StepFns,
+        p: torch.Tensor,
+        dist: Distribution,
+        divisor: torch.Tensor | None = None,
+    ) -> TrainBatch:
+        """Counts from the source ids (before any forward); `divisor` None: the realized counts."""
+        micro = micro_batches(batch)
+        ids = torch.cat([torch.as_tensor(fns.source_ids(mb)).reshape(-1).cpu() for mb in micro])
+        counts = dist.reduce(torch.bincount(ids, minlength=p.shape[0]).to(p.dtype).to(p.device))
+        return cls(micro, counts, counts.clamp_min(1) if divisor is None else divisor)
+
+
+def lower_backward(
     model: nn.Module,
-    micro: list,
+    batch: TrainBatch,
     fns: StepFns,
     p: torch.Tensor,
-    div: torch.Tensor,
     scale: float,
-    step: int,
     label: str,
-    engine: StepEngine | None = None,
-    reduce: Reduce | None = None,
+    step: int,
+    dist: Distribution,
 ) -> torch.Tensor:
-    """Backpropagate scale · L2 over the micro-batches; return this rank's Σ_mb sums/div (K)."""
+    """Backpropagate scale · L2(lam, model) over the micro-batches; returns l̄ (K, all ranks)."""
     est = torch.zeros_like(p)
-    for mb in micro:
+    for mb in batch.micro:
         losses, ids = fns.source_losses(model, mb)
-        l2, est_mb, _ = weighted_lower_loss(losses, ids, p, div)
-        _check_finite({label: l2}, step, reduce)
-        _backward(model, scale * l2, engine)
+        l2, est_mb, _ = weighted_lower_loss(losses, ids, p, batch.div)
+        check_finite({label: l2}, step, dist)
+        dist.backward(model, scale * l2)
         est += est_mb.to(p.dtype)
-    return est
+    return dist.reduce(est)
 
 
-def scalebio_step(
-    state: BilevelState,
-    batch: Any,
+def upper_backward(
+    model: nn.Module,
     val_batch: Any,
     fns: StepFns,
-    reduce: Reduce | None = None,
-    divisor: torch.Tensor | None = None,
-    sync: Callable[[nn.Module], None] | None = None,
-    engine: StepEngine | None = None,
-) -> dict[str, Any]:
-    """One ScaleBiO step on `state` (in place); returns the step's metrics.
-
-    Gradients of u and w are computed first and every loss is checked for NaN/inf before any
-    parameter moves, so a non-finite loss raises `NonFiniteLossError` with the state untouched.
-    `batch` and `val_batch` may be `MicroBatches` (gradient accumulation): the per-source counts
-    are those of the whole batch, summed over ranks by `reduce` (identity on one process), and the
-    validation micro-batches are weighted equally. `divisor` replaces the realized per-source
-    counts (see `weighted_lower_loss`). Across ranks, each rank's loss is its own samples' share
-    of the global loss; `sync(model)` sums the gradients over ranks (all-reduce) and `reduce` the
-    metrics, so N ranks follow the one-process trajectory. An `engine` (DeepSpeed) takes over the
-    backward passes, the reduction and clipping of the gradients; `state.opt_u`/`opt_w` step it.
-    """
-    reduce = reduce or _identity
-    cfg, step = state.config, state.step
-    alpha = cfg.alpha_at(step)
-    p = torch.softmax(state.lam.detach(), dim=0)
-    micro, val_micro = _micro(batch), _micro(val_batch)
-    ids = torch.cat([torch.as_tensor(fns.source_ids(mb)).reshape(-1).cpu() for mb in micro])
-    counts = reduce(torch.bincount(ids, minlength=p.shape[0]).to(p.dtype).to(p.device))
-    div = counts.clamp_min(1) if divisor is None else divisor
-
-    # 1. u: gradient of alpha · L2(lam, u)
-    state.opt_u.zero_grad(set_to_none=True)
-    lbar_u = reduce(
-        _lower_backward(state.u, micro, fns, p, div, alpha, step, "L2(u)", engine, reduce)
-    )
-    if sync is not None:
-        sync(state.u)
-
-    # 2. w: gradient of L1(w) + alpha · L2(lam, w), same training batch plus a validation batch
-    state.opt_w.zero_grad(set_to_none=True)
+    like: torch.Tensor,
+    step: int,
+    dist: Distribution,
+) -> float:
+    """Backpropagate L1(model) over the validation micro-batches (weighted equally); returns L1
+    (all ranks, in the dtype of `like`)."""
+    micro = micro_batches(val_batch)
     l1 = 0.0
-    for vmb in val_micro:
-        l1_part = fns.val_loss(state.w, vmb) / len(val_micro)
-        _check_finite({"L1": l1_part}, step, reduce)
-        _backward(state.w, l1_part, engine)
-        l1 += float(l1_part.detach())
-    lbar_w = reduce(
-        _lower_backward(state.w, micro, fns, p, div, alpha, step, "L2(w)", engine, reduce)
-    )
-    if sync is not None:
-        sync(state.w)
-    l1 = float(reduce(torch.tensor(l1, dtype=p.dtype, device=p.device)))
-
-    max_norm = alpha if cfg.clip_norm is None else cfg.clip_norm
-    if engine is None:
-        gnorm_u, gnorm_w = _clip(state.u, max_norm), _clip(state.w, max_norm)
-    else:  # the engine clips inside its optimizer step
-        engine.clip_at(state.u, max_norm)
-        engine.clip_at(state.w, max_norm)
-
-    # all losses finite: now move u, w, then lam (its gradient uses the pre-update losses)
-    mult = lr_multiplier(cfg.schedule, step, cfg)
-    lr_u = _set_lr(state.opt_u, cfg.lr_u, mult)
-    lr_w = _set_lr(state.opt_w, cfg.lr_w, mult)
-    lr_lam = _set_lr(state.opt_lam, cfg.lr_lam, lr_multiplier(cfg.lam_schedule, step, cfg))
-    state.opt_u.step()
-    state.opt_w.step()
-    if engine is not None:
-        gnorm_u, gnorm_w = engine.grad_norm(state.u), engine.grad_norm(state.w)
-    g = lam_grad(p, lbar_w, lbar_u, alpha)
-    state.opt_lam.zero_grad(set_to_none=True)
-    state.lam.grad = g.to(state.lam.dtype).to(state.lam.device)
-    state.opt_lam.step()
-    state.step = step + 1
-
-    l2_w_f, l2_u_f = float((p * lbar_w).sum()), float((p * lbar_u).sum())
-    return {
-        "step": step,
-        "p": p.tolist(),
-        "L1": l1,
-        "L2_w": l2_w_f,
-        "L2_u": l2_u_f,
-        "gap": l2_w_f - l2_u_f,
-        "loss_w": lbar_w.tolist(),
-        "loss_u": lbar_u.tolist(),
-        "counts": counts.tolist(),
-        "alpha": alpha,
-        "lr_w": lr_w,
-        "lr_u": lr_u,
-        "lr_lam": lr_lam,
-        "grad_norm_w": gnorm_w,
-        "grad_norm_u": gnorm_u,
-    }
+    for vmb in micro:
+        part = fns.val_loss(model, vmb) / len(micro)
+        check_finite({"L1": part}, step, dist)
+        dist.backward(model, part)
+        l1 += float(part.detach())
+    return float(dist.reduce(torch.tensor(l1, dtype=like.dtype, device=like.device)))
 
 
-def _check_finite(values: dict[str, torch.Tensor], step: int, reduce: Reduce | None = None) -> None:
-    """Raise NonFiniteLossError if a loss is NaN/inf. With `reduce` (the sum over processes) the
-    verdict is shared, so every process raises at the same point and none is left waiting in a
-    collective (a hang) for one that stopped."""
+def check_finite(values: dict[str, torch.Tensor], step: int, dist: Distribution = LOCAL) -> None:
+    """Raise NonFiniteLossError if a loss is NaN/inf. With several processes the verdict is
+    shared (a sum of the bad-loss counts), so every process raises at the same point and none is
+    left waiting in a collective (a hang) for one that stopped."""
     bad = {k: float(v.detach()) for k, v in values.items() if not torch.isfinite(v.detach()).all()}
-    if reduce is not None and reduce is not _identity:  # several processes
+    if dist.world > 1:
         device = next(iter(values.values())).device
-        others = float(reduce(torch.tensor(float(len(bad)), device=device))) - len(bad)
+        others = float(dist.reduce(torch.tensor(float(len(bad)), device=device))) - len(bad)
         if others > 0 and not bad:
             bad = {f"{' / '.join(values)} on another process": math.nan}
     if bad:
@@ -505,3 +426,73 @@ def _check_finite(values: dict[str, torch.Tensor], step: int, reduce: Reduce | N
             step=step,
             metrics=bad,
         )
+
+
+# ---------------------------------------------------------------- the step
+
+
+def scalebio_step(
+    state: BilevelState,
+    batch: Any,
+    val_batch: Any,
+    fns: StepFns,
+    dist: Distribution = LOCAL,
+    divisor: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """One ScaleBiO step on `state` (in place); returns the step's metrics.
+
+    Gradients of u and w are computed first and every loss is checked for NaN/inf before any
+    parameter moves, so a non-finite loss raises `NonFiniteLossError` with the state untouched.
+    `batch` and `val_batch` may be `MicroBatches` (gradient accumulation): the per-source counts
+    are those of the whole batch over every process, and the validation micro-batches are
+    weighted equally. `divisor` replaces the realized per-source counts (see
+    `weighted_lower_loss`). `dist` (`distributed.py`) reduces over the processes, backpropagates
+    and steps u and w; the default is one process.
+    """
+    cfg, step = state.config, state.step
+    alpha = cfg.alpha_at(step)
+    p = torch.softmax(state.lam.detach(), dim=0)
+    train = TrainBatch.of(batch, fns, p, dist, divisor)
+
+    # 1. u: the gradient of alpha · L2(lam, u)
+    state.opt_u.zero_grad(set_to_none=True)
+    lbar_u = lower_backward(state.u, train, fns, p, alpha, "L2(u)", step, dist)
+
+    # 2. w: the gradient of L1(w) + alpha · L2(lam, w), on the same training batch
+    state.opt_w.zero_grad(set_to_none=True)
+    l1 = upper_backward(state.w, val_batch, fns, p, step, dist)
+    lbar_w = lower_backward(state.w, train, fns, p, alpha, "L2(w)", step, dist)
+
+    # every loss was finite: move u and w (clipped at alpha unless clip_norm is set) ...
+    mult = lr_multiplier(cfg.schedule, step, cfg)
+    lr_u = set_lr(state.opt_u, cfg.lr_u, mult)
+    lr_w = set_lr(state.opt_w, cfg.lr_w, mult)
+    max_norm = alpha if cfg.clip_norm is None else cfg.clip_norm
+    gnorm_u = dist.clip_and_step(state.u, state.opt_u, max_norm)
+    gnorm_w = dist.clip_and_step(state.w, state.opt_w, max_norm)
+
+    # 3. lam: alpha · (diag(p) − p pᵀ)(l̄(w) − l̄(u)), from the losses before u and w moved
+    lr_lam = set_lr(state.opt_lam, cfg.lr_lam, lr_multiplier(cfg.lam_schedule, step, cfg))
+    state.opt_lam.zero_grad(set_to_none=True)
+    state.lam.grad = lam_grad(p, lbar_w, lbar_u, alpha).to(state.lam.dtype).to(state.lam.device)
+    state.opt_lam.step()
+    state.step = step + 1
+
+    l2_w, l2_u = float((p * lbar_w).sum()), float((p * lbar_u).sum())
+    return {
+        "step": step,
+        "p": p.tolist(),
+        "L1": l1,
+        "L2_w": l2_w,
+        "L2_u": l2_u,
+        "gap": l2_w - l2_u,
+        "loss_w": lbar_w.tolist(),
+        "loss_u": lbar_u.tolist(),
+        "counts": train.counts.tolist(),
+        "alpha": alpha,
+        "lr_w": lr_w,
+        "lr_u": lr_u,
+        "lr_lam": lr_lam,
+        "grad_norm_w": gnorm_w,
+        "grad_norm_u": gnorm_u,
+    }

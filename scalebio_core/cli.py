@@ -6,51 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-from .bilevel import ConfigError
-from .memory import PRECISIONS, SHARDINGS
-from .runs import load_yaml
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`key=value` pairs; values are parsed as YAML (numbers, booleans, lists, null)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value.")
-        key, value = item.split("=", 1)
-        target = out
-        *parents, leaf = key.split(".")
-        for p in parents:  # corpus_args.n_per_source=100
-            target = target.setdefault(p, {})
-        target[leaf] = load_yaml(value)
-    return out
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else v
-    return out
-
-
-def resolve_config(config: str | None, preset: str | None, overrides: list[str]) -> dict:
-    """The config file (a preset section of it, when it has presets), then the overrides."""
-    data: dict = {}
-    if config:
-        path = Path(config)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist.")
-        data = load_yaml(path.read_text()) or {}
-        sections = {"smoke", "quick", "paper"} & set(data)
-        if sections:
-            if preset is None:
-                raise ConfigError(f"{path} has presets {sorted(sections)}: pass --preset NAME.")
-            if preset not in data:
-                raise ConfigError(f"{path} has no preset {preset!r}; known: {sorted(sections)}.")
-            data = _merge(data.get("defaults", {}), data[preset])
-    return _merge(data, parse_overrides(overrides))
+from .config import PRECISIONS, TrainConfig, load_preset
+from .errors import ConfigError, DataError, NonFiniteLossError, TrainingStopped
+from .memory import PAPER_MODELS, SHARDINGS, MemorySetup, verdict
+from .pipeline import resample_run, sft
+from .trainer import train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument(
         "--precision",
         choices=tuple(PRECISIONS),
-        default="amp",
-        help="amp: the trainer's bf16 autocast, fp32 weights; bf16: 16-bit weights, fp32 master",
+        default="bf16",
+        help="bf16: the trainer's bf16 autocast over fp32 weights; bf16-weights: 16-bit weights "
+        "with an fp32 master (not run by the trainer yet); fp32",
     )
     m.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     args = parser.parse_args(argv)
@@ -105,11 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return _memory(args)
     if args.command in ("resample", "sft"):
         return _pipeline(args)
-
-    from .trainer import TrainConfig, TrainingStopped, train
-
     try:
-        cfg = TrainConfig.from_dict(resolve_config(args.config, args.preset, args.overrides))
+        cfg = TrainConfig.from_dict(load_preset(args.config, args.preset, args.overrides))
         weights = train(cfg, resume=args.resume, progress=not args.no_progress)
     except (ConfigError, TrainingStopped, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -119,11 +78,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from .bilevel import NonFiniteLossError
-    from .data import DataError
-    from .pipeline import resample_run, sft
-    from .trainer import TrainConfig
-
     try:
         if args.command == "resample":
             weights = json.loads(Path(args.weights).read_text()) if args.weights else None
@@ -136,9 +90,16 @@ def _pipeline(args: argparse.Namespace) -> int:
                 counts[src] = counts.get(src, 0) + 1
             print(json.dumps({"out": str(out), "counts": dict(sorted(counts.items()))}, indent=2))
             return 0
-        cfg = TrainConfig.from_dict(resolve_config(args.config, args.preset, args.overrides))
+        cfg = TrainConfig.from_dict(load_preset(args.config, args.preset, args.overrides))
         result = sft(cfg, args.data, args.out, args.token_budget, progress=not args.no_progress)
-    except (ConfigError, DataError, NonFiniteLossError, OSError, json.JSONDecodeError) as e:
+    except (
+        ConfigError,
+        DataError,
+        NonFiniteLossError,
+        TrainingStopped,
+        OSError,
+        json.JSONDecodeError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
@@ -146,8 +107,6 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _memory(args: argparse.Namespace) -> int:
-    from .memory import PAPER_MODELS, MemorySetup, verdict
-
     if args.lisa and args.lora:
         print("error: choose LISA or LoRA, not both.", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import datetime
+import inspect
 import io
 import json
 import random
@@ -22,6 +23,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import babel
+from babel import Locale, dates, lists, numbers, units
 
 Record = dict[str, str]
 
@@ -53,10 +57,14 @@ class Corpus:
         for name, recs in [*self.sources.items(), ("validation", self.validation)]:
             lines = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in recs)
             (out / f"{name}.jsonl").write_bytes(lines.encode("utf-8"))
-        manifest = {"name": self.name, "seed": self.params.get("seed"),
-                    "description": self.description,
-                    "provenance": self.provenance, "params": self.params,
-                    "stats": corpus_stats(self)}
+        manifest = {
+            "name": self.name,
+            "seed": self.params.get("seed"),
+            "description": self.description,
+            "provenance": self.provenance,
+            "params": self.params,
+            "stats": corpus_stats(self),
+        }
         text = json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True) + "\n"
         (out / "manifest.json").write_bytes(text.encode("utf-8"))
         return out
@@ -71,8 +79,9 @@ def _record_text(r: Record) -> str:
 def corpus_stats(corpus: Corpus) -> dict[str, dict[str, int]]:
     """Records and characters per source, plus ``validation``."""
     parts = [*corpus.sources.items(), ("validation", corpus.validation)]
-    return {k: {"records": len(v), "characters": sum(len(_record_text(r)) for r in v)}
-            for k, v in parts}
+    return {
+        k: {"records": len(v), "characters": sum(len(_record_text(r)) for r in v)} for k, v in parts
+    }
 
 
 def _rng(seed: int, stream: str) -> random.Random:
@@ -92,33 +101,44 @@ def _table(spec: str) -> dict[str, str]:
 # ---------------------------------------------------------------- instruction tasks
 NAMES = "Tom Sara Ben Lily Omar Mia Ravi Emma Leo Nora Sam Zoe Ali Eva Max Ivy".split()
 ITEMS = "apples pens books marbles stickers cookies coins cards shells stamps balloons".split()
-WORDS = ("apple river garden window music pencil orange planet forest butter candle dragon yellow "
-         "winter summer market silver rocket island basket guitar coffee mirror ticket bridge "
-         "castle turtle rabbit cookie pepper tomato banana puzzle camera doctor engine flower "
-         "hammer jacket ladder monkey number pillow school spider stone table violin wallet zebra "
-         "cloud light ocean paper queen sugar tiger water bottle kitten").split()
+WORDS = (
+    "apple river garden window music pencil orange planet forest butter candle dragon yellow "
+    "winter summer market silver rocket island basket guitar coffee mirror ticket bridge "
+    "castle turtle rabbit cookie pepper tomato banana puzzle camera doctor engine flower "
+    "hammer jacket ladder monkey number pillow school spider stone table violin wallet zebra "
+    "cloud light ocean paper queen sugar tiger water bottle kitten"
+).split()
 CAPITALS = _table(
     "France:Paris,Germany:Berlin,Italy:Rome,Spain:Madrid,Portugal:Lisbon,Japan:Tokyo,"
     "China:Beijing,India:New Delhi,Canada:Ottawa,Mexico:Mexico City,Brazil:Brasilia,"
     "Argentina:Buenos Aires,Egypt:Cairo,Kenya:Nairobi,Australia:Canberra,Russia:Moscow,"
     "Greece:Athens,Turkey:Ankara,Norway:Oslo,Sweden:Stockholm,Finland:Helsinki,Poland:Warsaw,"
     "Austria:Vienna,Ireland:Dublin,Peru:Lima,Chile:Santiago,Thailand:Bangkok,Vietnam:Hanoi,"
-    "South Korea:Seoul,Netherlands:Amsterdam")
+    "South Korea:Seoul,Netherlands:Amsterdam"
+)
 _PAIRS = _table(
     "hot:cold,big:small,fast:slow,happy:sad,light:dark,early:late,open:closed,full:empty,"
     "high:low,strong:weak,rich:poor,young:old,hard:soft,wet:dry,loud:quiet,long:short,"
     "thick:thin,push:pull,win:lose,buy:sell,first:last,give:take,begin:end,up:down,"
     "inside:outside,above:below,before:after,true:false,easy:difficult,clean:dirty,"
     "cheap:expensive,safe:dangerous,day:night,love:hate,friend:enemy,arrive:leave,"
-    "remember:forget,accept:refuse,increase:decrease,always:never")
+    "remember:forget,accept:refuse,increase:decrease,always:never"
+)
 ANTONYMS = {**_PAIRS, **{v: k for k, v in _PAIRS.items()}}
 # unit (plural), singular, target unit, factor
-UNITS = [("meters", "meter", "centimeters", 100), ("kilometers", "kilometer", "meters", 1000),
-         ("hours", "hour", "minutes", 60), ("minutes", "minute", "seconds", 60),
-         ("kilograms", "kilogram", "grams", 1000), ("days", "day", "hours", 24),
-         ("weeks", "week", "days", 7), ("liters", "liter", "milliliters", 1000),
-         ("yards", "yard", "feet", 3), ("feet", "foot", "inches", 12),
-         ("dollars", "dollar", "cents", 100)]
+UNITS = [
+    ("meters", "meter", "centimeters", 100),
+    ("kilometers", "kilometer", "meters", 1000),
+    ("hours", "hour", "minutes", 60),
+    ("minutes", "minute", "seconds", 60),
+    ("kilograms", "kilogram", "grams", 1000),
+    ("days", "day", "hours", 24),
+    ("weeks", "week", "days", 7),
+    ("liters", "liter", "milliliters", 1000),
+    ("yards", "yard", "feet", 3),
+    ("feet", "foot", "inches", 12),
+    ("dollars", "dollar", "cents", 100),
+]
 
 I_WORD = "Solve the word problem."
 I_REVERSE = "Reverse the word."
@@ -219,13 +239,22 @@ def _units(r: random.Random) -> Example:
 
 
 TASKS: dict[str, Callable[[random.Random], Example]] = {
-    "add": _add, "antonym": _antonym, "capital": _capital, "count_letter": _count,
-    "divide": _divide, "multiply": _multiply, "next_number": _next, "reverse_word": _reverse,
-    "sort_numbers": _sort, "subtract": _subtract, "unit_conversion": _units, "uppercase": _upper,
+    "add": _add,
+    "antonym": _antonym,
+    "capital": _capital,
+    "count_letter": _count,
+    "divide": _divide,
+    "multiply": _multiply,
+    "next_number": _next,
+    "reverse_word": _reverse,
+    "sort_numbers": _sort,
+    "subtract": _subtract,
+    "unit_conversion": _units,
+    "uppercase": _upper,
 }
 
 
-def solve(record: Record) -> str:
+def reference_answer(record: Record) -> str:
     """The correct terse answer of an instruction-task record, recomputed from its input."""
     ins, x = record["instruction"], record["input"]
     nums = [int(t) for t in re.findall(r"\d+", x)]
@@ -267,8 +296,11 @@ def extract_answer(text: str) -> str:
 
 def _draw(r: random.Random, task: str, detailed: bool = False) -> Record:
     ins, x, ans, why = TASKS[task](r)
-    return {"instruction": ins, "input": x,
-            "output": f"{why} The answer is {ans}." if detailed else ans}
+    return {
+        "instruction": ins,
+        "input": x,
+        "output": f"{why} The answer is {ans}." if detailed else ans,
+    }
 
 
 def _repeat(r: random.Random, n: int, draw: Callable[[random.Random], Record]) -> list[Record]:
@@ -289,10 +321,15 @@ def instruction_tasks(n_per_task: int = 200, seed: int = 0, n_val: int = 200) ->
     """One source per templated task (12 tasks); every output is checkable with `solve`."""
     _check_sizes(n_per_task=n_per_task, n_val=n_val)
     src = {t: _repeat(_rng(seed, t), n_per_task, lambda r, t=t: _draw(r, t)) for t in TASKS}
-    return Corpus(src, _mixed(_rng(seed, "validation"), n_val),
-                  "Templated instruction tasks with exact answers, one source per task; "
-                  "validation mixes all tasks.", _PROV_TASKS, "instruction",
-                  {"n_per_task": n_per_task, "n_val": n_val, "seed": seed})
+    return Corpus(
+        src,
+        _mixed(_rng(seed, "validation"), n_val),
+        "Templated instruction tasks with exact answers, one source per task; "
+        "validation mixes all tasks.",
+        _PROV_TASKS,
+        "instruction",
+        {"n_per_task": n_per_task, "n_val": n_val, "seed": seed},
+    )
 
 
 def _noise_name(rate: float) -> str:
@@ -309,8 +346,12 @@ def _corrupt(r: random.Random, out: str, pool: list[str]) -> str:
     return r.choice(others) if others else out + "0"
 
 
-def noisy_sources(noise_rates: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-                  n_per_source: int = 500, n_val: int = 200, seed: int = 0) -> Corpus:
+def noisy_sources(
+    noise_rates: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+    n_per_source: int = 500,
+    n_val: int = 200,
+    seed: int = 0,
+) -> Corpus:
     """One source per noise rate; exactly ``round(rate * n)`` outputs are wrong answers."""
     _check_sizes(n_per_source=n_per_source, n_val=n_val)
     names = [_noise_name(float(x)) for x in noise_rates]
@@ -324,25 +365,40 @@ def noisy_sources(noise_rates: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0
         for i in sorted(r.sample(range(n_per_source), round(rate * n_per_source))):
             recs[i]["output"] = _corrupt(r, recs[i]["output"], pool)
         src[name] = recs
-    return Corpus(src, _mixed(_rng(seed, "validation"), n_val),
-                  "Same task mixture per source; a fraction (the rate) of each source's outputs "
-                  "replaced by a shuffled answer or another record's answer; clean validation.",
-                  _PROV_TASKS, "noisy", {"noise_rates": list(noise_rates),
-                                         "n_per_source": n_per_source, "n_val": n_val,
-                                         "seed": seed})
+    return Corpus(
+        src,
+        _mixed(_rng(seed, "validation"), n_val),
+        "Same task mixture per source; a fraction (the rate) of each source's outputs "
+        "replaced by a shuffled answer or another record's answer; clean validation.",
+        _PROV_TASKS,
+        "noisy",
+        {
+            "noise_rates": list(noise_rates),
+            "n_per_source": n_per_source,
+            "n_val": n_val,
+            "seed": seed,
+        },
+    )
 
 
-def informative_sources(n_terse: int = 900, n_detailed: int = 100, n_val: int = 200,
-                        seed: int = 0) -> Corpus:
+def informative_sources(
+    n_terse: int = 900, n_detailed: int = 100, n_val: int = 200, seed: int = 0
+) -> Corpus:
     """A large terse-answer source beside a small worked-explanation source (Alpaca vs GPT-4)."""
     _check_sizes(n_terse=n_terse, n_detailed=n_detailed, n_val=n_val)
-    src = {"terse": _mixed(_rng(seed, "terse"), n_terse),
-           "detailed": _mixed(_rng(seed, "detailed"), n_detailed, detailed=True)}
-    return Corpus(src, _mixed(_rng(seed, "validation"), n_val, detailed=True),
-                  "Same tasks answered tersely (large source) or with a worked explanation "
-                  "ending 'The answer is X.' (small source); validation in the detailed style.",
-                  _PROV_TASKS, "informative",
-                  {"n_terse": n_terse, "n_detailed": n_detailed, "n_val": n_val, "seed": seed})
+    src = {
+        "terse": _mixed(_rng(seed, "terse"), n_terse),
+        "detailed": _mixed(_rng(seed, "detailed"), n_detailed, detailed=True),
+    }
+    return Corpus(
+        src,
+        _mixed(_rng(seed, "validation"), n_val, detailed=True),
+        "Same tasks answered tersely (large source) or with a worked explanation "
+        "ending 'The answer is X.' (small source); validation in the detailed style.",
+        _PROV_TASKS,
+        "informative",
+        {"n_terse": n_terse, "n_detailed": n_detailed, "n_val": n_val, "seed": seed},
+    )
 
 
 # ---------------------------------------------------------------- math word problems
@@ -364,17 +420,26 @@ def _math_problem(r: random.Random, steps: int) -> Record:
         else:
             k, m = r.randint(2, 5), r.randint(2, 10)
             q.append(f"Then {n} buys {k} bags with {m} {it} in each bag.")
-            cot.append(f"The bags hold {k} * {m} = {k * m} {it}, so {n} has "
-                       f"{have} + {k * m} = {have + k * m}.")
+            cot.append(
+                f"The bags hold {k} * {m} = {k * m} {it}, so {n} has "
+                f"{have} + {k * m} = {have + k * m}."
+            )
             have += k * m
     q.append(f"How many {it} does {n} have now?")
-    return {"instruction": "Solve the math word problem. Show your reasoning.",
-            "input": " ".join(q), "output": " ".join(cot) + f" The answer is {have}."}
+    return {
+        "instruction": "Solve the math word problem. Show your reasoning.",
+        "input": " ".join(q),
+        "output": " ".join(cot) + f" The answer is {have}.",
+    }
 
 
-def math_word_problems(n: int = 500, seed: int = 0, n_val: int = 200,
-                       val_steps: tuple[int, ...] = (1, 2, 3),
-                       extra_tasks: tuple[str, ...] = ()) -> Corpus:
+def math_word_problems(
+    n: int = 500,
+    seed: int = 0,
+    n_val: int = 200,
+    val_steps: tuple[int, ...] = (1, 2, 3),
+    extra_tasks: tuple[str, ...] = (),
+) -> Corpus:
     """Arithmetic word problems with chain-of-thought answers, one source per step count;
     `extra_tasks` adds one source of `n` terse instruction-task records per named task (the
     analogue of general instruction data beside the math sources)."""
@@ -384,30 +449,43 @@ def math_word_problems(n: int = 500, seed: int = 0, n_val: int = 200,
     unknown = sorted(set(extra_tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown extra_tasks {unknown}; known tasks: {sorted(TASKS)}")
-    src = {f"steps_{k}": _repeat(_rng(seed, f"steps_{k}"), n, lambda r, k=k: _math_problem(r, k))
-           for k in (1, 2, 3)}
-    src.update({f"task_{t}": _repeat(_rng(seed, t), n, lambda r, t=t: _draw(r, t))
-                for t in extra_tasks})
+    src = {
+        f"steps_{k}": _repeat(_rng(seed, f"steps_{k}"), n, lambda r, k=k: _math_problem(r, k))
+        for k in (1, 2, 3)
+    }
+    src.update(
+        {f"task_{t}": _repeat(_rng(seed, t), n, lambda r, t=t: _draw(r, t)) for t in extra_tasks}
+    )
     rv = _rng(seed, "validation")
     val = [_math_problem(rv, rv.choice(val_steps)) for _ in range(n_val)]
-    return Corpus(src, val, "Multi-step arithmetic word problems (GSM8K analogue) whose outputs "
-                  "reason step by step and end 'The answer is N.'"
-                  + (", beside terse instruction tasks" if extra_tasks else ""), _PROV_TASKS,
-                  "math", {"n": n, "n_val": n_val, "val_steps": list(val_steps), "seed": seed,
-                           **({"extra_tasks": list(extra_tasks)} if extra_tasks else {})})
+    return Corpus(
+        src,
+        val,
+        "Multi-step arithmetic word problems (GSM8K analogue) whose outputs "
+        "reason step by step and end 'The answer is N.'"
+        + (", beside terse instruction tasks" if extra_tasks else ""),
+        _PROV_TASKS,
+        "math",
+        {
+            "n": n,
+            "n_val": n_val,
+            "val_steps": list(val_steps),
+            "seed": seed,
+            **({"extra_tasks": list(extra_tasks)} if extra_tasks else {}),
+        },
+    )
 
 
 # ---------------------------------------------------------------- multilingual text
 def _english_paragraphs() -> list[str]:
-    try:
+    try:  # lazy: stripped Python builds leave pydoc_data out
         from pydoc_data.topics import topics
+
         docs = [topics[k] for k in sorted(topics)]
     except ImportError:  # pragma: no cover - stripped Python builds
-        import inspect
-
         docs = [inspect.getdoc(m) or "" for m in (json, random, re, codecs, contextlib)]
     with contextlib.redirect_stdout(io.StringIO()):
-        import this
+        import this  # lazy: importing it prints the Zen of Python (silenced here)
     paras = [codecs.decode(this.s, "rot13").split("\n\n", 1)[1].replace("\n", " ")]
     for doc in docs:
         for p in re.split(r"\n\s*\n", doc):
@@ -435,59 +513,107 @@ def _english_pairs() -> list[list[tuple[str, str]]]:
     return out
 
 
-CITIES = ("Europe/London Europe/Paris Europe/Berlin Europe/Rome Europe/Madrid Europe/Vienna "
-          "Europe/Lisbon Europe/Athens Europe/Moscow Europe/Warsaw Europe/Prague Europe/Brussels "
-          "Europe/Amsterdam Europe/Stockholm Europe/Copenhagen Europe/Dublin Europe/Zurich "
-          "Asia/Tokyo Asia/Shanghai Asia/Seoul Asia/Singapore America/New_York America/Chicago "
-          "America/Los_Angeles America/Toronto America/Mexico_City America/Sao_Paulo "
-          "Australia/Sydney").split()
+CITIES = (
+    "Europe/London Europe/Paris Europe/Berlin Europe/Rome Europe/Madrid Europe/Vienna "
+    "Europe/Lisbon Europe/Athens Europe/Moscow Europe/Warsaw Europe/Prague Europe/Brussels "
+    "Europe/Amsterdam Europe/Stockholm Europe/Copenhagen Europe/Dublin Europe/Zurich "
+    "Asia/Tokyo Asia/Shanghai Asia/Seoul Asia/Singapore America/New_York America/Chicago "
+    "America/Los_Angeles America/Toronto America/Mexico_City America/Sao_Paulo "
+    "Australia/Sydney"
+).split()
 COUNTRIES = "FR DE JP BR CA MX EG AU CN KR SE NO PT GR AR KE TR PE CL NZ".split()
 LANG_CODES = "en fr de es it pt nl ja zh ru ar sv pl el ko tr".split()
 # language -> (babel locale, currency, first names, sentence templates)
 LANGUAGES: dict[str, tuple[str, str, str, list[str]]] = {
-    "french": ("fr", "EUR", "Marie Pierre Camille Louis Claire Julien", [
-        "{name} part pour {city} le {day}.", "{name} parle {lang} et apprend {lang2}.",
-        "En {month}, {name} visite {city}.", "Le rendez-vous est prévu le {date}.",
-        "Le billet coûte {money}.", "Le trajet dure {hours}.", "Le colis pèse {kg}.",
-        "La gare est à {km} d'ici.", "Pays visités : {countries}.",
-        "La ville compte {number} habitants."]),
-    "german": ("de", "EUR", "Anna Lukas Lena Jonas Sophie Felix", [
-        "{name} fährt am {day} nach {city}.", "{name} spricht {lang} und lernt {lang2}.",
-        "Im {month} besucht {name} {city}.", "Der Termin ist am {date}.",
-        "Die Fahrkarte kostet {money}.", "Die Fahrt dauert {hours}.", "Das Paket wiegt {kg}.",
-        "Der Bahnhof ist {km} entfernt.", "Besuchte Länder: {countries}.",
-        "Die Stadt hat {number} Einwohner."]),
-    "spanish": ("es", "EUR", "Lucía Pablo Carmen Javier Elena Diego", [
-        "{name} viaja a {city} el {day}.", "{name} habla {lang} y estudia {lang2}.",
-        "En {month}, {name} visita {city}.", "La cita es el {date}.",
-        "El billete cuesta {money}.", "El viaje dura {hours}.", "El paquete pesa {kg}.",
-        "La estación está a {km} de aquí.", "Países visitados: {countries}.",
-        "La ciudad tiene {number} habitantes."]),
-    "italian": ("it", "EUR", "Giulia Marco Chiara Luca Sara Matteo", [
-        "{name} parte per {city} {day}.", "{name} parla {lang} e studia {lang2}.",
-        "Nel mese di {month}, {name} visita {city}.", "L'appuntamento è fissato per {date}.",
-        "Il biglietto costa {money}.", "Il viaggio dura {hours}.", "Il pacco pesa {kg}.",
-        "La stazione è a {km} da qui.", "Paesi visitati: {countries}.",
-        "La città ha {number} abitanti."]),
-    "chinese": ("zh", "CNY", "小明 李华 王芳 张伟 刘洋 陈静", [
-        "{name}{day}去{city}。", "{name}会说{lang}，也在学{lang2}。",
-        "{month}，{name}参观了{city}。",
-        "约会定在{date}。", "票价是{money}。", "旅程需要{hours}。", "包裹重{kg}。",
-        "车站离这里{km}。", "去过的国家：{countries}。", "这座城市有{number}名居民。"]),
+    "french": (
+        "fr",
+        "EUR",
+        "Marie Pierre Camille Louis Claire Julien",
+        [
+            "{name} part pour {city} le {day}.",
+            "{name} parle {lang} et apprend {lang2}.",
+            "En {month}, {name} visite {city}.",
+            "Le rendez-vous est prévu le {date}.",
+            "Le billet coûte {money}.",
+            "Le trajet dure {hours}.",
+            "Le colis pèse {kg}.",
+            "La gare est à {km} d'ici.",
+            "Pays visités : {countries}.",
+            "La ville compte {number} habitants.",
+        ],
+    ),
+    "german": (
+        "de",
+        "EUR",
+        "Anna Lukas Lena Jonas Sophie Felix",
+        [
+            "{name} fährt am {day} nach {city}.",
+            "{name} spricht {lang} und lernt {lang2}.",
+            "Im {month} besucht {name} {city}.",
+            "Der Termin ist am {date}.",
+            "Die Fahrkarte kostet {money}.",
+            "Die Fahrt dauert {hours}.",
+            "Das Paket wiegt {kg}.",
+            "Der Bahnhof ist {km} entfernt.",
+            "Besuchte Länder: {countries}.",
+            "Die Stadt hat {number} Einwohner.",
+        ],
+    ),
+    "spanish": (
+        "es",
+        "EUR",
+        "Lucía Pablo Carmen Javier Elena Diego",
+        [
+            "{name} viaja a {city} el {day}.",
+            "{name} habla {lang} y estudia {lang2}.",
+            "En {month}, {name} visita {city}.",
+            "La cita es el {date}.",
+            "El billete cuesta {money}.",
+            "El viaje dura {hours}.",
+            "El paquete pesa {kg}.",
+            "La estación está a {km} de aquí.",
+            "Países visitados: {countries}.",
+            "La ciudad tiene {number} habitantes.",
+        ],
+    ),
+    "italian": (
+        "it",
+        "EUR",
+        "Giulia Marco Chiara Luca Sara Matteo",
+        [
+            "{name} parte per {city} {day}.",
+            "{name} parla {lang} e studia {lang2}.",
+            "Nel mese di {month}, {name} visita {city}.",
+            "L'appuntamento è fissato per {date}.",
+            "Il biglietto costa {money}.",
+            "Il viaggio dura {hours}.",
+            "Il pacco pesa {kg}.",
+            "La stazione è a {km} da qui.",
+            "Paesi visitati: {countries}.",
+            "La città ha {number} abitanti.",
+        ],
+    ),
+    "chinese": (
+        "zh",
+        "CNY",
+        "小明 李华 王芳 张伟 刘洋 陈静",
+        [
+            "{name}{day}去{city}。",
+            "{name}会说{lang}，也在学{lang2}。",
+            "{month}，{name}参观了{city}。",
+            "约会定在{date}。",
+            "票价是{money}。",
+            "旅程需要{hours}。",
+            "包裹重{kg}。",
+            "车站离这里{km}。",
+            "去过的国家：{countries}。",
+            "这座城市有{number}名居民。",
+        ],
+    ),
 }
 
 
-def _babel() -> Any:
-    try:
-        import babel
-        from babel import Locale, dates, lists, numbers, units
-    except ImportError as e:  # pragma: no cover - babel ships with jupyterlab
-        raise ImportError("the multilingual corpus needs babel (installed with jupyterlab)") from e
-    return babel, Locale, dates, lists, numbers, units
-
-
 def _sentence_maker(language: str) -> Callable[[random.Random], list[str]]:
-    _, Locale, dates, lists, numbers, units = _babel()
     loc, cur, names, templates = LANGUAGES[language]
     L = Locale.parse(loc)
     root = {tz: None if loc == "zh" else tz.split("/")[1].replace("_", " ") for tz in CITIES}
@@ -504,13 +630,17 @@ def _sentence_maker(language: str) -> Callable[[random.Random], list[str]]:
 
     fields: dict[str, Callable[[random.Random], str]] = {
         "city": lambda r: r.choice(cities),
-        "day": lambda r: r.choice(days), "month": lambda r: r.choice(months),
-        "lang": lambda r: L.languages[r.choice(LANG_CODES)], "date": date,
+        "day": lambda r: r.choice(days),
+        "month": lambda r: r.choice(months),
+        "lang": lambda r: L.languages[r.choice(LANG_CODES)],
+        "date": date,
         "money": lambda r: numbers.format_currency(r.randint(100, 20000) / 100, cur, locale=loc),
-        "hours": lambda r: unit(r, "duration-hour"), "kg": lambda r: unit(r, "mass-kilogram"),
+        "hours": lambda r: unit(r, "duration-hour"),
+        "kg": lambda r: unit(r, "mass-kilogram"),
         "km": lambda r: unit(r, "length-kilometer"),
         "countries": lambda r: lists.format_list(
-            [L.territories[c] for c in r.sample(COUNTRIES, r.randint(2, 4))], locale=loc),
+            [L.territories[c] for c in r.sample(COUNTRIES, r.randint(2, 4))], locale=loc
+        ),
         "number": lambda r: numbers.format_decimal(r.randint(10_000, 5_000_000), locale=loc),
     }
 
@@ -533,8 +663,9 @@ def _pair_record(first: str, second: str, fmt: str, sep: str = " ") -> Record:
     return {"instruction": "Continue the text.", "input": first, "output": second}
 
 
-def multilingual_sources(n_per_source: int = 500, n_val: int = 200, seed: int = 0,
-                         fmt: str = "instruction") -> Corpus:
+def multilingual_sources(
+    n_per_source: int = 500, n_val: int = 200, seed: int = 0, fmt: str = "instruction"
+) -> Corpus:
     """Real English prose beside CLDR-templated French, German, Spanish, Italian and Chinese.
 
     ``fmt="instruction"`` gives "Continue the text." records (input = first part, output = the
@@ -560,8 +691,11 @@ def multilingual_sources(n_per_source: int = 500, n_val: int = 200, seed: int = 
     if not pool:
         raise ValueError(f"n_val={n_val} leaves no English training text")
     rs = _rng(seed, "english")
-    picks = (rs.sample(pool, n_per_source) if n_per_source <= len(pool)
-             else rs.choices(pool, k=n_per_source))
+    picks = (
+        rs.sample(pool, n_per_source)
+        if n_per_source <= len(pool)
+        else rs.choices(pool, k=n_per_source)
+    )
     src = {"english": [_pair_record(a, b, fmt) for a, b in picks]}
     for lang in LANGUAGES:
         r, make, sep = _rng(seed, lang), _sentence_maker(lang), "" if lang == "chinese" else " "
@@ -570,19 +704,26 @@ def multilingual_sources(n_per_source: int = 500, n_val: int = 200, seed: int = 
             s = make(r)
             recs.append(_pair_record(sep.join(s[:2]), s[2], fmt, sep))
         src[lang] = recs
-    babel = _babel()[0]
-    prov = (f"English: Python {sys.version.split()[0]} standard library (pydoc_data.topics "
-            f"documentation, the Zen of Python); other languages: Unicode CLDR data from babel "
-            f"{babel.__version__} in built-in sentence templates")
-    return Corpus(src, [_pair_record(a, b, fmt) for a, b in val],
-                  "Text continuation in six languages; the target (validation) is held-out "
-                  "real English.", prov, "multilingual",
-                  {"n_per_source": n_per_source, "n_val": n_val, "seed": seed, "fmt": fmt})
+    prov = (
+        f"English: Python {sys.version.split()[0]} standard library (pydoc_data.topics "
+        f"documentation, the Zen of Python); other languages: Unicode CLDR data from babel "
+        f"{babel.__version__} in built-in sentence templates"
+    )
+    return Corpus(
+        src,
+        [_pair_record(a, b, fmt) for a, b in val],
+        "Text continuation in six languages; the target (validation) is held-out real English.",
+        prov,
+        "multilingual",
+        {"n_per_source": n_per_source, "n_val": n_val, "seed": seed, "fmt": fmt},
+    )
 
 
 CORPORA: dict[str, Callable[..., Corpus]] = {
-    "instruction": instruction_tasks, "noisy": noisy_sources,
-    "multilingual": multilingual_sources, "informative": informative_sources,
+    "instruction": instruction_tasks,
+    "noisy": noisy_sources,
+    "multilingual": multilingual_sources,
+    "informative": informative_sources,
     "math": math_word_problems,
 }
 

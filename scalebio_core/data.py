@@ -28,15 +28,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
+from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
-from .sampling import IGNORE, NO_PAD, BatchSampler, collate  # noqa: F401  (public here too)
+from .errors import DataError
+from .runs import save_torch
+from .sampling import IGNORE, NO_PAD
 
 FORMATS = ("auto", "alpaca", "sharegpt", "text", "hf", "records")
 SUFFIXES = (".json", ".jsonl", ".txt")
@@ -44,13 +47,13 @@ EXCLUDED_STEMS = ("validation", "manifest")  # not training sources in a corpus 
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 HUMAN, MODEL = ("human", "user"), ("gpt", "assistant")
-EXPECTED_KEYS = {"alpaca": "instruction, output (optional: input)", "records": "prompt, response",
-                 "sharegpt": "conversations (a list of {from, value} turns)", "text": "text"}
+EXPECTED_KEYS = {
+    "alpaca": "instruction, output (optional: input)",
+    "records": "prompt, response",
+    "sharegpt": "conversations (a list of {from, value} turns)",
+    "text": "text",
+}
 CACHE_VERSION = 1  # bump when tokenization changes
-
-
-class DataError(ValueError):
-    """Bad training data or settings; the message names the file/line/source and the fix."""
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,10 @@ def _read_json(path: Path) -> Raw:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg}, column "
-                            f"{e.colno}); fix the file (a JSON array of objects).") from e
+            raise DataError(
+                f"{path}: line {e.lineno}: malformed JSON ({e.msg}, column "
+                f"{e.colno}); fix the file (a JSON array of objects)."
+            ) from e
         return [(f"{path}: record {i}", r) for i, r in enumerate(data)]
     out: Raw = []
     for n, line in enumerate(text.splitlines(), start=1):
@@ -125,8 +130,10 @@ def _read_json(path: Path) -> Raw:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {n}: malformed JSON ({e.msg}, column {e.colno}); fix "
-                            "or delete that line (JSON Lines: one object per line).") from e
+            raise DataError(
+                f"{path}: line {n}: malformed JSON ({e.msg}, column {e.colno}); fix "
+                "or delete that line (JSON Lines: one object per line)."
+            ) from e
         out.append((f"{path}: record {len(out)} (line {n})", rec))
     return out
 
@@ -144,8 +151,11 @@ def _read_path(spec: SourceSpec) -> list[tuple[Raw, str]]:
         raise DataError(f"source {spec.name!r}: path {path} does not exist; check the path.")
     files = [path]
     if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.suffix in SUFFIXES and f.is_file()
-                       and f.stem not in EXCLUDED_STEMS)
+        files = sorted(
+            f
+            for f in path.iterdir()
+            if f.suffix in SUFFIXES and f.is_file() and f.stem not in EXCLUDED_STEMS
+        )
     if not files:
         raise DataError(f"source {spec.name!r}: no {'/'.join(SUFFIXES)} files in {path}.")
     out = []
@@ -157,15 +167,12 @@ def _read_path(spec: SourceSpec) -> list[tuple[Raw, str]]:
     return out
 
 
-def _hub_offline() -> bool:
+def _datasets_offline() -> bool:
     flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
 def _read_hf(spec: SourceSpec) -> Raw:
-    import datasets
-    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
-
     name, where = spec.hf_name, f"source {spec.name!r}: HF dataset {spec.hf_name!r}"
     local = Path(name).exists()
     try:
@@ -181,7 +188,7 @@ def _read_hf(spec: SourceSpec) -> Raw:
     except DataError:
         raise
     except Exception as e:
-        if _hub_offline() and not local and name not in _PACKAGED_DATASETS_MODULES:
+        if _datasets_offline() and not local and name not in _PACKAGED_DATASETS_MODULES:
             raise DataError(
                 f"{where}: the Hugging Face hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is "
                 "set) and it is not in the local cache. Give a local path (a save_to_disk folder, "
@@ -232,8 +239,10 @@ def _field(where: str, rec: Any, key: str, fmt: str, optional: bool = False) -> 
 def _sharegpt(where: str, rec: Any) -> dict[str, str]:
     turns = rec.get("conversations") if isinstance(rec, dict) else None
     if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-        raise DataError(f"{where}: missing key 'conversations' or it is not a list of turns; "
-                        f"sharegpt records need {EXPECTED_KEYS['sharegpt']}.")
+        raise DataError(
+            f"{where}: missing key 'conversations' or it is not a list of turns; "
+            f"sharegpt records need {EXPECTED_KEYS['sharegpt']}."
+        )
     roles = [str(t.get("from", "")).lower() for t in turns]
     first = next((i for i, r in enumerate(roles) if r in HUMAN), None)
     reply = next((i for i, r in enumerate(roles) if r in MODEL and i > (first or 0)), None)
@@ -248,22 +257,27 @@ def _normalise(where: str, rec: Any, fmt: str) -> dict[str, str]:
         ins = _field(where, rec, "instruction", fmt)
         inp = _field(where, rec, "input", fmt, optional=True)
         tpl = PROMPT_TEMPLATE if inp.strip() else PROMPT_NO_INPUT
-        return {"prompt": tpl.format(instruction=ins, input=inp),
-                "response": _field(where, rec, "output", fmt)}
+        return {
+            "prompt": tpl.format(instruction=ins, input=inp),
+            "response": _field(where, rec, "output", fmt),
+        }
     if fmt == "sharegpt":
         return _sharegpt(where, rec)
     if fmt == "text":
         return {"prompt": "", "response": _field(where, rec, "text", fmt)}
-    return {"prompt": _field(where, rec, "prompt", fmt),
-            "response": _field(where, rec, "response", fmt)}
+    return {
+        "prompt": _field(where, rec, "prompt", fmt),
+        "response": _field(where, rec, "response", fmt),
+    }
 
 
 def load_records(spec: SourceSpec) -> list[dict]:
     """The spec's records, normalised to ``{"prompt", "response"}`` (text: empty prompt)."""
     where = f"source {spec.name!r}"
     if spec.format not in FORMATS:
-        raise DataError(f"{where}: unknown format {spec.format!r}; known formats: "
-                        f"{', '.join(FORMATS)}.")
+        raise DataError(
+            f"{where}: unknown format {spec.format!r}; known formats: {', '.join(FORMATS)}."
+        )
     if spec.limit is not None and (not isinstance(spec.limit, int) or spec.limit < 1):
         raise DataError(f"{where}: limit must be a whole number >= 1 or None, got {spec.limit!r}.")
     given = [x for x in ("path", "records", "hf_name") if getattr(spec, x) is not None]
@@ -309,8 +323,11 @@ def specs_from_dir(path: str | os.PathLike[str]) -> list[SourceSpec]:
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"{root} is not a directory; give the folder that holds the source files.")
-    files = [f for f in sorted(root.iterdir()) if f.is_file() and f.suffix in SUFFIXES
-             and f.stem not in EXCLUDED_STEMS]
+    files = [
+        f
+        for f in sorted(root.iterdir())
+        if f.is_file() and f.suffix in SUFFIXES and f.stem not in EXCLUDED_STEMS
+    ]
     stems = [f.stem for f in files]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
@@ -339,11 +356,22 @@ class TokenizedData:
         return len(self.input_ids)
 
 
-def _fingerprint(recs: Mapping[str, list[dict]], names: Sequence[str], tokenizer: Any,
-                 max_length: int, prefix: list[int]) -> str:
+def _fingerprint(
+    recs: Mapping[str, list[dict]],
+    names: Sequence[str],
+    tokenizer: Any,
+    max_length: int,
+    prefix: list[int],
+) -> str:
     h = hashlib.sha256()
-    meta = [CACHE_VERSION, list(names), max_length, prefix, tokenizer.eos_token_id,
-            type(tokenizer).__name__]
+    meta = [
+        CACHE_VERSION,
+        list(names),
+        max_length,
+        prefix,
+        tokenizer.eos_token_id,
+        type(tokenizer).__name__,
+    ]
     h.update(json.dumps(meta).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab()))
@@ -363,8 +391,9 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
-def _tokenize_source(name: str, recs: list[dict], tokenizer: Any, max_length: int,
-                     prefix: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+def _tokenize_source(
+    name: str, recs: list[dict], tokenizer: Any, max_length: int, prefix: list[int]
+) -> tuple[list[list[int]], list[list[int]]]:
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     prompts = _encode(tokenizer, [r["prompt"] for r in recs])
     responses = _encode(tokenizer, [r["response"] for r in recs])
@@ -415,17 +444,23 @@ def tokenize(
     names = tuple(sorted(records_by_source) if names is None else names)
     unknown = sorted(set(records_by_source) - set(names))
     if unknown or len(set(names)) != len(names):
-        raise DataError(f"names {list(names)} must be unique and include every source; "
-                        f"missing: {unknown}.")
+        raise DataError(
+            f"names {list(names)} must be unique and include every source; missing: {unknown}."
+        )
     for n, recs in records_by_source.items():
         if not recs:
             raise DataError(f"source {n!r} has no records: add records or remove the source.")
         bad = next((i for i, r in enumerate(recs) if not _is_record(r)), None)
         if bad is not None:
-            raise DataError(f"source {n!r}: record {bad} is not a normalised record with string "
-                            "'prompt' and 'response'; load the source with load_records first.")
-    prefix = [t for t in tokenizer("", add_special_tokens=True)["input_ids"]
-              if t != tokenizer.eos_token_id]
+            raise DataError(
+                f"source {n!r}: record {bad} is not a normalised record with string "
+                "'prompt' and 'response'; load the source with load_records first."
+            )
+    prefix = [
+        t
+        for t in tokenizer("", add_special_tokens=True)["input_ids"]
+        if t != tokenizer.eos_token_id
+    ]
     path = None
     if cache_dir is not None:
         key = _fingerprint(records_by_source, names, tokenizer, max_length, prefix)
@@ -459,14 +494,7 @@ def _save_cache(data: TokenizedData, path: Path) -> None:
         "labels": torch.cat([*data.labels, torch.zeros(0, dtype=torch.long)]),
         "source_ids": data.source_ids,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-        os.replace(tmp, path)  # atomic: readers see the old state or the whole file
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    save_torch(path, blob)  # atomic: readers see the old state or the whole file
 
 
 def _load_cache(path: Path) -> TokenizedData:

@@ -10,13 +10,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
 from . import runs
-from .bilevel import ConfigError
-from .presets import CONFIG_DIR
+from .build import setup
+from .config import CONFIG_DIR, TrainConfig, load_preset
+from .errors import ConfigError
+from .lisa import optimizer_state_bytes
+from .malloc import release_freed_memory
+from .pipeline import EVAL, resample_run, sft
+from .trainer import expected_rows, lm_fns, run_step, train
 
 
 def runs_root() -> Path:
@@ -24,15 +36,11 @@ def runs_root() -> Path:
     return Path(env) if env else CONFIG_DIR.parent / "runs"
 
 
-def preset_config(name: str, preset: str, **overrides: Any):
-    """The TrainConfig of a preset (defaults, preset section, then overrides)."""
-    from .cli import resolve_config
-    from .trainer import TrainConfig
-
-    path = CONFIG_DIR / f"{name}.yaml"
-    d = resolve_config(str(path), preset, [])
-    d = {**d, "out_dir": str(runs_root() / f"{name}_{preset}"), **overrides}
-    return TrainConfig.from_dict(d)
+def preset_config(name: str, preset: str, **overrides: Any) -> TrainConfig:
+    """The TrainConfig of a preset of configs/<name>.yaml (`config.load_preset`: defaults, the
+    preset's section, then the overrides), written to <runs folder>/<name>_<preset>."""
+    out_dir = str(runs_root() / f"{name}_{preset}")
+    return TrainConfig.from_dict(load_preset(name, preset, {"out_dir": out_dir, **overrides}))
 
 
 def is_finished(run_dir: Path, rows: int) -> bool:
@@ -51,13 +59,10 @@ def run_preset(
     **overrides: Any,
 ) -> Path:
     """Train the preset unless the same run already finished; return its run directory."""
-    from .pipeline import expected_rows
-    from .trainer import train
-
     cfg = preset_config(name, preset, **overrides)
     run_dir = Path(cfg.out_dir)
     if (run_dir / runs.CONFIG).exists():
-        old = type(cfg).from_dict(runs.load_yaml((run_dir / runs.CONFIG).read_text()))
+        old = TrainConfig.from_dict(runs.load_yaml((run_dir / runs.CONFIG).read_text()))
         # keys added since the run take their defaults; a moved run folder is the same run
         diff = runs.config_diff(old.to_dict(), cfg.to_dict(), ignore=("out_dir", "tracker"))
         if diff:
@@ -102,10 +107,6 @@ def memory_probe(
     The probe leaves glibc's settings to the environment (`cpu_malloc="system"`) unless
     `cpu_malloc="keep"` (the trainer's CPU default, see `malloc.py`) is passed.
     """
-    import subprocess
-    import sys
-    import tempfile
-
     malloc = {} if mmap_threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)}
     overrides.setdefault("cpu_malloc", "system")
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,7 +116,7 @@ def memory_probe(
             "steps": steps,
             "overrides": {**overrides, "out_dir": str(Path(tmp) / "run")},
         }
-        code = f"from scalebio_core.experiments import _probe; _probe({json.dumps(args)!r})"
+        code = f"from scalebio_core.experiments import probe; probe({json.dumps(args)!r})"
         out = subprocess.run(
             [sys.executable, "-c", code],
             capture_output=True,
@@ -135,39 +136,16 @@ def _status_mib(key: str) -> float:
     return float("nan")
 
 
-def _release_freed_memory() -> None:
-    """Collect garbage and return freed heap pages to the OS (glibc), so RSS tracks live bytes."""
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _probe(args_json: str) -> None:  # pragma: no cover - runs in the child process
-    # everything `setup` and the first step import lazily, so that `before` holds no model bytes
-    import accelerate  # noqa: F401
-    import torch
-    import transformers.models.gpt2.modeling_gpt2  # noqa: F401
-
-    from . import data  # noqa: F401
-    from . import models as _models  # noqa: F401
-    from .lisa import optimizer_state_bytes
-    from .trainer import LMFns, run_step, setup
-
+def probe(args_json: str) -> None:  # pragma: no cover - runs in the child of memory_probe
+    """The child of `memory_probe`: every module is imported already, so `before` holds no
+    model bytes; prints the measurements as one JSON line."""
     args = json.loads(args_json)
     cfg = preset_config(args["name"], args["preset"], **args["overrides"])
-    if cfg.lora_rank > 0:
-        import peft  # noqa: F401
-    _release_freed_memory()
+    release_freed_memory()
     before = _status_mib("VmRSS")  # after the imports, before the models are built
     s = setup(cfg)
-    fns = LMFns(cfg.val_dropout)
-    _release_freed_memory()
+    fns = lm_fns(s)
+    release_freed_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -215,11 +193,7 @@ def _probe(args_json: str) -> None:  # pragma: no cover - runs in the child proc
 
 def comparison_spec(preset: str, name: str = "baselines") -> dict:
     """The `preset` section of configs/<name>.yaml (corpora, methods, seeds, n, budget, sft)."""
-    path = CONFIG_DIR / f"{name}.yaml"
-    data = runs.load_yaml(path.read_text())
-    if preset not in data:
-        raise ConfigError(f"{path} has no preset {preset!r}; known: {sorted(data)}.")
-    return data[preset]
+    return load_preset(name, preset)
 
 
 def method_run(name: str, preset: str, method: str, progress: bool = False) -> Path:
@@ -246,10 +220,6 @@ def compare_methods(
     folder (a finished fine-tuning with the same settings is read back, never redone); `tag`
     keeps the fine-tunings of another protocol (e.g. another budget) apart.
     """
-    from tqdm.auto import tqdm
-
-    from .pipeline import EVAL, resample_run, sft
-
     spec = spec or comparison_spec(preset)
     methods = methods or list(spec["methods"])
     seeds = seeds if seeds is not None else list(spec["seeds"])
@@ -296,8 +266,6 @@ def compare_methods(
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Mean and standard deviation over seeds of target loss (and accuracy) per corpus/method."""
-    import numpy as np
-
     out = []
     keys = list(dict.fromkeys((r["corpus"], r["method"]) for r in rows))
     for corpus, method in keys:

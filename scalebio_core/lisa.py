@@ -18,14 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import LisaError
+
 PATH_HINT = "pass lisa_layers_path='…' (the dotted path of the decoder blocks), e.g. 'model.layers'"
 
 
-class LisaError(ValueError):
-    """LISA cannot be set up as asked; the message names the problem and the fix."""
-
-
-def derive_seed(*parts: int) -> int:
+def draw_seed(*parts: int) -> int:
     """A 63-bit seed that depends only on `parts` (stable across processes and platforms)."""
     data = b"".join(int(x).to_bytes(16, "little", signed=True) for x in parts)
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
@@ -116,7 +114,7 @@ class LisaSampler:
     """Which blocks train at each step: `n_active` of `n_blocks`, redrawn every `interval` steps.
 
     The draw of period k = step // interval is `randperm(n_blocks)[:n_active]` (sorted) under a
-    generator seeded with derive_seed(seed, k). Only the generator's *initial seed* is used (or an
+    generator seeded with draw_seed(seed, k). Only the generator's *initial seed* is used (or an
     int seed), never its state, so the draw at any step is reproducible without replay.
     """
 
@@ -155,7 +153,7 @@ class LisaSampler:
         """The sorted active block indices of draw number `period`."""
         if self._cache is not None and self._cache[0] == period:
             return self._cache[1]
-        g = torch.Generator().manual_seed(derive_seed(self.seed, period))
+        g = torch.Generator().manual_seed(draw_seed(self.seed, period))
         idx = tuple(sorted(torch.randperm(self.n_blocks, generator=g)[: self.n_active].tolist()))
         self._cache = (period, idx)
         return idx
@@ -163,10 +161,6 @@ class LisaSampler:
     def active_at(self, step: int) -> tuple[int, ...]:
         """The sorted indices of the blocks that train at `step`."""
         return self.draw(self.period(step))
-
-    def is_redraw(self, step: int) -> bool:
-        """True at steps 0, interval, 2·interval, …"""
-        return step % self.interval == 0
 
 
 # ---------------------------------------------------------------- freezing
@@ -244,8 +238,8 @@ class Lisa:
 
 def pair_seeds(seed: int, share: bool) -> tuple[int, int]:
     """Seeds of the (w, u) samplers: one shared draw, or independent draws (the paper)."""
-    seed_w = derive_seed(seed, 0)
-    return (seed_w, seed_w) if share else (seed_w, derive_seed(seed, 1))
+    seed_w = draw_seed(seed, 0)
+    return (seed_w, seed_w) if share else (seed_w, draw_seed(seed, 1))
 
 
 def make_lisa_pair(

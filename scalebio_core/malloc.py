@@ -1,4 +1,4 @@
-"""CPU memory allocator setting for training (glibc): keep freed memory for reuse.
+"""The CPU memory allocator (glibc): keep freed memory for reuse in training, or hand it back.
 
 On CPU, PyTorch allocates every tensor with the C library's malloc and frees it when the last
 reference goes. glibc hands large blocks (above an adaptive threshold of at most 32 MiB, e.g. a
@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import gc
 import platform
 
 M_TRIM_THRESHOLD = -1
@@ -35,6 +37,22 @@ M_MMAP_THRESHOLD = -3
 KEEP = 2**31 - 1  # bytes (mallopt takes an int): neither mmap nor trim below 2 GiB
 
 _applied: str | None = None
+
+
+@functools.cache
+def libc() -> ctypes.CDLL:
+    """The C library (OSError where there is none to load)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and return freed heap pages to the OS (glibc), so the resident set
+    tracks the live bytes (the memory probe measures from there)."""
+    gc.collect()
+    try:
+        libc().malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def keep_freed_memory() -> str:
@@ -46,9 +64,9 @@ def keep_freed_memory() -> str:
         _applied = f"cpu_malloc=keep: not glibc ({platform.system()}), allocator left as it is"
         return _applied
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(KEEP)) == 1
-        ok = libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(KEEP)) == 1 and ok
+        c = libc()
+        ok = c.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(KEEP)) == 1
+        ok = c.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(KEEP)) == 1 and ok
     except (OSError, AttributeError) as e:
         _applied = f"cpu_malloc=keep: mallopt unavailable ({e}), allocator left as it is"
         return _applied

@@ -31,14 +31,16 @@ device (no memory, any architecture), its decoder blocks found by `lisa.find_blo
 shards: N GPUs for what the sharding partitions, 1 for what it replicates. FSDP full shard and
 DeepSpeed ZeRO-3 partition all three; ZeRO-2 gradients and optimizer state; ZeRO-1 the optimizer
 state only; DDP nothing.
-param_dtype: "amp" (the default) is what the trainer does with `precision: bf16`: fp32 weights,
-gradients and AdamW state (no master copy), 16-bit activations under autocast. "bf16"/"fp16"
-hold 16-bit weights and gradients with an fp32 master copy in the optimizer (the usual
-mixed-precision recipe; the trainer does not do it), "fp32" is fp32 throughout. For full training
-both give 16 bytes per parameter and copy (FSDP's gathered blocks come in the weights' dtype);
-with LISA or LoRA, where frozen weights dominate, "amp" needs twice the weight memory of "bf16".
+param_dtype, one of `config.PRECISIONS` (the trainer's `precision` names, the same meaning):
+"bf16" (the default) is the trainer's `precision: bf16`: fp32 weights, gradients and AdamW state
+(no master copy), 16-bit activations under autocast. "bf16-weights" holds 16-bit weights and
+gradients with an fp32 master copy in the optimizer (the usual mixed-precision recipe; the
+trainer does not run it yet), "fp32" is fp32 throughout. For full training "bf16" and
+"bf16-weights" both give 16 bytes per parameter and copy (FSDP's gathered blocks come in the
+weights' dtype); with LISA or LoRA, where frozen weights dominate, "bf16" needs twice the weight
+memory of "bf16-weights".
 N: positions where the LM head runs. The trainer computes it only at labelled positions
-(`trainer.response_only_loss`), N = label_tokens of the micro-batch; b·s when unset.
+(`losses.response_only_loss`), N = label_tokens of the micro-batch; b·s when unset.
 T: all parameters (full); n_active blocks, plus embeddings, head and final norm when
 `lisa_train_embeddings` (LISA, as `lisa.Lisa` decides: every parameter outside the blocks, tied
 embeddings counted once); the LoRA matrices r·(in + out) of every Linear inside the blocks (LoRA).
@@ -53,27 +55,27 @@ eager32 total is checked against the measured peak resident set of real training
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-from .bilevel import ConfigError
-from .presets import CONFIG_DIR
+from .config import CONFIG_DIR
+from .errors import ConfigError
+from .lisa import find_blocks
 
 GIB = 2**30
 SHARDINGS = ("fsdp", "zero3", "zero2", "zero1", "ddp")
 MODEL_CONFIGS = CONFIG_DIR / "models"
 PAPER_MODELS = ("gpt2", "meta-llama/Meta-Llama-3-8B", "EleutherAI/gpt-neox-20b", "01-ai/Yi-34B")
-# (weight and gradient bytes, activation bytes) per element of each param_dtype
-PRECISIONS = {"amp": (4, 2), "bf16": (2, 2), "fp16": (2, 2), "fp32": (4, 4)}
+PRECISION_BYTES = {"fp32": (4, 4), "bf16": (4, 2), "bf16-weights": (2, 2)}
+"""(weight and gradient bytes, activation bytes) per element of each precision."""
 
 
 def load_config(name_or_path: str):
     """A model config: a local config.json / folder, or one shipped in configs/models/."""
-    from transformers import CONFIG_MAPPING
-
     path = Path(name_or_path)
     candidates = [
         path / "config.json",
@@ -113,10 +115,7 @@ class ModelShape:
 
 
 def model_shape(name_or_path: str | None = None, model: nn.Module | None = None) -> ModelShape:
-    from transformers import AutoModelForCausalLM
-
-    from .lisa import find_blocks
-
+    """The counts of a model: built from its config on the meta device, or the one given."""
     if model is None:
         config = load_config(name_or_path)
         with torch.device("meta"):
@@ -158,7 +157,7 @@ class MemorySetup:
     lisa_train_embeddings: bool = True  # embeddings, head, final norm train under LISA
     lisa_lowest: int = 0  # lowest active block of the draw (eager32: no graph below it)
     lora_rank: int = 128
-    param_dtype: str = "amp"  # the trainer's bf16 autocast; "bf16", "fp16", "fp32" (docstring)
+    param_dtype: str = "bf16"  # the trainer's bf16 autocast; "bf16-weights", "fp32" (docstring)
     batch: int = 1  # micro-batch per GPU
     seq: int = 1024
     sharding: str = "fsdp"  # "fsdp" (full shard), "zero3", "zero2", "zero1" or "ddp"
@@ -184,9 +183,9 @@ def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
         raise ConfigError(f"lisa_active must lie in [1, {n}].")
     if s.mode == "lisa" and not 0 <= s.lisa_lowest <= n - s.lisa_active:
         raise ConfigError(f"lisa_lowest must lie in [0, {n - s.lisa_active}] (n_blocks - active).")
-    if s.param_dtype not in PRECISIONS:
-        raise ConfigError(f"param_dtype must be one of {tuple(PRECISIONS)}.")
-    pb, ab = PRECISIONS[s.param_dtype]  # weights and gradients; activations
+    if s.param_dtype not in PRECISION_BYTES:
+        raise ConfigError(f"param_dtype must be one of {tuple(PRECISION_BYTES)}.")
+    pb, ab = PRECISION_BYTES[s.param_dtype]  # weights and gradients; activations
     full_shard = s.sharding in ("fsdp", "zero3")
     shards = s.gpus if full_shard else 1  # of the weights
     grad_shards = s.gpus if full_shard or s.sharding == "zero2" else 1
@@ -260,7 +259,3 @@ def verdict(name: str, setup: MemorySetup, gpu_gib: float) -> str:
         f"({p['total'] / (gpu_gib * GIB):.0%} of {gpu_gib:g} GiB per GPU)"
     )
     return "\n".join(rows)
-
-
-def setup_dict(s: MemorySetup) -> dict:
-    return asdict(s)

@@ -21,9 +21,20 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
 
-from . import tokenizer as _tok
+from .errors import ModelError
+from .tokenizer import EOS, PAD, SPECIAL_TOKENS, get_tokenizer
 
 EMBEDDED_PREFIX = "embedded"
 DEFAULT_VOCAB = 2048  # the embedded tokenizer's size; `len(get_tokenizer())`
@@ -84,10 +95,6 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 _GENERIC_TOKENIZERS = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 
 
-class ModelError(ValueError):
-    """A model or tokenizer cannot be loaded or used as asked; the message names the fix."""
-
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -104,9 +111,7 @@ def _hub_offline() -> bool:
     env = [os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE")]
     if any(v is not None and v.upper() in _TRUE for v in env):
         return True
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
+    return bool(hub_constants.HF_HUB_OFFLINE)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -121,8 +126,6 @@ def _looks_like_path(name: str) -> bool:
 
 def _in_hub_cache(name: str, files: tuple[str, ...]) -> bool:
     """Whether any of `files` of hub repo `name` is in the local HF cache (no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
     for f in files:
         try:
             if isinstance(try_to_load_from_cache(name, f), str):
@@ -136,9 +139,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     """A TCP connection to the hub endpoint opens within `timeout` (assumed so behind a proxy)."""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True
-    from huggingface_hub import constants
-
-    url = urlsplit(constants.ENDPOINT)
+    url = urlsplit(hub_constants.ENDPOINT)
     try:
         with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
             return True
@@ -260,10 +261,8 @@ def load_tokenizer(
     so real eos tokens still count), otherwise ModelError.
     """
     if _is_embedded(name_or_path):
-        tok = _tok.get_tokenizer(vocab_size, cache_dir=cache_dir)
+        tok = get_tokenizer(vocab_size, cache_dir=cache_dir)
     else:
-        from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
         generic = _declares_generic_tokenizer(Path(name_or_path).expanduser())
         loader = PreTrainedTokenizerFast if generic else AutoTokenizer
         tok = _from_pretrained(
@@ -303,15 +302,13 @@ def load_model(
     hub name for `AutoModelForCausalLM`; there `vocab_size` larger than the embeddings grows them
     (`resize_token_embeddings`, seeded) and `max_positions` beyond the model's context is an error.
     """
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
-
     torch_dtype = _dtype(dtype)
     if _is_embedded(name_or_path):
         size = _embedded_size(name_or_path)
         kwargs = dict(EMBEDDED_SIZES[size])
         if max_positions is not None:
             kwargs["n_positions"] = max_positions
-        eos, pad = (_tok.SPECIAL_TOKENS.index(t) for t in (_tok.EOS, _tok.PAD))
+        eos, pad = (SPECIAL_TOKENS.index(t) for t in (EOS, PAD))
         config = GPT2Config(
             **kwargs,
             vocab_size=DEFAULT_VOCAB if vocab_size is None else vocab_size,
@@ -383,17 +380,15 @@ def save_tiny_model(
     of size min(`vocab_size`, 2048) (default 2048; at least 258), so ``load_model(path)`` and
     ``load_tokenizer(path)`` work offline. Weights depend only on `seed`. Returns `path`.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if arch not in TINY_ARCHS:
         raise ModelError(f"unknown architecture '{arch}'; choose one of {', '.join(TINY_ARCHS)}.")
     vocab_size = DEFAULT_VOCAB if vocab_size is None else vocab_size
-    n_min = 256 + len(_tok.SPECIAL_TOKENS)
+    n_min = 256 + len(SPECIAL_TOKENS)
     if vocab_size < n_min:
         raise ModelError(
             f"vocab_size={vocab_size} is too small for the byte-level tokenizer; use >= {n_min}."
         )
-    tok = _tok.get_tokenizer(min(vocab_size, DEFAULT_VOCAB), cache_dir=cache_dir)
+    tok = get_tokenizer(min(vocab_size, DEFAULT_VOCAB), cache_dir=cache_dir)
     config = AutoConfig.for_model(
         arch,
         **TINY_ARCHS[arch],

@@ -1,6 +1,5 @@
-"""From weights to a trained model: baseline runs, resampling, fine-tuning, evaluation.
+"""From weights to a trained model: resampling, fine-tuning, evaluation on held-out data.
 
-    run_baseline(cfg)    uniform / natural / validation-only / DoReMi into a run directory
     resample(...)        N examples drawn from the sources by the learned weights
     sft(cfg, data, ...)  plain fine-tuning of a fresh model on them (the trainer, weights fixed)
     evaluate(...)        target loss on a held-out target set; exact-match accuracy where the
@@ -18,160 +17,29 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import runs
-from .baselines import VALIDATION, DoReMiConfig, doremi_step, fixed_weights, plain_step
-from .bilevel import ConfigError, NonFiniteLossError
+from .baselines import VALIDATION, plain_step
+from .build import Setup, batches, count_tokens, data_specs, setup
+from .config import TrainConfig
+from .corpora import build_corpus, extract_answer
+from .data import SourceSpec, load_records, load_sources, tokenize
+from .engines import make_accelerator
+from .errors import ConfigError
+from .loop import Callback, run_loop
+from .losses import LMFns, per_sample_loss
+from .sampling import collate
 
-FIXED = ("uniform", "natural", "validation")
 CHECKABLE_CORPORA = ("instruction", "noisy", "informative", "math")
 TEST_SEED_OFFSET = 7919  # the held-out draw's corpus seed: seed + this
 EVAL = "eval.json"
 RESAMPLED = "resampled.jsonl"
-
-
-def expected_rows(cfg) -> int:
-    """Rows of a finished run's trajectory.jsonl."""
-    if cfg.method in FIXED:
-        return 1
-    if cfg.method == "doremi":
-        return (cfg.doremi_ref_steps or cfg.steps) + cfg.steps
-    return cfg.steps
-
-
-# ---------------------------------------------------------------- baselines as runs
-
-
-def run_baseline(cfg, resume: bool = False, progress: bool = True, callback=None) -> dict:
-    """Run a baseline into cfg.out_dir (config.yaml, trajectory.jsonl, weights.json)."""
-    if cfg.method in FIXED:
-        return _fixed_run(cfg)
-    if cfg.method == "doremi":
-        return _doremi_run(cfg, resume, progress, callback)
-    raise ConfigError(f"{cfg.method!r} is not a baseline; baselines: {(*FIXED, 'doremi')}.")
-
-
-def _fixed_run(cfg) -> dict:
-    from .data import load_sources
-    from .trainer import _prepare_run_dir, data_specs
-
-    run_dir = _prepare_run_dir(cfg, resume=False)
-    specs, _ = data_specs(cfg)
-    sizes = {n: len(r) for n, r in load_sources(specs).items()}
-    weights = fixed_weights(cfg.method, sizes)
-    if int(os.environ.get("RANK", "0")) == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        runs.write_yaml(run_dir / runs.CONFIG, cfg.to_dict())
-        runs.write_text(
-            run_dir / runs.TRAJECTORY,
-            json.dumps({"step": 0, "method": cfg.method, "p": weights, "sizes": sizes}) + "\n",
-        )
-        runs.write_json(run_dir / runs.WEIGHTS, weights)
-    return weights
-
-
-def _doremi_run(cfg, resume: bool, progress: bool, callback) -> dict:
-    """Reference on the uniform mixture (u), then the proxy with Group DRO weights (w)."""
-    from .trainer import (
-        LMFns,
-        TrainingStopped,
-        _all_reduce_grads,
-        _batches,
-        open_run,
-        save_checkpoint,
-    )
-
-    # w: the proxy, u: the reference
-    s, run_dir, start = open_run(cfg, resume, weights=None)
-    accelerator, main = s.accelerator, s.accelerator.is_main_process
-    n_ref = cfg.doremi_ref_steps or cfg.steps
-    total = n_ref + cfg.steps
-    traj = runs.JsonlLog(run_dir / runs.TRAJECTORY)
-    seen = [r["p"] for r in runs.read_jsonl(run_dir / runs.TRAJECTORY) if r["phase"] == "proxy"]
-    proxy_ps = [[r[n] for n in s.names] for r in seen]
-
-    def averaged() -> dict[str, float]:
-        if not proxy_ps:
-            return dict.fromkeys(s.names, 1.0 / len(s.names))
-        return dict(zip(s.names, np.mean(proxy_ps, axis=0).tolist()))
-
-    fns = LMFns(cfg.val_dropout, val_scale=1.0 / accelerator.num_processes)
-    multi = accelerator.num_processes > 1
-    kw = {
-        "divisor": None if s.divisor is None else s.divisor.to(s.device),
-        "reduce": s.reduce if multi else None,
-        "sync": _all_reduce_grads if multi and not s.sharded else None,  # FSDP reduces its own
-    }
-    ref_cfg = dataclasses.replace(s.state.config, total_steps=n_ref)
-    dcfg: DoReMiConfig = cfg.doremi()
-    uniform = torch.full((len(s.names),), 1.0 / len(s.names), device=s.device)
-    bar = tqdm(
-        range(start, total),
-        initial=start,
-        total=total,
-        desc="DoReMi",
-        disable=not (progress and main),
-        dynamic_ncols=True,
-    )
-    for t in bar:
-        ref = t < n_ref
-        phase = "reference" if ref else "proxy"
-        batch = _batches(s, s.train, s.sampler.indices(t), cfg.grad_accum)
-        model, opt = (s.state.u, s.state.opt_u) if ref else (s.state.w, s.state.opt_w)
-        if s.lisa:
-            s.lisa[1 if ref else 0].apply(t, opt)
-        try:
-            with accelerator.autocast():
-                if ref:
-                    m = plain_step(model, opt, batch, fns, uniform, ref_cfg, t, **kw)
-                else:
-                    s.state.u.eval()  # the reference is fixed: no dropout in its losses
-                    p = torch.softmax(s.state.lam.detach(), 0).to(s.device)
-                    p_new, m = doremi_step(
-                        model, s.state.u, opt, p, batch, fns, s.state.config, dcfg, t - n_ref, **kw
-                    )
-                    with torch.no_grad():
-                        s.state.lam.copy_(torch.log(p_new).to(s.state.lam))
-        except NonFiniteLossError as e:
-            save_checkpoint(s, run_dir, weights=averaged())
-            raise TrainingStopped(
-                f"{e}\nDoReMi stopped at step {t} ({phase}); the last good state is saved in "
-                f"{run_dir / runs.CHECKPOINT}. Resume with --resume after lowering lr_w."
-            ) from e
-        s.state.step = t + 1
-        tokens = int(s.reduce(torch.tensor(float(sum(b["attention_mask"].sum() for b in batch)))))
-        row = {
-            "step": t,
-            "phase": phase,
-            "p": dict(zip(s.names, m["p"])),
-            "loss": m["loss"],
-            "loss_w": dict(zip(s.names, m["loss_w"])),
-            "excess": dict(zip(s.names, m.get("excess", [0.0] * len(s.names)))),
-            "lr_w": m["lr_w"],
-            "tokens": tokens,
-        }
-        if not ref:
-            proxy_ps.append(m["p"])
-        if main:
-            traj.append(row)
-        if (t + 1) % cfg.checkpoint_every == 0 or t + 1 == total:
-            save_checkpoint(s, run_dir, weights=averaged())
-        if progress:
-            bar.set_postfix_str(f"{phase} loss={m['loss']:.3f}")
-        if callback is not None:
-            callback(row, s)
-    weights = averaged()
-    if main:
-        runs.write_json(run_dir / runs.WEIGHTS, weights)
-    accelerator.wait_for_everyone()
-    return weights
 
 
 # ---------------------------------------------------------------- resampling
@@ -248,10 +116,6 @@ def resample_run(
     weights: Mapping[str, float] | None = None,
 ) -> Path:
     """Resample the sources of a run (its config.yaml) with its weights.json; write JSON Lines."""
-
-    from .data import load_records, load_sources
-    from .trainer import TrainConfig, data_specs
-
     run_dir = Path(run_dir)
     needed = [runs.CONFIG] + ([runs.WEIGHTS] if weights is None else [])
     for missing in [run_dir / f for f in needed if not (run_dir / f).exists()]:
@@ -281,10 +145,6 @@ def _key(r: dict) -> tuple[str, str]:
 def heldout_records(cfg) -> list[dict]:
     """The held-out target set: `cfg.test`, or a fresh draw of an embedded corpus's validation
     distribution without any record of the training sources or the validation set."""
-    from .corpora import build_corpus
-    from .data import SourceSpec, load_records, load_sources
-    from .trainer import data_specs
-
     if cfg.test:
         return load_records(SourceSpec(**{"name": "test", **cfg.test}))
     if cfg.sources or cfg.data_dir:
@@ -321,9 +181,6 @@ def checkable(cfg) -> bool:
 @torch.no_grad()
 def target_loss(model, data, pad_id: int, batch_size: int = 32) -> float:
     """Mean per-sample loss (response tokens) over a tokenized set, in eval mode."""
-    from .data import collate
-    from .trainer import per_sample_loss
-
     was = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -378,9 +235,6 @@ def greedy_answers(model, tokenizer, data, max_new_tokens: int, batch_size: int 
 
 def evaluate(model, tokenizer, records: list[dict], max_length: int, exact_match: bool) -> dict:
     """Target loss on `records`; exact-match accuracy of greedy answers when `exact_match`."""
-    from .corpora import extract_answer
-    from .data import tokenize
-
     data = tokenize({"test": records}, tokenizer, max_length)
     out: dict[str, Any] = {
         "n_test": len(records),
@@ -404,25 +258,60 @@ def evaluate(model, tokenizer, records: list[dict], max_length: int, exact_match
 # ---------------------------------------------------------------- fine-tuning on a resampled set
 
 
+class FineTune:
+    """Plain fine-tuning of w on its one source (`plain_step`, weights fixed): a `loop.Method`
+    without checkpoints (a fine-tuning is rerun, not resumed)."""
+
+    desc = "fine-tune"
+    advice = "lr_w"
+    checkpoints = False
+
+    def __init__(self, s: Setup, steps: int):
+        self.setup, self.dist, self.total = s, s.dist, steps
+        self.bcfg = dataclasses.replace(s.state.config, total_steps=steps)
+        self.fns = LMFns()
+        self.one = torch.ones(1, device=s.device)
+        self.seen = 0
+
+    def step(self, t: int) -> tuple[dict, int]:
+        s = self.setup
+        batch = batches(s, s.train, s.sampler.indices(t), s.cfg.grad_accum)
+        with s.dist.autocast():
+            m = plain_step(s.state.w, s.state.opt_w, batch, self.fns, self.one, self.bcfg, t)
+        tokens = count_tokens(s, batch)
+        self.seen += tokens
+        return {"step": t, "loss": m["loss"], "lr_w": m["lr_w"], "tokens": self.seen}, tokens
+
+    def weights(self) -> dict[str, float]:
+        return {}
+
+    def postfix(self, row: dict) -> str:
+        return f"loss={row['loss']:.3f}"
+
+    def save(self, run_dir: Path, weights: dict[str, float]) -> None:
+        """Nothing: a fine-tuning keeps no checkpoint."""
+
+    def load(self, run_dir: Path) -> int:
+        return 0
+
+
 def sft(
-    cfg,
+    cfg: TrainConfig,
     data: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     token_budget: int | None = None,
     progress: bool = True,
-    callback: Callable[[dict], None] | None = None,
+    callback: Callback | None = None,
 ) -> dict:
     """Fine-tune a fresh `cfg.model` on a resampled JSON Lines file, then evaluate it.
 
     Plain training (the trainer's data path, `plain_step`, cfg's lr_w, schedule, batch size);
     `token_budget` sets the steps to ceil(budget / (batch_size · mean tokens per sample)) so that
     mixtures of long and short samples see the same number of tokens (in expectation). Writes
-    config.yaml, trajectory.jsonl and eval.json (target loss, accuracy) into `out_dir`; an
-    existing eval.json is never overwritten (choose another out_dir).
+    config.yaml, trajectory.jsonl (tokens seen so far per step) and eval.json (target loss,
+    accuracy) into `out_dir`; an existing eval.json is never overwritten (choose another
+    out_dir).
     """
-    from .data import load_records
-    from .trainer import _batches, data_specs, make_accelerator, setup
-
     out = Path(out_dir)
     if (out / EVAL).exists():
         raise ConfigError(
@@ -436,8 +325,7 @@ def sft(
     tests = heldout_records(cfg)  # before training: a missing test set fails fast
     _, val_spec = data_specs(cfg)
     val_file = write_jsonl(out / "data" / "validation.jsonl", load_records(val_spec))
-    run_cfg = dataclasses.replace(
-        cfg,
+    run_cfg = cfg.replace(
         method="scalebio",
         sources=[{"name": "train", "path": str(Path(data).resolve())}],
         validation={"path": str(val_file)},
@@ -459,30 +347,14 @@ def sft(
     if token_budget:
         mean_len = float(np.mean([len(x) for x in s.train.input_ids]))
         steps = max(1, math.ceil(token_budget / (run_cfg.batch_size * mean_len)))
-    run_cfg = dataclasses.replace(run_cfg, steps=steps)
-    bcfg = dataclasses.replace(s.state.config, total_steps=steps)
-    main = accelerator.is_main_process
-    if main:
+    run_cfg = run_cfg.replace(steps=steps)
+    method = FineTune(s, steps)
+    if method.dist.is_main:
         runs.write_yaml(out / runs.CONFIG, {**run_cfg.to_dict(), "token_budget": token_budget})
         (out / runs.TRAJECTORY).write_text("")
-    traj = runs.JsonlLog(out / runs.TRAJECTORY)
-    from .trainer import LMFns
-
-    fns = LMFns()
-    one = torch.ones(1, device=s.device)
-    seen = 0
-    for step in tqdm(range(steps), desc="fine-tune", disable=not (progress and main)):
-        batch = _batches(s, s.train, s.sampler.indices(step), run_cfg.grad_accum)
-        with accelerator.autocast():
-            m = plain_step(s.state.w, s.state.opt_w, batch, fns, one, bcfg, step)
-        seen += int(sum(b["attention_mask"].sum() for b in batch))
-        row = {"step": step, "loss": m["loss"], "lr_w": m["lr_w"], "tokens": seen}
-        if main:
-            traj.append(row)
-        if callback is not None:
-            callback(row)
+    run_loop(method, run_cfg, out, 0, progress, callback)
     result = evaluate(s.state.w, s.tokenizer, tests, run_cfg.max_length, checkable(cfg))
-    result.update({"steps": steps, "tokens": seen, "data": str(data), "seed": run_cfg.seed})
-    if main:
+    result.update({"steps": steps, "tokens": method.seen, "data": str(data), "seed": run_cfg.seed})
+    if method.dist.is_main:
         runs.write_json(out / EVAL, result)
     return result

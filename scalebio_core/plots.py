@@ -5,6 +5,7 @@ Functions draw on a given matplotlib Axes and return it; `save_figure` writes `f
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ import matplotlib
 
 if os.environ.get("MPLBACKEND") is None and not os.environ.get("DISPLAY"):
     try:  # in a notebook the inline backend is already chosen; elsewhere draw off-screen
-        import IPython
+        import IPython  # lazy: optional, and only to choose the backend before pyplot loads
 
         if IPython.get_ipython() is None:
             matplotlib.use("Agg")
@@ -22,6 +23,7 @@ if os.environ.get("MPLBACKEND") is None and not os.environ.get("DISPLAY"):
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 STYLE = {
     "figure.dpi": 100,
@@ -135,8 +137,6 @@ def plot_weight_bars(
 
 def fig_to_png(fig: plt.Figure) -> bytes:
     """Render a figure to PNG bytes and close it (for ipywidgets.Image)."""
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
@@ -222,8 +222,6 @@ def plot_lisa_raster(
         extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, n_blocks - 0.5),
     )
     ax.set(xlabel="step", ylabel="decoder block", title=title)
-    from matplotlib.patches import Patch
-
     ax.legend(
         handles=[
             Patch(color=(0.12, 0.47, 0.71), label="w only"),

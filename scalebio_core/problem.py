@@ -21,14 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bilevel import (
-    BilevelConfig,
-    BilevelState,
-    ConfigError,
-    check_source_names,
-    init_state,
-    scalebio_step,
-)
+from .bilevel import BilevelConfig, BilevelState, check_source_names, init_state, scalebio_step
+from .errors import ConfigError
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 

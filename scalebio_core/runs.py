@@ -1,7 +1,9 @@
-"""The run directory (DESIGN §5): config.yaml, trajectory.jsonl, weights.json, checkpoints/.
+"""The run directory (DESIGN §5) and the package's one way of writing files atomically.
 
-Every file is written atomically (a temporary file in the same folder, then `os.replace`), so a
-crash at any moment leaves either the old or the new version, never a torn one.
+A run directory holds config.yaml, trajectory.jsonl, timing.jsonl, weights.json, checkpoints/.
+Every file of the package is written atomically (a temporary file in the same folder, then
+`os.replace`; a folder: a temporary folder, then `os.rename`), so a crash at any moment leaves
+either the old or the new version, never a torn one.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,25 @@ def atomic_path(path: Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(path: Path, complete: Callable[[Path], bool]):
+    """Yield a temporary folder beside `path`; on success it becomes `path` in one rename. If
+    another process made `path` first, theirs is kept when `complete(path)`, else replaced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, path)
+        except OSError:  # `path` exists: written by another process, or a stale leftover
+            if not complete(path):
+                shutil.rmtree(path, ignore_errors=True)
+                os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path: Path, text: str) -> None:

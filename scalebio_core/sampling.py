@@ -20,26 +20,25 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from .data import TokenizedData
+from .errors import DataError
 
 KINDS = ("union", "balanced")
 IGNORE = -100  # label of prompt and padding tokens
-NO_PAD = ("tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token (or add a pad "
-          "token) before tokenizing.")
+NO_PAD = (
+    "tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token (or add a pad "
+    "token) before tokenizing."
+)
 
 
 def _fail(message: str) -> None:
-    from .data import DataError  # lazy: data.py imports this module
-
     raise DataError(message)
 
 
-def derive_seed(seed: int, *parts: object) -> int:
+def stream_seed(seed: int, *parts: object) -> int:
     """A 63-bit seed for one named stream, stable across processes and Python versions."""
     key = ":".join(str(x) for x in ("scalebio", seed, *parts)).encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
@@ -96,7 +95,7 @@ class BatchSampler:
             if len(self._perms) > 4 * self.n_sources + 8:
                 self._perms.clear()
             n = self.n if stream < 0 else int(self._counts[stream])
-            g = torch.Generator().manual_seed(derive_seed(self.seed, self.kind, stream, epoch))
+            g = torch.Generator().manual_seed(stream_seed(self.seed, self.kind, stream, epoch))
             self._perms[key] = torch.randperm(n, generator=g)
         return self._perms[key]
 
@@ -136,7 +135,7 @@ class BatchSampler:
         for s, q in enumerate(self.quotas(step)):
             local = self._read(s, self._drawn_before(s, step), q)
             out.extend(self._members[s][local].tolist())
-        g = torch.Generator().manual_seed(derive_seed(self.seed, "order", step))
+        g = torch.Generator().manual_seed(stream_seed(self.seed, "order", step))
         return [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
 
     def expected_counts(self) -> torch.Tensor:
@@ -152,9 +151,9 @@ class BatchSampler:
         )
 
 
-def collate(data: TokenizedData, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad samples `indices` to the longest: input_ids, attention_mask, labels (-100 on
-    prompt and padding), source_ids."""
+def collate(data: Any, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad samples `indices` of a `data.TokenizedData` to the longest: input_ids,
+    attention_mask, labels (-100 on prompt and padding), source_ids."""
     if pad_id is None:
         _fail(NO_PAD)
     idx = [int(i) for i in indices]
@@ -171,5 +170,9 @@ def collate(data: TokenizedData, indices: Sequence[int], pad_id: int) -> dict[st
         input_ids[row, :n] = data.input_ids[i]
         labels[row, :n] = data.labels[i]
         mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
-            "source_ids": data.source_ids[idx]}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "source_ids": data.source_ids[idx],
+    }

@@ -19,20 +19,18 @@ from pathlib import Path
 
 import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
-from .bilevel import ConfigError
-from .presets import CONFIG_DIR
+from .config import CONFIG_DIR
+from .errors import ConfigError
+from .lisa import find_blocks
+from .memory import load_config
 
 KINDS = ("ddp", "fsdp", "deepspeed_zero3")
 
 
 def block_class(name_or_path: str) -> str:
     """Class name of the decoder blocks of a model (built from its config on the meta device)."""
-    from transformers import AutoModelForCausalLM
-
-    from .lisa import find_blocks
-    from .memory import load_config
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_config(name_or_path))
     _, blocks = find_blocks(model)

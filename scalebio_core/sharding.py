@@ -27,22 +27,17 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from . import runs
-from .bilevel import ConfigError
+from .errors import ConfigError
+from .lisa import find_blocks
 
 SHARDS = "shards"
 
 
-def is_sharded(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return False
-    return isinstance(model, FSDPModule)
-
-
-def launch_settings(fsdp: bool, offload: bool, distributed_type: str) -> tuple[bool, bool]:
+def fsdp_from_launch(fsdp: bool, offload: bool, distributed_type: str) -> tuple[bool, bool]:
     """(fsdp, offload): the config's, or an accelerate FSDP launch's. Its launcher exports the
     config as variables; on CPUs accelerate drops the FSDP type but not them."""
     env = os.environ
@@ -53,10 +48,6 @@ def launch_settings(fsdp: bool, offload: bool, distributed_type: str) -> tuple[b
 
 def shard_model(model: nn.Module, offload: bool = False, layers_path: str | None = None) -> None:
     """fully_shard each decoder block, then the model (in place); gradients summed over ranks."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
-
-    from .lisa import find_blocks
-
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         raise ConfigError(
             "fsdp: true needs several processes: launch with `accelerate launch --num_processes "
@@ -103,8 +94,6 @@ def _load_model_local(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
 
 def _load_optimizer_local(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
     """Rebuild the DTensor optimizer state from local shards, then load it."""
-    from torch.distributed.tensor import DTensor
-
     params = [p for g in opt.param_groups for p in g["params"]]
     state = {}
     for idx, st in sd["state"].items():

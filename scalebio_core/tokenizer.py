@@ -11,8 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import tokenizers
@@ -20,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from .corpora import build_corpus
+from .runs import atomic_dir
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -75,29 +74,29 @@ def train_tokenizer(vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(training_texts(), trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=PAD,
-        clean_up_tokenization_spaces=False)
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=PAD,
+        clean_up_tokenization_spaces=False,
+    )
 
 
-def get_tokenizer(vocab_size: int = 2048,
-                  cache_dir: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerFast:
-    """Load the cached tokenizer, or train it and cache it atomically (temp dir, then rename)."""
+def get_tokenizer(
+    vocab_size: int = 2048, cache_dir: str | os.PathLike[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """Load the cached tokenizer, or train it and cache it atomically (`runs.atomic_dir`)."""
     path = tokenizer_path(vocab_size, cache_dir)
     if not (path / "tokenizer.json").is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-        try:
+        with atomic_dir(path, complete=lambda p: (p / "tokenizer.json").is_file()) as tmp:
             train_tokenizer(vocab_size).save_pretrained(tmp)
-            try:
-                os.rename(tmp, path)
-            except OSError:  # another process cached it first (or a stale dir is in the way)
-                if not (path / "tokenizer.json").is_file():
-                    shutil.rmtree(path, ignore_errors=True)
-                    os.rename(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return PreTrainedTokenizerFast.from_pretrained(str(path))

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from .bilevel import BilevelConfig, ConfigError
+from .bilevel import BilevelConfig
+from .errors import ConfigError
 from .problem import BilevelProblem
 
 DT = torch.float64
@@ -374,14 +375,6 @@ def objective_error(problem: QuadraticBilevel, p_traj: np.ndarray, f_star: float
             [float(problem.bilevel_objective(torch.tensor(p, dtype=DT))) for p in p_traj]
         )
     return (vals - f_star) / abs(f_star)
-
-
-def surrogate_bias(problem: QuadraticBilevel, alphas, p_star: np.ndarray | None = None):
-    """‖p_α − p*‖_∞ of the exact surrogate minimisers for each α; returns (alphas, bias, p_α)."""
-    if p_star is None:
-        p_star, _ = problem.exact()
-    p_alpha = np.array([problem.exact(alpha=a)[0] for a in alphas])
-    return np.asarray(alphas, float), p_error(p_alpha, p_star), p_alpha
 
 
 def toy_config(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .problem import BilevelResult, loglog_slope, solve
-from .toy import QuadraticBilevel, objective_error, p_error, toy_config
+from .toy import QuadraticBilevel, conditioned_quadratic, objective_error, p_error, toy_config
 
 
 @dataclass
@@ -103,8 +103,6 @@ def condition_sweep(
     kappas, alpha: float, steps: int, lr_lam: float = 0.5, tol: float = 1e-3, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """Steps ScaleBiO needs to bring p within `tol` of p_α on (c), for each condition number."""
-    from .toy import conditioned_quadratic
-
     out = []
     for kappa in kappas:
         run = run_toy(conditioned_quadratic(kappa=kappa, seed=seed), alpha, steps, lr_lam)

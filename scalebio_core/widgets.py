@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ipywidgets as W
 import matplotlib.pyplot as plt
 import numpy as np
+import yaml
 
-from .plots import plot_loglog, plot_weights
+from .experiments import run_preset, runs_root
+from .memory import GIB, PAPER_MODELS, MemorySetup, model_shape, predict
+from .plots import (
+    fig_to_png,
+    plot_loglog,
+    plot_noise_weights,
+    plot_run_step,
+    plot_weight_trajectories,
+    plot_weights,
+)
+from .runs import load_trajectory
+from .scaleout import accelerate_config, launch_command
 from .toy import least_squares
 from .toy_runs import run_toy
 
@@ -64,17 +78,11 @@ def toy_explorer(
     return box
 
 
-__all__ = ["toy_explorer"]
-
-
 def weight_viewer(run_dir, title: str = "") -> W.VBox:
     """A step slider and a play button that redraw the weights and losses of a run directory.
 
     Works on a finished run as on one in progress (the 'reload' button rereads the trajectory).
     """
-    from .plots import fig_to_png, plot_run_step
-    from .runs import load_trajectory
-
     traj = {"t": load_trajectory(run_dir)}
     n = len(traj["t"]["step"])
     slider = W.IntSlider(
@@ -118,11 +126,6 @@ def weight_viewer(run_dir, title: str = "") -> W.VBox:
 
 def run_comparer(run_dirs) -> W.VBox:
     """Pick several run directories and overlay their weight trajectories."""
-    from pathlib import Path
-
-    from .plots import fig_to_png, plot_weight_trajectories
-    from .runs import load_trajectory
-
     options = [str(Path(d)) for d in run_dirs]
     pick = W.SelectMultiple(
         options=options,
@@ -155,8 +158,6 @@ class LivePlot:
         self.widget = W.Image(format="png")
 
     def __call__(self, row: dict, setup=None) -> None:
-        from .plots import fig_to_png
-
         self.rows.append(row)
         if len(self.rows) % self.every:
             return
@@ -182,10 +183,6 @@ def noise_explorer(run_dir=None, preset: str = "smoke") -> W.VBox:
 
     Shows `run_dir` (e.g. the notebook's quick run) first, when given.
     """
-    from .experiments import run_preset, runs_root
-    from .plots import fig_to_png, plot_noise_weights
-    from .runs import load_trajectory
-
     pick = W.Dropdown(options=list(NOISE_SETTINGS), description="noise rates")
     button = W.Button(description=f"run at {preset} size", button_style="primary")
     status = W.HTML()
@@ -207,7 +204,7 @@ def noise_explorer(run_dir=None, preset: str = "smoke") -> W.VBox:
                 "noisy",
                 preset,
                 progress=False,
-                corpus_args={**_preset_corpus_args(preset), "noise_rates": rates},
+                corpus_args={"noise_rates": rates},  # merged over the preset's corpus_args
                 out_dir=str(runs_root() / "noise_explorer" / f"{preset}_{tag}"),
             )
             show(path, f"{preset}, rates {tag}")
@@ -221,20 +218,9 @@ def noise_explorer(run_dir=None, preset: str = "smoke") -> W.VBox:
     return W.VBox([W.HBox([pick, button]), status, image])
 
 
-def _preset_corpus_args(preset: str) -> dict:
-    from .experiments import preset_config
-
-    return dict(preset_config("noisy", preset).corpus_args)
-
-
 def scaling_planner(models=None, train_config: str = "configs/noisy.yaml") -> W.VBox:
     """Pick a model and a node: the memory model's breakdown, a verdict, the accelerate config
     and the launch command."""
-    import yaml
-
-    from .memory import GIB, PAPER_MODELS, MemorySetup, model_shape, predict
-    from .scaleout import accelerate_config, launch_command
-
     models = list(models or PAPER_MODELS)
     model = W.Dropdown(options=models, value=models[-1], description="model")
     gpus = W.IntSlider(value=8, min=1, max=8, description="GPUs")

@@ -9,7 +9,7 @@ The ScaleBiO step needs both models' gradients before either moves. DeepSpeed's 
 gradient accumulation (`managed_gradient_accumulation: false`) allows that: an engine's
 backward() only accumulates (ZeRO-2/3 reduce-scatter as they go) and its step() is the boundary
 that reduces the rest, clips and updates. The step runs u's and w's backward passes, then both
-steps (`bilevel.StepEngine`; the optimizers of the state are `EngineOptimizer` adapters).
+steps (`distributed.Zero`; the optimizers of the state are `EngineOptimizer` adapters).
 
 Trajectory: each rank's loss is its samples' share of the global loss, and DeepSpeed averages
 gradients over the ranks, so the loss is multiplied by the process count before backward and the
@@ -40,16 +40,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from . import runs
-from .bilevel import ConfigError
+from .errors import ConfigError
 
 ZERO_DIR = "deepspeed"
 NAMES = ("w", "u")
 
 
-def launch_settings(stage: int, offload: bool) -> tuple[int, bool]:
+def zero_from_launch(stage: int, offload: bool) -> tuple[int, bool]:
     """(ZeRO stage, offload): the config's, or an accelerate DeepSpeed launch's (its launcher
     exports the config as ACCELERATE_DEEPSPEED_* variables, or names a DeepSpeed JSON file)."""
     env = os.environ
@@ -158,30 +157,11 @@ class EngineOptimizer:
         raise TypeError("ZeRO optimizer states are saved per rank by zero.save (DeepSpeed).")
 
 
-class ZeroEngines:
-    """`bilevel.StepEngine` for DeepSpeed engines (u and w are `deepspeed.DeepSpeedEngine`s)."""
-
-    def __init__(self, world: int, stage: int):
-        self.world = world
-        self.stage = stage
-
-    def backward(self, model: nn.Module, loss: torch.Tensor) -> None:
-        # DeepSpeed averages over ranks; the trainer's losses are shares of the global loss
-        model.backward(loss * self.world, scale_wrt_gas=False)
-
-    def clip_at(self, model: nn.Module, max_norm: float) -> None:
-        model.optimizer.clip_grad = float(max_norm)
-
-    def grad_norm(self, model: nn.Module) -> float:
-        norm = model.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
-
-
 def _prepare(device: torch.device) -> None:
     """DeepSpeed logs every initialisation at INFO: keep its warnings only. On a CPU, skip its
     shared-memory all-reduce kernel, which it would JIT-compile with a C++ compiler on first use:
     it serves inference collectives, and training reduces through gloo anyway."""
-    import deepspeed.ops
+    import deepspeed.ops  # optional, as in make_engines
     from deepspeed.utils import logger
 
     logger.setLevel(logging.WARNING)
@@ -191,9 +171,9 @@ def _prepare(device: torch.device) -> None:
 
 def make_engines(
     state: Any, stage: int, offload: bool, micro_batch: int, world: int, device: torch.device
-) -> ZeroEngines:
+) -> None:
     """Wrap u and w (and their optimizers, built already) in DeepSpeed engines, in place."""
-    try:
+    try:  # deepspeed is optional (the `deepspeed` extra): imported only for a DeepSpeed launch
         import deepspeed
     except ImportError as e:
         raise ConfigError(
@@ -207,11 +187,6 @@ def make_engines(
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
         setattr(state, name, engine)
         setattr(state, f"opt_{name}", EngineOptimizer(engine))
-    return ZeroEngines(world, stage)
-
-
-def is_engine(model: nn.Module) -> bool:
-    return type(model).__name__ == "DeepSpeedEngine"
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -16,7 +16,8 @@ from scalebio_core.baselines import (
     fixed_weights,
     train_on_mixture,
 )
-from scalebio_core.bilevel import BilevelConfig, ConfigError
+from scalebio_core.bilevel import BilevelConfig
+from scalebio_core.errors import ConfigError
 from scalebio_core.problem import BilevelProblem
 from scalebio_core.toy import weighted_mean
 

@@ -46,8 +46,8 @@ def test_step_cost_tiny(tmp_path, capsys):
         rows = [r for r in printed.splitlines() if r.startswith(f"| {label} |")]
         assert len(rows) == 1, label
         nums = _numbers(rows[0])
-        assert len(nums) >= 5 and all(math.isfinite(x) and x >= 0 for x in nums), rows[0]
-        assert all(x > 0 for x in nums[:3]), rows[0]  # seconds; page faults may be 0
+        assert len(nums) >= 5 and all(math.isfinite(x) for x in nums), rows[0]
+        assert all(x > 0 for x in nums[:3]), rows[0]  # seconds (page faults may be 0)
     text = out.read_text()
     assert text.startswith("# Other benchmark\n\nkept\n") and "## Step cost" in text
     assert "- command: `python " in text and "- CPU: " in text

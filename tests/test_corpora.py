@@ -19,7 +19,7 @@ from scalebio_core.corpora import (
     math_word_problems,
     multilingual_sources,
     noisy_sources,
-    solve,
+    reference_answer,
 )
 
 SMALL = {
@@ -82,7 +82,7 @@ def test_instruction_tasks_sizes_and_checkable() -> None:
     assert len(c.sources) == 12 and all(len(v) == 30 for v in c.sources.values())
     for recs in [*c.sources.values(), c.validation]:
         for r in recs:
-            assert solve(r) == r["output"], r
+            assert reference_answer(r) == r["output"], r
             assert len(r["output"]) < 60
     stats = corpus_stats(c)
     assert stats["add"]["records"] == 30 and stats["validation"]["records"] == 40
@@ -96,9 +96,9 @@ def test_noise_fraction_exact(n: int) -> None:
     assert list(c.sources) == [f"noise_{r:.1f}" for r in rates]
     for rate, recs in zip(rates, c.sources.values(), strict=True):
         assert len(recs) == n
-        wrong = sum(solve(r) != r["output"] for r in recs)
+        wrong = sum(reference_answer(r) != r["output"] for r in recs)
         assert wrong == round(rate * n)
-    assert all(solve(r) == r["output"] for r in c.validation)
+    assert all(reference_answer(r) == r["output"] for r in c.validation)
 
 
 def test_noise_names_and_bad_rates() -> None:
@@ -115,11 +115,11 @@ def test_informative_ratio_and_styles() -> None:
     assert list(c.sources) == ["detailed", "terse"]
     assert len(c.sources["terse"]) == 9 * len(c.sources["detailed"])
     for r in c.sources["terse"]:
-        assert r["output"] == solve(r) and "The answer is" not in r["output"]
+        assert r["output"] == reference_answer(r) and "The answer is" not in r["output"]
     for r in [*c.sources["detailed"], *c.validation]:
-        assert r["output"].endswith(f"The answer is {solve(r)}.")
-        assert extract_answer(r["output"]) == solve(r)
-        assert len(r["output"]) > len(solve(r)) + 20
+        assert r["output"].endswith(f"The answer is {reference_answer(r)}.")
+        assert extract_answer(r["output"]) == reference_answer(r)
+        assert len(r["output"]) > len(reference_answer(r)) + 20
 
 
 def test_math_chain_of_thought_is_correct() -> None:
@@ -143,8 +143,11 @@ def test_multilingual_sources_and_heldout_english() -> None:
     assert list(c.sources) == ["chinese", "english", "french", "german", "italian", "spanish"]
     assert all(len(v) == 40 for v in c.sources.values()) and len(c.validation) == 30
     assert all(r["instruction"] == "Continue the text." and r["output"] for r in c.validation)
-    train_sents = {s for r in multilingual_sources(n_per_source=2000, n_val=30)
-                   .sources["english"] for s in (r["input"], r["output"])}
+    train_sents = {
+        s
+        for r in multilingual_sources(n_per_source=2000, n_val=30).sources["english"]
+        for s in (r["input"], r["output"])
+    }
     assert not train_sents & {s for r in c.validation for s in (r["input"], r["output"])}
     english = [r["input"] + " " + r["output"] for r in c.sources["english"]]
     assert sum(t.isascii() for t in english) > 0.8 * len(english)

@@ -14,15 +14,14 @@ from scalebio_core import data as D
 from scalebio_core.bilevel import lam_grad, weighted_lower_loss
 from scalebio_core.corpora import build_corpus
 from scalebio_core.data import (
-    BatchSampler,
-    DataError,
     SourceSpec,
-    collate,
     load_records,
     load_sources,
     specs_from_dir,
     tokenize,
 )
+from scalebio_core.errors import DataError
+from scalebio_core.sampling import BatchSampler, collate
 from scalebio_core.tokenizer import get_tokenizer
 
 ALPACA = [
@@ -64,10 +63,15 @@ def test_alpaca_json_and_jsonl(tmp_path: Path) -> None:
 
 
 def test_sharegpt_uses_first_exchange() -> None:
-    conv = {"conversations": [
-        {"from": "system", "value": "be nice"}, {"from": "human", "value": "Q1"},
-        {"from": "gpt", "value": "A1"}, {"from": "human", "value": "Q2"},
-        {"from": "gpt", "value": "A2"}]}
+    conv = {
+        "conversations": [
+            {"from": "system", "value": "be nice"},
+            {"from": "human", "value": "Q1"},
+            {"from": "gpt", "value": "A1"},
+            {"from": "human", "value": "Q2"},
+            {"from": "gpt", "value": "A2"},
+        ]
+    }
     (r,) = load_records(SourceSpec("s", records=(conv,)))
     assert r == {"prompt": D.PROMPT_NO_INPUT.format(instruction="Q1"), "response": "A1"}
     with pytest.raises(DataError, match="human turn followed by a gpt turn"):
@@ -77,12 +81,16 @@ def test_sharegpt_uses_first_exchange() -> None:
 def test_text_file_and_text_records(tmp_path: Path) -> None:
     (tmp_path / "t.txt").write_text("First para\nline two.\n\n\n Second para. \n")
     recs = load_records(SourceSpec("t", path=str(tmp_path / "t.txt")))
-    assert recs == [{"prompt": "", "response": "First para\nline two."},
-                    {"prompt": "", "response": "Second para."}]
+    assert recs == [
+        {"prompt": "", "response": "First para\nline two."},
+        {"prompt": "", "response": "Second para."},
+    ]
     assert load_records(SourceSpec("t", records=({"text": "x"},))) == [
-        {"prompt": "", "response": "x"}]
-    assert load_records(SourceSpec("r", records=({"prompt": "p", "response": "q"},),
-                                   format="records")) == [{"prompt": "p", "response": "q"}]
+        {"prompt": "", "response": "x"}
+    ]
+    assert load_records(
+        SourceSpec("r", records=({"prompt": "p", "response": "q"},), format="records")
+    ) == [{"prompt": "p", "response": "q"}]
 
 
 def test_specs_from_dir_excludes_validation_and_manifest(tmp_path: Path) -> None:
@@ -224,8 +232,12 @@ def test_names_fix_source_order(tok) -> None:
 
 
 def test_tokenize_cache(tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    recs = load_sources([SourceSpec("a", records=tuple(ALPACA)),
-                         SourceSpec("t", records=({"text": "some text " * 30},))])
+    recs = load_sources(
+        [
+            SourceSpec("a", records=tuple(ALPACA)),
+            SourceSpec("t", records=({"text": "some text " * 30},)),
+        ]
+    )
     first = tokenize(recs, tok, 48, cache_dir=tmp_path)
     (cached,) = list(tmp_path.iterdir())  # one file, no temp files left
     assert cached.name.startswith("tokenized-") and cached.suffix == ".pt"
@@ -243,29 +255,38 @@ def test_tokenize_cache(tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_collate_right_pads(tok) -> None:
-    recs = {"a": [{"prompt": "q", "response": "a long answer here"}],
-            "b": [{"prompt": "question two", "response": "r"}]}
+    recs = {
+        "a": [{"prompt": "q", "response": "a long answer here"}],
+        "b": [{"prompt": "question two", "response": "r"}],
+    }
     data = tokenize(recs, tok, 64)
     batch = collate(data, [1, 0], pad_id=tok.pad_token_id)
     n0, n1 = len(data.input_ids[1]), len(data.input_ids[0])
     t = max(n0, n1)
     assert {k: tuple(v.shape) for k, v in batch.items()} == {
-        "input_ids": (2, t), "attention_mask": (2, t), "labels": (2, t), "source_ids": (2,)}
+        "input_ids": (2, t),
+        "attention_mask": (2, t),
+        "labels": (2, t),
+        "source_ids": (2,),
+    }
     assert batch["source_ids"].tolist() == [1, 0]
     assert batch["attention_mask"].sum(1).tolist() == [n0, n1]
     short = 0 if n0 < n1 else 1
-    assert (batch["input_ids"][short, min(n0, n1):] == tok.pad_token_id).all()
+    assert (batch["input_ids"][short, min(n0, n1) :] == tok.pad_token_id).all()
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
 
 
-@pytest.mark.parametrize("name, kwargs, max_length", [
-    ("instruction", {"n_per_task": 3, "n_val": 5}, 64),
-    ("noisy", {"n_per_source": 20, "n_val": 10}, 64),
-    ("multilingual", {"n_per_source": 5, "n_val": 5}, 128),  # English prompts: ~80 tokens
-    ("multilingual", {"n_per_source": 5, "n_val": 5, "fmt": "text"}, 64),
-    ("informative", {"n_terse": 10, "n_detailed": 5, "n_val": 5}, 64),
-    ("math", {"n": 10, "n_val": 5}, 128),  # prompts: 69-81 tokens
-])
+@pytest.mark.parametrize(
+    "name, kwargs, max_length",
+    [
+        ("instruction", {"n_per_task": 3, "n_val": 5}, 64),
+        ("noisy", {"n_per_source": 20, "n_val": 10}, 64),
+        ("multilingual", {"n_per_source": 5, "n_val": 5}, 128),  # English prompts: ~80 tokens
+        ("multilingual", {"n_per_source": 5, "n_val": 5, "fmt": "text"}, 64),
+        ("informative", {"n_terse": 10, "n_detailed": 5, "n_val": 5}, 64),
+        ("math", {"n": 10, "n_val": 5}, 128),  # prompts: 69-81 tokens
+    ],
+)
 def test_embedded_corpus_through_files(
     tok, tmp_path: Path, name: str, kwargs: dict, max_length: int
 ) -> None:
@@ -284,7 +305,8 @@ def test_embedded_corpus_through_files(
     b, t = batch["input_ids"].shape
     assert b == 2 * len(data.names) and t <= max_length
     assert torch.bincount(batch["source_ids"], minlength=len(data.names)).tolist() == [2] * len(
-        data.names)
+        data.names
+    )
     resp = batch["labels"] != -100
     assert (resp.sum(1) >= 1).all() and not (resp & (batch["attention_mask"] == 0)).any()
     assert (batch["input_ids"][resp] == batch["labels"][resp]).all()

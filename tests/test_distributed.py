@@ -204,7 +204,7 @@ def test_fsdp_killed_run_resumes_from_its_shards_on_the_same_trajectory(tmp_path
 
 
 def test_sharded_checkpoint_refuses_another_process_count_and_missing_shards(tmp_path):
-    from scalebio_core.bilevel import ConfigError
+    from scalebio_core.errors import ConfigError
     from scalebio_core.sharding import load_shards
 
     with pytest.raises(
@@ -274,8 +274,8 @@ def test_deepspeed_refuses_what_it_cannot_run_naming_what_can(monkeypatch, tmp_p
     from types import SimpleNamespace
 
     from scalebio_core import zero
-    from scalebio_core.bilevel import ConfigError
-    from scalebio_core.trainer import TrainConfig
+    from scalebio_core.config import TrainConfig
+    from scalebio_core.errors import ConfigError
 
     ok = SimpleNamespace(fsdp=False, method="scalebio", lisa_active=0)
     with pytest.raises(ConfigError, match=r"LISA cannot run under DeepSpeed.*fsdp\.yaml"):
@@ -291,22 +291,22 @@ def test_deepspeed_refuses_what_it_cannot_run_naming_what_can(monkeypatch, tmp_p
 
     with pytest.raises(ConfigError, match="zero_stage must be 0 \\(off\\), 1, 2 or 3"):
         TrainConfig(zero_stage=4)
-    assert zero.launch_settings(0, False) == (0, False)  # no DeepSpeed launch: the config's
+    assert zero.zero_from_launch(0, False) == (0, False)  # no DeepSpeed launch: the config's
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
-    assert zero.launch_settings(0, False) == (3, True)
+    assert zero.zero_from_launch(0, False) == (3, True)
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")
     with pytest.raises(ConfigError, match=r"stage 0 .*configs/accelerate/ddp\.yaml"):
-        zero.launch_settings(0, False)
+        zero.zero_from_launch(0, False)
     ds_json = tmp_path / "ds.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds_json))
-    assert zero.launch_settings(0, False) == (2, False)
+    assert zero.zero_from_launch(0, False) == (2, False)
     for bad in ("{not json", '{"zero_optimization": {"stage": "auto"}}'):
         ds_json.write_text(bad)
         with pytest.raises(ConfigError, match=f"cannot read the DeepSpeed config {ds_json}"):
-            zero.launch_settings(0, False)
+            zero.zero_from_launch(0, False)
 
     saved = {"world": 2, "stage": 3}
     with pytest.raises(
@@ -322,8 +322,9 @@ def test_sft_is_not_sharded_by_fsdp():
 
     import torch
 
-    from scalebio_core.bilevel import ConfigError
-    from scalebio_core.trainer import TrainConfig, setup
+    from scalebio_core.build import setup
+    from scalebio_core.config import TrainConfig
+    from scalebio_core.errors import ConfigError
 
     cpu = torch.device("cpu")
     with pytest.raises(ConfigError, match=r"plain fine-tuning \(sft\) is not sharded"):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from scalebio_core.bilevel import ConfigError
+from scalebio_core.errors import ConfigError
 from scalebio_core.memory import SHARDINGS, MemorySetup, model_shape, predict
 
 MIB = 2**20
@@ -28,11 +28,11 @@ def test_meta_device_counts_equal_the_real_model(arch, tmp_path):
 
 @pytest.mark.parametrize(
     "lisa_active, precision, param_dtype",
-    [(0, "fp32", "fp32"), (1, "fp32", "fp32"), (1, "bf16", "amp")],
+    [(0, "fp32", "fp32"), (1, "fp32", "fp32"), (1, "bf16", "bf16")],
 )
 def test_predicted_state_and_gradients_match_measured(lisa_active, precision, param_dtype):
     """The trainer's tensors against the model's terms; with `precision: bf16` (autocast) the
-    trainer keeps fp32 weights, gradients and AdamW state: the "amp" terms."""
+    trainer keeps fp32 weights, gradients and AdamW state: the "bf16" terms."""
     from scalebio_core.experiments import memory_probe, preset_config
     from scalebio_core.models import load_model
 
@@ -67,19 +67,23 @@ def test_lisa_and_sharding_lower_the_prediction():
         model_shape("acme/unknown")
 
 
-def test_amp_holds_fp32_weights_without_a_master_copy():
-    """Full training: 16 bytes per parameter and copy either way; LISA: amp's weights double.
+def test_bf16_holds_fp32_weights_without_a_master_copy():
+    """Full training: 16 bytes per parameter and copy either way; LISA: bf16's weights double
+    those of bf16-weights.
     (One GPU: under FSDP the gathered blocks come in the weights' dtype as well.)"""
     shape = model_shape("meta-llama/Meta-Llama-3-8B")
     one = {"gpus": 1, "sharding": "ddp"}
-    full = {d: predict(shape, MemorySetup(**one, param_dtype=d)) for d in ("amp", "bf16")}
-    assert full["amp"]["total"] == full["bf16"]["total"]
-    assert full["amp"]["weights"] == 2 * full["bf16"]["weights"]
+    full = {d: predict(shape, MemorySetup(**one, param_dtype=d)) for d in ("bf16", "bf16-weights")}
+    assert full["bf16"]["total"] == full["bf16-weights"]["total"]
+    assert full["bf16"]["weights"] == 2 * full["bf16-weights"]["weights"]
     lisa = {
-        d: predict(shape, MemorySetup(**one, mode="lisa", param_dtype=d)) for d in ("amp", "bf16")
+        d: predict(shape, MemorySetup(**one, mode="lisa", param_dtype=d))
+        for d in ("bf16", "bf16-weights")
     }
-    assert lisa["amp"]["weights"] == 2 * lisa["bf16"]["weights"]
-    assert lisa["amp"]["optimizer"] == lisa["bf16"]["optimizer"] * 8 / 12  # no fp32 master copy
+    assert lisa["bf16"]["weights"] == 2 * lisa["bf16-weights"]["weights"]
+    assert (
+        lisa["bf16"]["optimizer"] == lisa["bf16-weights"]["optimizer"] * 8 / 12
+    )  # no fp32 master copy
     with pytest.raises(ConfigError, match="param_dtype must be one of"):
         predict(shape, MemorySetup(param_dtype="int8"))
 
@@ -145,8 +149,8 @@ def test_eager32_saved_bytes_equal_what_autograd_saves(lisa, train_embeddings, l
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from scalebio_core.losses import response_only_loss
     from scalebio_core.memory import eager32_saved_bytes
-    from scalebio_core.trainer import response_only_loss
 
     b, t, h, n = 2, 32, 128, 3
     config = GPT2Config(

@@ -21,8 +21,12 @@ def test_notebook_runs_at_smoke(path: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("SCALEBIO_FIGURES", str(tmp_path / "figures"))
     monkeypatch.setenv("SCALEBIO_RUNS", str(tmp_path / "runs"))
     pm.execute_notebook(
-        str(path), str(tmp_path / path.name), parameters={"PRESET": "smoke"},
-        cwd=str(path.parent), kernel_name="python3", progress_bar=False,
+        str(path),
+        str(tmp_path / path.name),
+        parameters={"PRESET": "smoke"},
+        cwd=str(path.parent),
+        kernel_name="python3",
+        progress_bar=False,
         execution_timeout=600,
     )
     assert list((tmp_path / "figures").glob(f"{path.stem}*.png")), "no figure was saved"

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scalebio_core.bilevel import ConfigError
+from scalebio_core.config import TrainConfig
+from scalebio_core.errors import ConfigError
 from scalebio_core.pipeline import heldout_records, resample, resample_run, sft
 from scalebio_core.runs import read_jsonl
-from scalebio_core.trainer import TrainConfig, train
+from scalebio_core.trainer import train
 
 SMOKE = dict(
     corpus="informative",
@@ -103,8 +104,8 @@ def test_resample_counts_validation_and_errors():
 def test_held_out_target_set_is_disjoint(tmp_path):
     cfg = smoke(tmp_path, "t")
     test = heldout_records(cfg)
+    from scalebio_core.build import data_specs
     from scalebio_core.data import load_records, load_sources
-    from scalebio_core.trainer import data_specs
 
     specs, val_spec = data_specs(cfg)
     seen = {(r["prompt"], r["response"]) for v in load_sources(specs).values() for r in v}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
-from scalebio_core.bilevel import ConfigError
-from scalebio_core.presets import CONFIG_DIR
+from scalebio_core.config import CONFIG_DIR
+from scalebio_core.errors import ConfigError
 from scalebio_core.scaleout import KINDS, accelerate_config, block_class
 
 

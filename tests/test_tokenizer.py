@@ -73,7 +73,9 @@ def test_env_cache_dir_and_vocab_size(tmp_path: Path, monkeypatch: pytest.Monkey
     small = T.get_tokenizer(vocab_size=300)
     assert len(small) == 300
     assert (T.tokenizer_path(300).parent, T.tokenizer_path(300) != T.tokenizer_path(2048)) == (
-        tmp_path, True)
+        tmp_path,
+        True,
+    )
     assert (T.tokenizer_path(300) / "tokenizer.json").is_file()
     text = SAMPLES[2]
     assert small.decode(small.encode(text)) == text

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from scalebio_core.bilevel import ConfigError
+from scalebio_core.errors import ConfigError
 from scalebio_core.toy import (
     DT,
     conditioned_quadratic,

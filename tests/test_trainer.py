@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from scalebio_core.bilevel import ConfigError
+from scalebio_core.config import TrainConfig
+from scalebio_core.errors import ConfigError, TrainingStopped
+from scalebio_core.losses import LMFns
 from scalebio_core.runs import load_trajectory
-from scalebio_core.trainer import LMFns, TrainConfig, TrainingStopped, train
+from scalebio_core.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,7 +113,7 @@ def test_bad_train_config_messages():
         TrainConfig(lr_w="abc")
     with pytest.raises(ConfigError, match="steps must be of type int .*got 2.5"):
         TrainConfig(steps=2.5)
-    from scalebio_core.cli import parse_overrides
+    from scalebio_core.config import parse_overrides
 
     assert parse_overrides(["lr_w=1e-3", "steps=20", "fsdp=true"]) == {
         "lr_w": 0.001,
@@ -289,8 +291,8 @@ def test_response_only_head_matches_full_forward_or_is_refused(arch, tmp_path):
     not head(hidden), so the check must refuse the fast path there."""
     import torch
 
+    from scalebio_core.losses import head_matches_forward, per_sample_loss, response_only_loss
     from scalebio_core.models import load_model, save_tiny_model
-    from scalebio_core.trainer import _fast_path_matches, per_sample_loss, response_only_loss
 
     model = load_model(str(save_tiny_model(arch, tmp_path / arch)))
     g = torch.Generator().manual_seed(0)
@@ -301,7 +303,7 @@ def test_response_only_head_matches_full_forward_or_is_refused(arch, tmp_path):
     mask = torch.ones_like(ids)
     mask[2, 10:] = 0
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    ok = _fast_path_matches(model, batch)
+    ok = head_matches_forward(model, batch)
     capped = getattr(model.config, "final_logit_softcapping", None) is not None
     assert ok == (not capped)
     if ok:
@@ -313,9 +315,9 @@ def test_response_only_head_matches_full_forward_or_is_refused(arch, tmp_path):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_lora_on_both_copies(arch, tmp_path):
     """LoRA adapters on u and w: only they train, and their count is the memory model's."""
+    from scalebio_core.build import setup
     from scalebio_core.memory import MemorySetup, model_shape, predict
     from scalebio_core.models import load_model, save_tiny_model
-    from scalebio_core.trainer import setup
 
     path = save_tiny_model(arch, tmp_path / arch)
     cfg = smoke(tmp_path, model=str(path), tokenizer=str(path), lora_rank=4, steps=2)

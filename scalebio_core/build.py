@@ -1,0 +1,215 @@
+"""A run built from its config (`Setup`): tokenizer, data, the model copies, LoRA, LISA, the
+distribution and the batch samplers; and the batches of each step.
+
+`setup(cfg)` is what every language-model method starts from (ScaleBiO and DoReMi hold two
+copies, w and u; plain fine-tuning one, `copies=1`, with u = w). Nothing here runs a step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bilevel import BilevelState, MicroBatches, init_state
+from .config import TrainConfig
+from .corpora import build_corpus
+from .data import SourceSpec, TokenizedData, load_records, load_sources, specs_from_dir, tokenize
+from .distributed import Distribution
+from .engines import choose, make_accelerator
+from .errors import ConfigError
+from .lisa import Lisa, make_lisa_pair
+from .lora import add_lora
+from .malloc import keep_freed_memory
+from .models import check_compatible, clone_model, load_model, load_tokenizer
+from .sampling import BatchSampler, collate
+from .tokenizer import cache_root
+
+
+@dataclass
+class Setup:
+    """Everything a method's steps read: the config, the distribution, the data and samplers,
+    the state (w, u, lam and their optimizers) and LISA of (w, u)."""
+
+    cfg: TrainConfig
+    dist: Distribution
+    tokenizer: Any
+    train: TokenizedData
+    val: TokenizedData
+    sampler: BatchSampler
+    val_sampler: BatchSampler
+    divisor: torch.Tensor | None
+    """Per-source divisor of L2 on the device: the expected counts, or None (realized)."""
+    state: BilevelState
+    lisa: tuple[Lisa, Lisa] | None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.train.names
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+
+# ------------------------------------------------------------------ data
+
+
+def data_specs(cfg: TrainConfig) -> tuple[list[SourceSpec], SourceSpec]:
+    """The training sources' SourceSpecs and the validation set's, as the config gives them."""
+    if cfg.sources:
+        if not cfg.validation:
+            raise ConfigError(
+                "sources are given without a validation set: add validation: "
+                "{name: validation, path: …} (or hf_name: …)."
+            )
+        specs = [SourceSpec(**d) for d in cfg.sources]
+        return specs, SourceSpec(**{"name": "validation", **cfg.validation})
+    if cfg.data_dir:
+        val_path = Path(cfg.val_path or Path(cfg.data_dir) / "validation.jsonl")
+        return specs_from_dir(cfg.data_dir), SourceSpec(name="validation", path=str(val_path))
+    corpus = build_corpus(cfg.corpus, **cfg.corpus_args)
+    specs = [SourceSpec(name=n, records=tuple(r)) for n, r in corpus.sources.items()]
+    return specs, SourceSpec(name="validation", records=tuple(corpus.validation))
+
+
+def build_data(cfg: TrainConfig, tokenizer: Any) -> tuple[TokenizedData, TokenizedData]:
+    """Tokenized training sources (sorted by name) and the tokenized validation set."""
+    cache = cache_root() / "tokenized"
+    specs, val_spec = data_specs(cfg)
+    records = load_sources(specs)
+    val_records = load_records(val_spec)
+    train = tokenize(records, tokenizer, cfg.max_length, cache_dir=cache)
+    val = tokenize({"validation": val_records}, tokenizer, cfg.max_length, cache_dir=cache)
+    return train, val
+
+
+def tokenizer_name(cfg: TrainConfig) -> str:
+    """The tokenizer to load: the config's, or the model's own for a non-embedded model."""
+    if cfg.tokenizer != "embedded" or cfg.model.startswith("embedded"):
+        return cfg.tokenizer
+    return cfg.model
+
+
+# ------------------------------------------------------------------ models
+
+
+def _whole_models(accelerator: Any) -> contextlib.AbstractContextManager:
+    """Under a GPU DeepSpeed launch with zero3_init_flag, transformers would build models already
+    partitioned (deepspeed.zero.Init), which cannot be copied into u; build them whole."""
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    if plugin is None:
+        return contextlib.nullcontext()
+    return plugin.zero3_init_context_manager(enable=False)
+
+
+def build_state(
+    cfg: TrainConfig, dist: Distribution, tokenizer: Any, names: tuple[str, ...], copies: int
+) -> BilevelState:
+    """w (LoRA when asked), u = a copy of w (or w itself), on the device, prepared for the
+    distribution before and after their optimizers are built."""
+    with _whole_models(dist.accelerator):  # each copy built whole; its engine partitions it
+        w = load_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.seed)
+    check_compatible(w, tokenizer)
+    if cfg.lora_rank > 0:
+        w = add_lora(w, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lisa_layers_path)
+    u = clone_model(w) if copies == 2 else w
+    models = list({id(m): m for m in (w, u)}.values())
+    for model in models:
+        model.to(dist.device).train()
+    for model in models:  # FSDP: before the optimizers are built, they hold the shards
+        dist.prepare_model(model)
+    state = init_state(w, u, names, cfg.bilevel)
+    micro = cfg.batch_size // (dist.world * cfg.grad_accum)
+    dist.prepare_state(state, micro)  # DeepSpeed: the engines take the optimizers over
+    return state
+
+
+def _check_tracker(cfg: TrainConfig) -> None:
+    if cfg.tracker == "none":
+        return
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}[cfg.tracker]
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"tracker={cfg.tracker!r} needs the {module} package: "
+            f"pip install {module} (or tracker=none)."
+        )
+
+
+def setup(cfg: TrainConfig, accelerator: Any = None, copies: int = 2) -> Setup:
+    """Data, samplers, the models and their state; `copies=1` (plain fine-tuning): u is w."""
+    _check_tracker(cfg)
+    accelerator = accelerator or make_accelerator(cfg)
+    dist = choose(cfg, accelerator, copies)
+    if dist.device.type == "cpu" and cfg.cpu_malloc == "keep":
+        keep_freed_memory()  # once per process; see malloc.py (time only, no result changes)
+    world = dist.world
+    if cfg.batch_size % (world * cfg.grad_accum) or cfg.val_batch_size % (world * cfg.grad_accum):
+        raise ConfigError(
+            f"batch_size ({cfg.batch_size}) and val_batch_size ({cfg.val_batch_size}) must be "
+            f"multiples of processes × grad_accum = {world} × {cfg.grad_accum}."
+        )
+    tokenizer = load_tokenizer(tokenizer_name(cfg), vocab_size=cfg.vocab_size)
+    train, val = build_data(cfg, tokenizer)
+    state = build_state(cfg, dist, tokenizer, train.names, copies)
+    lisa = None
+    if cfg.lisa_active > 0:
+        lisa = make_lisa_pair(
+            state.w,
+            state.u,
+            n_active=cfg.lisa_active,
+            interval=cfg.lisa_interval,
+            seed=cfg.seed,
+            share=cfg.lisa_share,
+            path=cfg.lisa_layers_path,
+            train_embeddings=cfg.lisa_train_embeddings,
+            drop_frozen_state=not cfg.lisa_keep_state,
+        )
+    sampler = BatchSampler(
+        train.source_ids, len(train.names), cfg.batch_size, cfg.sampler, seed=cfg.seed
+    )
+    val_sampler = BatchSampler(val.source_ids, 1, cfg.val_batch_size, "union", seed=cfg.seed + 1)
+    expected = cfg.divisor_kind == "expected"
+    return Setup(
+        cfg=cfg,
+        dist=dist,
+        tokenizer=tokenizer,
+        train=train,
+        val=val,
+        sampler=sampler,
+        val_sampler=val_sampler,
+        divisor=sampler.expected_counts().to(dist.device) if expected else None,
+        state=state,
+        lisa=lisa,
+    )
+
+
+# ------------------------------------------------------------------ batches
+
+
+def batches(s: Setup, data: TokenizedData, idx: list[int], n: int) -> MicroBatches:
+    """This rank's share of a global batch (every world-th sample), in n micro-batches."""
+    idx = idx[s.dist.rank :: s.dist.world]
+    size = len(idx) // n
+    out = MicroBatches()
+    for i in range(n):
+        b = collate(data, idx[i * size : (i + 1) * size], s.tokenizer.pad_token_id)
+        out.append({k: v.to(s.device) for k, v in b.items()})
+    return out
+
+
+def step_batches(s: Setup, step: int) -> tuple[MicroBatches, MicroBatches]:
+    """The training and validation batches of `step` (this rank's share)."""
+    train = batches(s, s.train, s.sampler.indices(step), s.cfg.grad_accum)
+    val = batches(s, s.val, s.val_sampler.indices(step), s.cfg.grad_accum)
+    return train, val
+
+
+def count_tokens(s: Setup, *micro: MicroBatches) -> int:
+    """Tokens (attention mask) of the batches, over every process."""
+    tokens = int(sum(b["attention_mask"].sum() for mbs in micro for b in mbs))
+    return int(s.dist.reduce(torch.tensor(float(tokens))))

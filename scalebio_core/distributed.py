@@ -1,0 +1,125 @@
+"""How a step reaches the processes: one narrow interface, and its one-process implementation.
+
+The steps (`bilevel.scalebio_step`, `baselines.plain_step`, `baselines.doremi_step`) use four
+things of a distribution and nothing else:
+
+    world                          the number of processes
+    reduce(t)                      the sum of t over the processes
+    backward(model, loss)          accumulate the gradient of this rank's share of the global loss
+    clip_and_step(model, opt, c)   reduce the gradient, clip its global norm at c, step the
+                                   optimizer; returns the norm before clipping
+
+Every rank's loss is its own samples' share of the global loss, and gradients are summed over the
+ranks, so N processes follow the one-process trajectory. `Local` is one process (the toys, the
+notebooks, a one-GPU run) and the default of every step; `engines.py` holds one implementation
+per engine (DDP, FSDP2, DeepSpeed ZeRO) and the one place that chooses among them. The same
+object carries what the recipes need around the step: the rank, the main process, a barrier,
+autocast, and the per-rank parts of a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """Clip the gradients of `model` to a global norm of `max_norm`; the norm before clipping."""
+    params = [q for q in model.parameters() if q.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor: FSDP
+
+
+class Distribution(Protocol):
+    """What a step needs of the processes (module docstring)."""
+
+    @property
+    def world(self) -> int:
+        """The number of processes."""
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over the processes."""
+
+    def backward(self, model: nn.Module, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of this rank's share of the global loss."""
+
+    def clip_and_step(self, model: nn.Module, opt: Any, max_norm: float) -> float:
+        """Reduce the gradient, clip it at `max_norm`, step; the norm before clipping."""
+
+
+class Local:
+    """One process: the default of every step, and what a one-process run uses."""
+
+    sharded = False
+    """Whether u and w are partitioned over the ranks (their parameters are gathered only inside
+    forward, and each rank checkpoints its own part)."""
+    engine = "replicated"
+    """The engine a checkpoint records: a whole-state checkpoint resumes in any replicated run."""
+
+    def __init__(self, accelerator: Any = None):
+        self.accelerator = accelerator
+        self.device = accelerator.device if accelerator is not None else torch.device("cpu")
+
+    @property
+    def world(self) -> int:
+        return 1
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.accelerator is None else self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- what the steps use
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def backward(self, model: nn.Module, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_and_step(self, model: nn.Module, opt: torch.optim.Optimizer, max_norm: float) -> float:
+        norm = clip_gradients(model, max_norm)
+        opt.step()
+        return norm
+
+    # -- what the recipes use
+    def barrier(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast when the accelerator was made with it (nothing on a bare Local)."""
+        if self.accelerator is None:
+            return contextlib.nullcontext()
+        return self.accelerator.autocast()
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Before the optimizers are built (FSDP shards the model here)."""
+
+    def prepare_state(self, state: Any, micro_batch: int) -> None:
+        """After the optimizers are built (DeepSpeed wraps models and optimizers here)."""
+
+    def checkpoint_meta(self) -> dict[str, Any] | None:
+        """What checkpoints/last.pt records of the per-rank parts (None: it holds everything)."""
+        return None
+
+    def save_models(self, state: Any, run_dir: Path) -> None:
+        """Every rank: its part of u, w and their optimizers (sharded engines)."""
+
+    def drop_old(self, run_dir: Path, step: int) -> None:
+        """Every rank, after last.pt names `step`: delete the parts of older steps."""
+
+    def load_models(self, state: Any, run_dir: Path, step: int, meta: dict | None) -> None:
+        """Every rank: load its part of u, w and their optimizers for `step`."""
+
+
+LOCAL = Local()
+"""The distribution of a single process without accelerate (the toys' default)."""

@@ -1,0 +1,68 @@
+"""The errors of the package (each message names the problem and the fix) and config checks.
+
+Every error a user can cause is a `ValueError` (or, for a NaN loss, a `FloatingPointError`)
+whose message says what is wrong and what to do; `TrainingStopped` adds where the run stopped and
+what it kept. The config dataclasses validate themselves with `check_types` and `check_all`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the field and the fix."""
+
+
+class DataError(ValueError):
+    """Bad training data or settings; the message names the file/line/source and the fix."""
+
+
+class ModelError(ValueError):
+    """A model or tokenizer cannot be loaded or used as asked; the message names the fix."""
+
+
+class LisaError(ValueError):
+    """LISA cannot be set up as asked; the message names the problem and the fix."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or inf; no parameter was updated in the step that found it."""
+
+    def __init__(self, message: str, step: int, metrics: dict[str, float]):
+        super().__init__(message)
+        self.step = step
+        self.metrics = metrics
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on a problem (e.g. a NaN loss); the run directory says where it stopped."""
+
+
+_KINDS = {bool: bool, int: numbers.Integral, float: numbers.Real, str: str}
+
+
+def check_types(config: Any, prefix: str = "") -> None:
+    """Each field of a config dataclass whose default is a number, flag or name holds a value of
+    that type (a YAML typo gives text); fields with None, list or dict defaults are not checked.
+    Messages name the field as `prefix` + its name (the key a run config sets)."""
+    owner = type(config).__name__
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), type(f.default)
+        if kind not in _KINDS:
+            continue
+        if not isinstance(value, _KINDS[kind]) or (kind is not bool and type(value) is bool):
+            raise ConfigError(
+                f"{owner}: {prefix}{f.name} must be of type {kind.__name__} (like {f.default!r}); "
+                f"got {value!r}."
+            )
+
+
+def check_all(owner: str, checks: Iterable[tuple[bool, str]]) -> None:
+    """Raise ConfigError("<owner>: <message>.") for the first check that fails."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{owner}: {message}.")

@@ -1,0 +1,165 @@
+"""One config surface: every field of the run config and of the configs it composes is set from
+YAML and key=value overrides by one merge rule, and reaches the optimizers and schedules."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+
+import pytest
+
+from scalebio_core.baselines import DoReMiConfig
+from scalebio_core.bilevel import BilevelConfig, lr_multiplier
+from scalebio_core.config import TrainConfig, load_preset, merge, parse_overrides
+from scalebio_core.errors import ConfigError
+
+PRESET_FILE = """
+defaults:
+  model: embedded:nano
+  corpus_args: {n_per_source: 8, n_val: 4}
+  alpha_max: 40.0
+  betas: [0.8, 0.99]
+quick:
+  corpus_args: {n_val: 6}
+  min_lr_ratio: 0.25
+  optimizer: sgd
+  momentum: 0.5
+"""
+
+
+def test_composed_fields_are_set_from_yaml_and_overrides(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(PRESET_FILE)
+    d = load_preset(path, "quick", ["momentum=0.9", "tau=1.5", "doremi_eta=0.5"])
+    # defaults, then the preset's section, then the overrides; mappings merge key by key
+    assert d["corpus_args"] == {"n_per_source": 8, "n_val": 6}
+    cfg = TrainConfig.from_dict(d)
+    b = cfg.bilevel
+    assert (b.alpha_max, b.betas, b.min_lr_ratio, b.momentum, b.tau) == (
+        40.0,
+        (0.8, 0.99),
+        0.25,
+        0.9,
+        1.5,
+    )
+    assert cfg.doremi.eta == 0.5 and b.total_steps == cfg.steps
+    # the flat dict round-trips (config.yaml) and a changed composed field shows in a diff
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.replace(betas=[0.9, 0.95]).bilevel.betas == (0.9, 0.95)
+    assert cfg.replace(steps=7).bilevel.total_steps == 7
+    assert dataclasses.replace(cfg, steps=9).bilevel.total_steps == 9
+
+
+def test_every_field_of_every_config_is_one_flat_key():
+    cfg = TrainConfig()
+    keys = set(cfg.to_dict())
+    own = {f.name for f in dataclasses.fields(TrainConfig)} - {"bilevel", "doremi"}
+    bilevel = {f.name for f in dataclasses.fields(BilevelConfig)} - {"total_steps"}
+    doremi = {f"doremi_{f.name}" for f in dataclasses.fields(DoReMiConfig)}
+    assert keys == own | bilevel | doremi  # each declared once, none copied
+    assert not own & bilevel and "steps" in own
+    for key in sorted(keys - {"corpus_args", "sources", "validation", "test", "lora_targets"}):
+        value = cfg.to_dict()[key]
+        assert TrainConfig.from_dict({key: value}).to_dict()[key] == value, key
+    with pytest.raises(ConfigError, match=r"unknown config keys \['doremi_etaa'\]"):
+        TrainConfig(doremi_etaa=1.0)
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, BilevelConfig, DoReMiConfig])
+def test_every_config_field_has_a_docstring(cls):
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    undocumented = [
+        node.target.id
+        for node, after in zip(body, body[1:] + [None])
+        if isinstance(node, ast.AnnAssign)
+        and not (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant))
+    ]
+    assert not undocumented, undocumented
+
+
+def test_the_fields_reach_the_optimizers_and_schedules():
+    import torch
+
+    from scalebio_core.bilevel import init_state
+    from scalebio_core.problem import ParamVector
+
+    w, u = ParamVector(torch.zeros(2)), ParamVector(torch.zeros(2))
+    cfg = TrainConfig(betas=[0.8, 0.99], alpha=2.0, tau=2.0, alpha_max=5.0, steps=10).bilevel
+    state = init_state(w, u, ["a", "b"], cfg)
+    assert state.opt_w.param_groups[0]["betas"] == (0.8, 0.99)
+    assert state.opt_lam.param_groups[0]["betas"] == (0.8, 0.99)
+    assert [cfg.alpha_at(i) for i in range(4)] == [2.0, 4.0, 5.0, 5.0]  # capped at alpha_max
+    sgd = TrainConfig(optimizer="sgd", momentum=0.7).bilevel
+    state = init_state(w, u, ["a", "b"], sgd)
+    assert state.opt_u.param_groups[0]["momentum"] == 0.7
+    floor = TrainConfig(min_lr_ratio=0.25, steps=10, warmup_ratio=0.0).bilevel
+    assert lr_multiplier("cosine", 10, floor) == pytest.approx(0.25)
+
+
+def test_one_precision_vocabulary():
+    """The trainer's precisions are names of the package's vocabulary, each with byte counts in
+    the memory model (the same meaning everywhere)."""
+    from scalebio_core.config import PRECISIONS, TRAINER_PRECISIONS
+    from scalebio_core.memory import PRECISION_BYTES
+
+    assert set(PRECISION_BYTES) == set(PRECISIONS) and set(TRAINER_PRECISIONS) <= set(PRECISIONS)
+    assert PRECISION_BYTES["bf16"] == (4, 2)  # the trainer's bf16: fp32 weights, autocast
+
+
+def test_merge_rule_and_bad_presets(tmp_path):
+    assert merge({"a": {"x": 1, "y": 2}, "b": [1]}, {"a": {"y": 3}, "b": [2]}) == {
+        "a": {"x": 1, "y": 3},
+        "b": [2],
+    }
+    assert parse_overrides(["corpus_args.n_val=3", "betas=[0.5, 0.6]"]) == {
+        "corpus_args": {"n_val": 3},
+        "betas": [0.5, 0.6],
+    }
+    path = tmp_path / "mine.yaml"
+    path.write_text(PRESET_FILE)
+    with pytest.raises(ConfigError, match=r"has presets \['quick'\]: pass --preset"):
+        load_preset(path)
+    with pytest.raises(ConfigError, match=r"no preset 'paper'; known presets: \['quick'\]"):
+        load_preset(path, "paper")
+    run_config = tmp_path / "config.yaml"
+    run_config.write_text("steps: 3\n")
+    assert load_preset(run_config) == {"steps": 3}
+    with pytest.raises(ConfigError, match="has no preset sections: leave out --preset quick"):
+        load_preset(run_config, "quick")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_preset(tmp_path / "missing.yaml")
+    assert load_preset("noisy", "smoke")["corpus"] == "noisy"  # a name in configs/
+    with pytest.raises(ConfigError, match="betas must be two numbers"):
+        TrainConfig(betas=[0.9])
+    with pytest.raises(ConfigError, match="doremi_ref_steps must be of type int"):
+        TrainConfig(doremi_ref_steps=1.5)
+    assert math.isinf(TrainConfig().bilevel.alpha_max)
+
+
+def test_cli_sets_a_composed_field(tmp_path):
+    """The command line reaches a field of BilevelConfig (and config.yaml records it)."""
+    import subprocess
+    import sys
+
+    from scalebio_core.runs import load_yaml
+
+    out = tmp_path / "run"
+    args = [
+        "corpus=noisy",
+        'corpus_args={"n_per_source": 8, "n_val": 4, "noise_rates": [0.0, 1.0]}',
+        "model=embedded:nano",
+        "max_length=80",
+        "steps=1",
+        "batch_size=4",
+        "val_batch_size=2",
+        "betas=[0.8, 0.95]",
+        "min_lr_ratio=0.5",
+        f"out_dir={out}",
+    ]
+    cmd = [sys.executable, "-m", "scalebio_core", "train", "--no-progress", *args]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    saved = load_yaml((out / "config.yaml").read_text())
+    assert saved["betas"] == [0.8, 0.95] and saved["min_lr_ratio"] == 0.5
