@@ -206,8 +206,7 @@ def build(mode: str, model_dir: Path, data_dir: Path, tmp: Path, a, ph: Phases) 
         p = torch.full((len(s.names),), 1.0 / len(s.names))
 
         def step(i: int) -> None:
-            indices = s.sampler.indices(i)
-            batch = ph.timed("build batches", builder.batches)(s, s.train, indices, cfg.grad_accum)
+            batch = ph.timed("build batches", builder.train_batch)(s, i)
             plain_step(st.w, st.opt_w, batch, fns, p, st.config, i, divisor=s.divisor)
     else:
 

@@ -132,11 +132,10 @@ def build_state(
 def _check_tracker(cfg: TrainConfig) -> None:
     if cfg.tracker == "none":
         return
-    module = {"tensorboard": "tensorboard", "wandb": "wandb"}[cfg.tracker]
-    if importlib.util.find_spec(module) is None:
+    if importlib.util.find_spec(cfg.tracker) is None:  # the package is named as the tracker
         raise ConfigError(
-            f"tracker={cfg.tracker!r} needs the {module} package: "
-            f"pip install {module} (or tracker=none)."
+            f"tracker={cfg.tracker!r} needs the {cfg.tracker} package: "
+            f"pip install {cfg.tracker} (or tracker=none)."
         )
 
 
@@ -202,11 +201,15 @@ def batches(s: Setup, data: TokenizedData, idx: list[int], n: int) -> MicroBatch
     return out
 
 
+def train_batch(s: Setup, step: int) -> MicroBatches:
+    """The training batch of `step` (this rank's share)."""
+    return batches(s, s.train, s.sampler.indices(step), s.cfg.grad_accum)
+
+
 def step_batches(s: Setup, step: int) -> tuple[MicroBatches, MicroBatches]:
     """The training and validation batches of `step` (this rank's share)."""
-    train = batches(s, s.train, s.sampler.indices(step), s.cfg.grad_accum)
     val = batches(s, s.val, s.val_sampler.indices(step), s.cfg.grad_accum)
-    return train, val
+    return train_batch(s, step), val
 
 
 def count_tokens(s: Setup, *micro: MicroBatches) -> int:

@@ -154,7 +154,7 @@ def _stopped(e: NonFiniteLossError, t: int, run_dir: Path, method: Method) -> st
 
 def _tracked(row: dict) -> dict[str, float]:
     """The scalars of a row, and the weights as p/<source>, for a tracker."""
-    out = {k: v for k, v in row.items() if isinstance(v, int | float) and k not in ("step",)}
+    out = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
     if isinstance(row.get("p"), dict):
         out.update({f"p/{n}": v for n, v in row["p"].items()})
     return out

@@ -26,7 +26,7 @@ import torch
 
 from . import runs
 from .baselines import VALIDATION, plain_step
-from .build import Setup, batches, count_tokens, data_specs, setup
+from .build import Setup, count_tokens, data_specs, setup, train_batch
 from .config import TrainConfig
 from .corpora import build_corpus, extract_answer
 from .data import SourceSpec, load_records, load_sources, tokenize
@@ -275,7 +275,7 @@ class FineTune:
 
     def step(self, t: int) -> tuple[dict, int]:
         s = self.setup
-        batch = batches(s, s.train, s.sampler.indices(t), s.cfg.grad_accum)
+        batch = train_batch(s, t)
         with s.dist.autocast():
             m = plain_step(s.state.w, s.state.opt_w, batch, self.fns, self.one, self.bcfg, t)
         tokens = count_tokens(s, batch)

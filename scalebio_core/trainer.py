@@ -18,7 +18,7 @@ import torch
 from . import checkpoint, loop, runs
 from .baselines import doremi_step, fixed_weights, plain_step
 from .bilevel import MicroBatches, scalebio_step
-from .build import Setup, batches, count_tokens, data_specs, setup, step_batches
+from .build import Setup, count_tokens, data_specs, setup, step_batches, train_batch
 from .config import TrainConfig
 from .data import load_sources
 from .engines import processes
@@ -140,7 +140,7 @@ class DoReMiRun(_Checkpointed):
 
     def step(self, t: int) -> tuple[dict, int]:
         s, ref = self.setup, t < self.n_ref
-        batch = batches(s, s.train, s.sampler.indices(t), s.cfg.grad_accum)
+        batch = train_batch(s, t)
         model, opt = (s.state.u, s.state.opt_u) if ref else (s.state.w, s.state.opt_w)
         if s.lisa:
             s.lisa[1 if ref else 0].apply(t, opt)
