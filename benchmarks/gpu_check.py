@@ -5,14 +5,16 @@ prediction.
     python benchmarks/gpu_check.py                  # on a CUDA machine, about 3-5 minutes
     python benchmarks/gpu_check.py --device cpu --tiny   # checks the code path on a CPU (seconds)
 
-For each model and mode (plain fine-tuning, ScaleBiO full, ScaleBiO with LISA 2 blocks) it runs a
-few warm-up steps, then times `--steps` steps; tokens/s counts the training tokens of the batch
-(ScaleBiO also reads a validation batch of the same size). Peak memory is
-torch.cuda.max_memory_allocated over the timed steps (on a CPU: not measured). The prediction is
-`scalebio_core.memory.predict` for one GPU, no sharding, no checkpointing, at the precision the
-trainer runs with `precision: bf16` (fp32 weights, gradients and AdamW state, bf16
-autocast; on a CPU: fp32 without autocast). Prints a markdown table; `--out FILE` replaces its
-section of FILE (e.g. benchmarks/RESULTS.md) with it, the command, date and device.
+For each model and mode (plain fine-tuning; ScaleBiO full, and with gradient checkpointing;
+ScaleBiO with LISA 2 blocks, with 16-bit weights (`bf16-weights`: bf16 weights and gradients,
+fp32 masters of the trainable parameters), and with both; issue 13) it runs a few warm-up steps,
+then times `--steps` steps; tokens/s counts the training tokens of the batch (ScaleBiO also reads
+a validation batch of the same size). Peak memory is torch.cuda.max_memory_allocated over the
+timed steps (on a CPU: not measured). The prediction is `scalebio_core.memory.predict` for one
+GPU, no sharding, with the mode's checkpointing, at the precision the trainer runs with
+`precision: bf16` (fp32 weights, gradients and AdamW state, bf16 autocast; on a CPU: fp32 without
+autocast) or `bf16-weights`. Prints a markdown table; `--out FILE` replaces its section of FILE
+(e.g. benchmarks/RESULTS.md) with it, the command, date and device.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from scalebio_core.lisa import make_lisa_pair  # noqa: E402
 from scalebio_core.losses import LMFns  # noqa: E402
 from scalebio_core.memory import GIB, MemorySetup, model_shape, predict  # noqa: E402
 from scalebio_core.models import clone_model  # noqa: E402
+from scalebio_core.recompute import checkpoint_blocks  # noqa: E402
 
 SHAPES = {
     "gpt2-small": (
@@ -89,14 +92,23 @@ def batch(vocab: int, b: int, t: int, k: int, device: str, g: torch.Generator) -
     }
 
 
+MODES = ("plain", "full", "full ckpt", "lisa", "lisa bf16w", "lisa bf16w ckpt")
+"""plain fine-tuning, then ScaleBiO: full or LISA 2 blocks; ckpt: gradient checkpointing
+(`recompute.checkpoint_blocks`, the head's loss in chunks); bf16w: precision bf16-weights."""
+
+
 def run(name: str, kind: str, kw: dict, mode: str, a: argparse.Namespace) -> dict:
-    w = build(kind, kw, a.device, torch.float32)  # the trainer's weights: fp32
+    base, ckpt, bf16w = mode.split()[0], mode.endswith("ckpt"), "bf16w" in mode
+    # the trainer's weights: fp32 (bf16 autocast on a GPU), or bf16 with fp32 masters
+    w = build(kind, kw, a.device, torch.bfloat16 if bf16w else torch.float32)
     vocab = w.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(0)
     batches = [batch(vocab, a.batch, a.seq, 4, a.device, g) for _ in range(a.steps + a.warmup)]
     val = [batch(vocab, a.batch, a.seq, 1, a.device, g) for _ in range(a.steps + a.warmup)]
     cfg = BilevelConfig(alpha=100.0, lr_w=2e-6, lr_u=2e-6, total_steps=a.steps + a.warmup)
-    fns = LMFns()
+    fns = LMFns(chunked_head=ckpt)
+    if ckpt:
+        checkpoint_blocks(w)
     if mode == "plain":  # the project's plain fine-tuning step (uniform mixture of the 4 sources)
         opt = torch.optim.AdamW(w.parameters(), lr=cfg.lr_w)
         p = torch.full((4,), 0.25, device=a.device)
@@ -104,9 +116,9 @@ def run(name: str, kind: str, kw: dict, mode: str, a: argparse.Namespace) -> dic
         def step(i: int) -> None:
             plain_step(w, opt, batches[i], fns, p, cfg, i)
     else:
-        u = clone_model(w)
-        state = init_state(w, u, [f"s{i}" for i in range(4)], cfg)
-        lisa = make_lisa_pair(w, u, n_active=2, interval=20, seed=0) if mode == "lisa" else None
+        u = clone_model(w)  # a deep copy keeps the recomputing blocks' class
+        state = init_state(w, u, [f"s{i}" for i in range(4)], cfg)  # bf16: MasterOptimizer
+        lisa = make_lisa_pair(w, u, n_active=2, interval=20, seed=0) if base == "lisa" else None
 
         def step(i: int) -> None:
             if lisa:
@@ -114,7 +126,7 @@ def run(name: str, kind: str, kw: dict, mode: str, a: argparse.Namespace) -> dic
                     lz.apply(i, opt)
             scalebio_step(state, batches[i], val[i], fns)
 
-    amp = a.device == "cuda"  # the trainer's precision: bf16 (autocast)
+    amp = a.device == "cuda" and not bf16w  # the trainer's precision: bf16 (autocast)
     with torch.autocast(a.device, dtype=torch.bfloat16, enabled=amp):
         for i in range(a.warmup):
             step(i)
@@ -132,11 +144,12 @@ def run(name: str, kind: str, kw: dict, mode: str, a: argparse.Namespace) -> dic
     setup = MemorySetup(
         gpus=1,
         sharding="ddp",
-        mode="full" if mode == "plain" else mode,
+        mode="full" if mode == "plain" else base,
         lisa_active=2,
         batch=a.batch,
         seq=a.seq,
-        param_dtype="bf16" if amp else "fp32",
+        checkpointing=ckpt,
+        param_dtype="bf16-weights" if bf16w else "bf16" if amp else "fp32",
     )
     pred = predict(shape, setup)
     if mode == "plain":  # one copy, no follower: halve the copy-proportional terms
@@ -171,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         a.seq, a.steps = min(a.seq, 64), min(a.steps, 3)
     rows = []
     for name, (kind, kw) in (TINY if a.tiny else SHAPES).items():
-        for mode in ("plain", "full", "lisa"):
+        for mode in MODES:
             rows.append(run(name, kind, kw, mode, a))
     lines = [
         "| model | params | mode | s/step | tokens/s | × plain | peak GiB | predicted GiB |",

@@ -4,7 +4,7 @@ Each configuration runs 2 real trainer steps (`build.setup` + `trainer.run_step`
 in a fresh subprocess (`experiments.memory_probe`), one after the other. Measured: the peak
 resident set during the steps above the resident set before the models were built (after the
 imports): weights + gradients + optimizer state + activations + whatever the process adds. The
-prediction is `memory.predict(..., activations="eager32")` for that configuration with the real
+prediction is `memory.predict(..., activations="eager")` for that configuration with the real
 number of labelled positions of the batch (the LM head runs only there) and the real LISA draw.
 
 The model is a random-init GPT-2 of GPT-2-small shape (124M parameters: 12 layers, 768 hidden,
@@ -45,6 +45,26 @@ CONFIGS = (
         0.50,
     ),
 )
+# issue 13, at a shape where activations are at least half of the peak: name, overrides, the
+# row it is compared with, the largest measured ratio allowed
+SCALE_SHAPE = {"batch": 4, "seq": 512}
+FROZEN = {"lisa_active": 2, "lisa_train_embeddings": False}
+SCALE_CONFIGS = (
+    ("full ScaleBiO", {}, None, None),
+    (
+        "full ScaleBiO + gradient checkpointing",
+        {"gradient_checkpointing": True},
+        "full ScaleBiO",
+        0.65,
+    ),
+    ("LISA 2, embeddings + head frozen, fp32", FROZEN, None, None),
+    (
+        "LISA 2, embeddings + head frozen, bf16-weights",
+        {**FROZEN, "precision": "bf16-weights"},
+        "LISA 2, embeddings + head frozen, fp32",
+        0.60,
+    ),
+)
 TOLERANCE = 0.10
 MMAP = 128 * 1024  # glibc mmap threshold for the live-bytes measurement (its fixed default)
 WORDS = (
@@ -55,7 +75,13 @@ WORDS = (
 
 
 def measure(
-    model_dir: Path, data_dir: Path, overrides: dict, steps: int, mmap: int | None = MMAP
+    model_dir: Path,
+    data_dir: Path,
+    overrides: dict,
+    steps: int,
+    mmap: int | None = MMAP,
+    batch: int = 2,
+    seq: int = 128,
 ) -> dict:
     from scalebio_core.experiments import memory_probe
 
@@ -67,15 +93,15 @@ def measure(
         model=str(model_dir),
         tokenizer="embedded",
         data_dir=str(data_dir),
-        batch_size=2,
-        val_batch_size=2,
-        max_length=128,
+        batch_size=batch,
+        val_batch_size=batch,
+        max_length=seq,
         lisa_interval=20,
         **overrides,
     )
 
 
-def predicted(model_dir: Path, overrides: dict, m: dict) -> dict:
+def predicted(model_dir: Path, overrides: dict, m: dict, batch: int = 2) -> dict:
     from scalebio_core.memory import MemorySetup, model_shape, predict
 
     lisa = overrides.get("lisa_active", 0)
@@ -83,13 +109,14 @@ def predicted(model_dir: Path, overrides: dict, m: dict) -> dict:
     setup = MemorySetup(
         gpus=1,
         sharding="ddp",
-        param_dtype="fp32",
-        activations="eager32",
+        param_dtype=overrides.get("precision", "fp32"),
+        checkpointing=overrides.get("gradient_checkpointing", False),
+        activations="eager",
         mode="lisa" if lisa else "full",
         lisa_active=max(lisa, 1),
         lisa_train_embeddings=overrides.get("lisa_train_embeddings", True),
         lisa_lowest=lowest,
-        batch=2,
+        batch=batch,
         seq=m["seq"],
         label_tokens=m["label_tokens"],
     )
@@ -160,6 +187,59 @@ def table(rows: list[dict]) -> tuple[str, bool]:
     return "\n".join(lines), ok_all
 
 
+def run_scale(shape: dict, steps: int, workdir: Path, batch: int, seq: int) -> list[dict]:
+    """The issue-13 rows (gradient checkpointing, bf16-weights), each in a fresh process."""
+    model_dir = save_model(workdir / "model_scale", shape, positions=max(256, seq))
+    data_dir = save_data(workdir / "data_scale", prompt="Continue:", prompt_words=8, words=seq + 88)
+    rows = []
+    for name, overrides, ref, target in SCALE_CONFIGS:
+        m = measure(model_dir, data_dir, overrides, steps, batch=batch, seq=seq)
+        p = predicted(model_dir, overrides, m, batch=batch)
+        rows.append(
+            {
+                "config": name,
+                "ref": ref,
+                "target": target,
+                "measured_mib": m["peak_total_mib"],
+                "pred": {k: v / MIB for k, v in p.items() if k != "shape"},
+                "states_mib": m["params_mib"] + m["grads_mib"] + m["optimizer_state_mib"],
+                "seq": m["seq"],
+                "label_tokens": m["label_tokens"],
+                "lisa": (m["lisa_w"], m["lisa_u"]),
+            }
+        )
+    return rows
+
+
+def scale_table(rows: list[dict]) -> tuple[str, bool]:
+    by = {r["config"]: r for r in rows}
+    lines = [
+        "| config | measured peak MiB (live) | of which activations (measured − tensors) | "
+        "predicted MiB (weights + grads + optimizer + activations) | error | measured ratio | "
+        "target | pass |",
+        "|---|---:|---:|---|---:|---|---|---|",
+    ]
+    ok_all = True
+    for r in rows:
+        pr, meas = r["pred"], r["measured_mib"]
+        err = meas / pr["total"] - 1
+        ok = abs(err) <= TOLERANCE
+        ratio_text, target_text = "—", f"±{TOLERANCE:.0%} of model"
+        if r["ref"]:
+            ratio = meas / by[r["ref"]]["measured_mib"]
+            ok &= ratio <= r["target"]
+            ratio_text = f"{ratio:.2f} × {r['ref']}"
+            target_text += f"; ≤ {r['target']:.2f}×"
+        ok_all &= ok
+        lines.append(
+            f"| {r['config']} | {meas:.0f} | {meas - r['states_mib']:.0f} "
+            f"({(meas - r['states_mib']) / meas:.0%}) | {pr['total']:.0f} = {pr['weights']:.0f} "
+            f"+ {pr['gradients']:.0f} + {pr['optimizer']:.0f} + {pr['activations']:.0f} | "
+            f"{err:+.1%} | {ratio_text} | {target_text} | {'yes' if ok else 'NO'} |"
+        )
+    return "\n".join(lines), ok_all
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -170,8 +250,58 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--steps", type=int, default=2, help="ScaleBiO steps per configuration")
     ap.add_argument("--out", type=Path, help="write/replace the '## Memory' section of this file")
+    ap.add_argument(
+        "--part",
+        choices=("all", "lisa", "scale"),
+        default="all",
+        help="lisa: the LISA rows (issue 5); scale: checkpointing and bf16-weights (issue 13)",
+    )
     a = ap.parse_args(argv)
     shape = TINY if a.tiny else GPT2_SMALL
+    ok = True
+    if a.part in ("all", "lisa"):
+        ok &= lisa_part(a, shape)
+    if a.part in ("all", "scale"):
+        ok &= scale_part(a, shape)
+    return 0
+
+
+def scale_part(a: argparse.Namespace, shape: dict) -> bool:
+    batch, seq = (2, 64) if a.tiny else (SCALE_SHAPE["batch"], SCALE_SHAPE["seq"])
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = run_scale(shape, a.steps, Path(tmp), batch, seq)
+    text, ok = scale_table(rows)
+    r0 = rows[0]
+    notes = [
+        f"Model: random-init GPT-2 ({shape}), {a.steps} ScaleBiO steps per configuration, each "
+        f"in a fresh process. Batch: {batch} training + {batch} validation sequences of "
+        f"{r0['seq']} tokens; labelled positions per micro-batch: {r0['label_tokens']}. LISA "
+        f"draws (w, u): {rows[2]['lisa']}.",
+        "Measured and predicted as in the Memory section (live resident set; "
+        "`activations='eager'`). 'of which activations': the measured peak minus the exact "
+        "bytes of weights, gradients and optimizer state after the steps.",
+        "Targets (issue 13): gradient checkpointing cuts the peak by at least 35% (≤ 0.65×); "
+        "16-bit weights (bf16-weights) ≤ 0.6× the fp32 peak. For LISA the weights part of that "
+        "ratio is bounded below by (2·P + 14·T)/(4·P + 12·T) bytes per copy (bf16 weights, bf16 "
+        "gradients, fp32 master and moments of the T trainable parameters, against fp32 weights, "
+        "gradients and moments), with T/P the trainable share.",
+    ]
+    return report(a, "Memory of the scale-out options", text, notes, start, ok)
+
+
+def report(a: argparse.Namespace, title: str, text: str, notes: list, start: float, ok: bool):
+    """Print the table and its notes; with --out, replace section `title` of that file."""
+    notes = [*notes, f"Total wall time {time.perf_counter() - start:.0f} s. All targets met: "
+             f"{'yes' if ok else 'NO'}."]  # fmt: skip
+    out = "\n\n".join([text, *notes])
+    print(out)
+    if a.out:
+        write_section(a.out, title, [*machine_lines(), "", out])
+    return ok
+
+
+def lisa_part(a: argparse.Namespace, shape: dict) -> bool:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(shape, a.steps, Path(tmp), with_keep=not a.tiny)
@@ -195,16 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         "memory for the next step instead of returning it to the OS, see "
         "scalebio_core/malloc.py), whose extra is allocator slack (like a GPU's "
         "max_memory_reserved; not in the model). "
-        "Predicted: `memory.predict(..., activations='eager32')` "
+        "Predicted: `memory.predict(..., activations='eager')` "
         "(see scalebio_core/memory.py). The targets use the live column.",
-        f"Total wall time {time.perf_counter() - start:.0f} s. All targets met: "
-        f"{'yes' if ok else 'NO'}.",
     ]
-    out = "\n\n".join([text, *notes])
-    print(out)
-    if a.out:
-        write_section(a.out, "Memory", [*machine_lines(), "", out])
-    return 0
+    return report(a, "Memory", text, notes, start, ok)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from torch import nn
 
 from .distributed import LOCAL, Distribution
 from .errors import ConfigError, NonFiniteLossError, check_all, check_types
+from .masters import MasterOptimizer
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -148,6 +149,11 @@ def make_optimizer(
     params: Iterable[torch.Tensor], kind: str, lr: float, weight_decay: float, cfg: BilevelConfig
 ) -> torch.optim.Optimizer:
     params = list(params)
+    if params and all(q.dtype in (torch.bfloat16, torch.float16) for q in params):
+        # 16-bit weights (precision: bf16-weights): the update runs on fp32 masters
+        return MasterOptimizer(
+            params, kind, lr, weight_decay, betas=cfg.betas, momentum=cfg.momentum
+        )
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=weight_decay)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .bilevel import BilevelState, MicroBatches, init_state
 from .config import TrainConfig
@@ -25,7 +26,8 @@ from .errors import ConfigError
 from .lisa import Lisa, make_lisa_pair
 from .lora import add_lora
 from .malloc import keep_freed_memory
-from .models import check_compatible, clone_model, load_model, load_tokenizer
+from .models import check_compatible, empty_model, load_model, load_tokenizer
+from .recompute import checkpoint_blocks
 from .sampling import BatchSampler, collate
 from .tokenizer import cache_root
 
@@ -110,20 +112,41 @@ def _whole_models(accelerator: Any) -> contextlib.AbstractContextManager:
 def build_state(
     cfg: TrainConfig, dist: Distribution, tokenizer: Any, names: tuple[str, ...], copies: int
 ) -> BilevelState:
-    """w (LoRA when asked), u = a copy of w (or w itself), on the device, prepared for the
-    distribution before and after their optimizers are built."""
-    with _whole_models(dist.accelerator):  # each copy built whole; its engine partitions it
-        w = load_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.seed)
-    check_compatible(w, tokenizer)
-    if cfg.lora_rank > 0:
-        w = add_lora(w, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lisa_layers_path)
-    u = clone_model(w) if copies == 2 else w
-    models = list({id(m): m for m in (w, u)}.values())
-    for model in models:
-        model.to(dist.device).train()
-    for model in models:  # FSDP: before the optimizers are built, they hold the shards
-        dist.prepare_model(model)
-    state = init_state(w, u, names, cfg.bilevel)
+    """w (LoRA when asked) and u = a copy of w (or w itself), in the run's dtype, with
+    recomputing blocks when asked, built and placed by the distribution (`build_models`), then
+    their optimizers, prepared for the distribution."""
+    dtype = "bfloat16" if cfg.precision == "bf16-weights" else "float32"
+
+    def lora(model: nn.Module) -> nn.Module:
+        if cfg.lora_rank > 0:
+            return add_lora(
+                model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lisa_layers_path
+            )
+        return model
+
+    def whole() -> nn.Module:
+        with _whole_models(dist.accelerator):  # each copy built whole; its engine partitions it
+            model = load_model(
+                cfg.model,
+                vocab_size=len(tokenizer),
+                seed=cfg.seed,
+                dtype=dtype,
+                attn_implementation=cfg.attn_implementation,
+            )
+        check_compatible(model, tokenizer)
+        return lora(model)
+
+    def empty() -> nn.Module:
+        model = empty_model(cfg.model, len(tokenizer), dtype, cfg.attn_implementation)
+        check_compatible(model, tokenizer)  # on every rank, before rank 0 broadcasts
+        return lora(model)
+
+    def finish(model: nn.Module) -> None:
+        if cfg.gradient_checkpointing:
+            checkpoint_blocks(model, cfg.lisa_layers_path)
+
+    models = dist.build_models(whole, empty, copies, finish)
+    state = init_state(models[0], models[-1], names, cfg.bilevel)
     micro = cfg.batch_size // (dist.world * cfg.grad_accum)
     dist.prepare_state(state, micro)  # DeepSpeed: the engines take the optimizers over
     return state
@@ -146,12 +169,6 @@ def setup(cfg: TrainConfig, accelerator: Any = None, copies: int = 2) -> Setup:
     dist = choose(cfg, accelerator, copies)
     if dist.device.type == "cpu" and cfg.cpu_malloc == "keep":
         keep_freed_memory()  # once per process; see malloc.py (time only, no result changes)
-    world = dist.world
-    if cfg.batch_size % (world * cfg.grad_accum) or cfg.val_batch_size % (world * cfg.grad_accum):
-        raise ConfigError(
-            f"batch_size ({cfg.batch_size}) and val_batch_size ({cfg.val_batch_size}) must be "
-            f"multiples of processes × grad_accum = {world} × {cfg.grad_accum}."
-        )
     tokenizer = load_tokenizer(tokenizer_name(cfg), vocab_size=cfg.vocab_size)
     train, val = build_data(cfg, tokenizer)
     state = build_state(cfg, dist, tokenizer, train.names, copies)

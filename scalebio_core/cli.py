@@ -7,14 +7,16 @@ import json
 import sys
 from pathlib import Path
 
-from .config import PRECISIONS, TrainConfig, load_preset
+from .config import ATTENTION, PRECISIONS, TrainConfig, load_preset, parse_overrides
 from .errors import ConfigError, DataError, NonFiniteLossError, TrainingStopped
-from .memory import PAPER_MODELS, SHARDINGS, MemorySetup, verdict
+from .memory import PAPER_MODELS, PLAN_FIELDS, Plan, plan
 from .pipeline import resample_run, sft
+from .scaleout import cheapest, emit, plan_command, plan_config
 from .trainer import train
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: train, resample, sft, memory."""
     parser = argparse.ArgumentParser(prog="python -m scalebio_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="run ScaleBiO and write a run directory")
@@ -38,30 +40,37 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--token-budget", type=int, help="train for this many tokens (sets steps)")
     f.add_argument("--no-progress", action="store_true")
     f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr_w=1e-3 seed=1")
-    m = sub.add_parser("memory", help="predict per-GPU memory of ScaleBiO training")
+    m = sub.add_parser(
+        "memory",
+        help="predict per-GPU memory of a run config; --emit writes what launches it",
+        description="Options named as run-config fields (--lisa-active is lisa_active); "
+        "--config/--preset give a base config, key=value sets any other field.",
+    )
+    m.add_argument("--config", help="base run config (YAML, or a preset file with --preset)")
+    m.add_argument("--preset", help="preset section of the config file")
     m.add_argument(
         "--model",
         action="append",
-        help="hub name, local folder or config.json "
-        "(repeatable; default: the paper's four models, from configs/models/)",
+        help="hub name, local folder or config.json (repeatable; default: the config's, else "
+        "the paper's four models, from configs/models/)",
     )
-    m.add_argument("--gpus", type=int, default=8)
+    m.add_argument("--gpus", type=int, default=8, help="GPUs (processes) of the launch")
     m.add_argument("--gpu-mem", type=float, default=48.0, help="GiB per GPU")
-    m.add_argument("--lisa", type=int, default=0, help="active LISA blocks (0: off)")
-    m.add_argument("--lora", type=int, default=0, help="LoRA rank (0: off)")
-    m.add_argument("--batch", type=int, default=1, help="micro-batch per GPU")
-    m.add_argument("--seq", type=int, default=1024)
-    m.add_argument("--sharding", choices=SHARDINGS, default="fsdp", help="zero1-3: DeepSpeed")
-    m.add_argument("--offload", action="store_true", help="optimizer state on the CPU")
+    m.add_argument("--emit", help="write config.yaml, accelerate.yaml and launch.sh here")
     m.add_argument(
-        "--precision",
-        choices=tuple(PRECISIONS),
-        default="bf16",
-        help="bf16: the trainer's bf16 autocast over fp32 weights; bf16-weights: 16-bit weights "
-        "with an fp32 master (not run by the trainer yet); fp32",
+        "--search",
+        action="store_true",
+        help="the cheapest configuration the trainer runs that fits: searches sharding, offload "
+        "and, unless given, precision and gradient checkpointing",
     )
-    m.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
-    args = parser.parse_args(argv)
+    for name in PLAN_FIELDS[1:]:
+        _field_option(m, name)
+    m.add_argument("overrides", nargs="*", help="key=value for any other run-config field")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.command == "memory":
         return _memory(args)
@@ -106,26 +115,65 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _memory(args: argparse.Namespace) -> int:
-    if args.lisa and args.lora:
-        print("error: choose LISA or LoRA, not both.", file=sys.stderr)
-        return 2
-    mode = "lisa" if args.lisa else "lora" if args.lora else "full"
-    setup = MemorySetup(
-        gpus=args.gpus,
-        mode=mode,
-        lisa_active=args.lisa or 2,
-        lora_rank=args.lora or 128,
-        batch=args.batch,
-        seq=args.seq,
-        sharding=args.sharding,
-        offload=args.offload,
-        checkpointing=args.checkpointing,
-        param_dtype=args.precision,
+def _field_option(parser: argparse.ArgumentParser, name: str) -> None:
+    """`--name-with-dashes` for run-config field `name`, typed as the field (default: unset)."""
+    default = getattr(TrainConfig(), name)
+    flag = "--" + name.replace("_", "-")
+    if isinstance(default, bool):
+        parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction)
+        return
+    choices = {"precision": tuple(PRECISIONS), "attn_implementation": ATTENTION}.get(name)
+    parser.add_argument(flag, dest=name, type=type(default), choices=choices)
+
+
+def _memory_fields(args: argparse.Namespace, model: str | None) -> dict:
+    flags = {k: getattr(args, k) for k in PLAN_FIELDS[1:] if getattr(args, k) is not None}
+    if model:
+        flags["model"] = model
+    return {**flags, **parse_overrides(args.overrides)}
+
+
+def memory_config(args: argparse.Namespace, model: str | None) -> TrainConfig:
+    """The run config the memory command predicts: base (--config/--preset), its flags,
+    key=value (`scaleout.plan_config`)."""
+    base = load_preset(args.config, args.preset) if args.config else None
+    return plan_config(base, _memory_fields(args, model), args.gpus)
+
+
+def _search(args: argparse.Namespace, model: str) -> Plan | None:
+    base = load_preset(args.config, args.preset) if args.config else None
+    found, fits, accepted = cheapest(base, _memory_fields(args, model), args.gpus, args.gpu_mem)
+    print(
+        f"{model}: {fits} of the {accepted} configurations the trainer accepts fit on "
+        f"{args.gpus} × {args.gpu_mem:g} GiB; the cheapest"
+        + (":" if found else ": none (fewer blocks, LoRA, more or larger GPUs)")
     )
+    return found
+
+
+def _memory(args: argparse.Namespace) -> int:
     try:
-        for name in args.model or PAPER_MODELS:
-            print(verdict(name, setup, args.gpu_mem))
+        if args.gpus < 1 or not args.gpu_mem > 0:
+            raise ConfigError(
+                f"--gpus must be >= 1 and --gpu-mem > 0 GiB (got {args.gpus}, {args.gpu_mem})."
+            )
+        base_model = load_preset(args.config, args.preset).get("model") if args.config else None
+        models = args.model or ([base_model] if base_model else list(PAPER_MODELS))
+        if args.emit and len(models) != 1:
+            raise ConfigError("--emit writes one run: pass exactly one --model.")
+        for name in models:
+            p = (
+                _search(args, name)
+                if args.search
+                else plan(memory_config(args, name), args.gpus, args.gpu_mem)
+            )
+            if p is None:
+                continue
+            print(p.text())
+            if args.emit:
+                files = emit(p, args.emit)
+                print("\n".join(f"  wrote {f}" for f in files.values()))
+                print(f"  launch: {plan_command(p, args.emit)}")
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

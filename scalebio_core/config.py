@@ -37,11 +37,13 @@ ESTIMATORS = ("auto", "expected", "realized")
 PRECISIONS = {
     "fp32": "fp32 weights, gradients, optimizer state and activations",
     "bf16": "bf16 autocast over fp32 weights, gradients and optimizer state",
-    "bf16-weights": "16-bit weights and gradients, an fp32 master copy in the optimizer",
+    "bf16-weights": "bf16 weights and gradients; fp32 master weights and AdamW state for the "
+    "trainable parameters only",
 }
-"""The precision names of the package (the trainer, the memory model, the CLI)."""
-TRAINER_PRECISIONS = ("fp32", "bf16")
-"""The precisions the trainer runs (the memory model also predicts bf16-weights)."""
+"""The precision names of the package: the trainer, the memory model, the CLI and the planner."""
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+"""`attn_implementation` values: transformers' names, or 'auto' (its own choice per model: sdpa
+where the architecture supports it, else eager); flash needs the flash-attn package."""
 
 BILEVEL_KEYS = tuple(f.name for f in dataclasses.fields(BilevelConfig) if f.name != "total_steps")
 DOREMI_KEYS = {FLAT_PREFIX + f.name: f.name for f in dataclasses.fields(DoReMiConfig)}
@@ -92,7 +94,13 @@ class TrainConfig:
     vocab_size: int = 2048
     """Vocabulary of the embedded tokenizer."""
     precision: str = "fp32"
-    """'fp32' or 'bf16' (autocast over fp32 weights)."""
+    """'fp32', 'bf16' (autocast over fp32 weights) or 'bf16-weights' (bf16 weights, fp32 masters
+    of the trainable parameters; `masters.py`)."""
+    attn_implementation: str = "auto"
+    """Attention kernel: 'auto' (transformers' choice), 'sdpa', 'eager' or 'flash_attention_2'
+    (CUDA GPUs, the flash-attn package)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder block's activations in backward (non-reentrant; `recompute.py`)."""
     # -- distribution (chosen in distributed.choose)
     fsdp: bool = False
     """Shard u and w over the processes with FSDP2 (implied by an accelerate FSDP config)."""
@@ -177,9 +185,10 @@ class TrainConfig:
             [
                 (self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}"),
                 (self.estimator in ESTIMATORS, f"estimator must be one of {ESTIMATORS}"),
+                (self.precision in PRECISIONS, f"precision must be one of {tuple(PRECISIONS)}"),
                 (
-                    self.precision in TRAINER_PRECISIONS,
-                    f"precision must be one of {TRAINER_PRECISIONS}",
+                    self.attn_implementation in ATTENTION,
+                    f"attn_implementation must be one of {ATTENTION}",
                 ),
                 (self.cpu_malloc in ("keep", "system"), "cpu_malloc must be 'keep' or 'system'"),
                 (self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0 (off), 1, 2 or 3"),

@@ -20,6 +20,8 @@ autocast, and the per-rank parts of a checkpoint.
 from __future__ import annotations
 
 import contextlib
+import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -101,8 +103,24 @@ class Local:
             return contextlib.nullcontext()
         return self.accelerator.autocast()
 
-    def prepare_model(self, model: nn.Module) -> None:
-        """Before the optimizers are built (FSDP shards the model here)."""
+    def build_models(
+        self,
+        whole: Callable[[], nn.Module],
+        empty: Callable[[], nn.Module],
+        copies: int,
+        finish: Callable[[nn.Module], None],
+    ) -> list[nn.Module]:
+        """The model copies (w, then u when `copies` is 2), on the device in training mode,
+        before their optimizers are built. `whole()` loads the model with its weights, `empty()`
+        builds it on the meta device; `finish(model)` runs on each copy before it is placed.
+        Here w is loaded whole in this process and u is a deep copy of it (FSDP loads once per
+        node instead, `engines.Fsdp`)."""
+        w = whole()
+        models = [w, copy.deepcopy(w)] if copies == 2 else [w]
+        for model in models:
+            finish(model)
+            model.to(self.device).train()
+        return models
 
     def prepare_state(self, state: Any, micro_batch: int) -> None:
         """After the optimizers are built (DeepSpeed wraps models and optimizers here)."""

@@ -67,8 +67,13 @@ class Fsdp(MultiProcess):
         super().__init__(accelerator)
         self.offload, self.layers_path = offload, layers_path
 
-    def prepare_model(self, model: nn.Module) -> None:
-        sharding.shard_model(model, offload=self.offload, layers_path=self.layers_path)
+    def build_models(self, whole, empty, copies, finish) -> list[nn.Module]:
+        """Rank 0 loads the model whole; every rank builds empty copies, shards them and
+        receives its shards from rank 0 (`sharding.sharded_copies`): one whole model per
+        node in host memory, none on a GPU."""
+        return sharding.sharded_copies(
+            whole, empty, copies, finish, self.device, self.offload, self.layers_path
+        )
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"world": self.world, "engine": self.engine}
@@ -129,7 +134,7 @@ class Zero(MultiProcess):
 
 def make_accelerator(cfg: Any) -> Accelerator:
     """The accelerate object of a run config: devices, processes (gloo on CPU, NCCL on GPUs),
-    bf16 autocast, trackers."""
+    bf16 autocast (precision bf16; bf16-weights computes in its weights' dtype), trackers."""
     kwargs = dict(
         mixed_precision="bf16" if cfg.precision == "bf16" else "no",
         log_with=None if cfg.tracker == "none" else cfg.tracker,
@@ -155,6 +160,38 @@ def _offload_on_gpus(kind: str, offload: bool, device: torch.device) -> bool:
     return offload
 
 
+FSDP_NEEDS_PROCESSES = (
+    "fsdp: true needs several processes: launch with `accelerate launch --num_processes N …` "
+    "(on a CPU machine add --multi_gpu, gloo), or set fsdp: false for one process."
+)
+
+
+def check_plan(
+    cfg: Any, world: int, copies: int = 2, fsdp: bool | None = None, stage: int | None = None
+) -> None:
+    """Refuse, before any model is built, a run the engines cannot do with `world` processes
+    (`fsdp`, `stage`: as a launch sets them; default: the config's). The memory model asks the
+    same question of every configuration it predicts."""
+    fsdp = cfg.fsdp if fsdp is None else fsdp
+    stage = cfg.zero_stage if stage is None else stage
+    if stage:
+        zero.check_config(cfg, copies, fsdp)
+        if world < 2:
+            raise ConfigError(zero.NEEDS_PROCESSES)
+    if fsdp and world < 2:
+        raise ConfigError(FSDP_NEEDS_PROCESSES)
+    if fsdp and (copies != 2 or cfg.method not in ("scalebio", "doremi")):
+        raise ConfigError(
+            "fsdp shards the two models of ScaleBiO and DoReMi; plain fine-tuning (sft) is not "
+            "sharded: run it with fsdp: false."
+        )
+    if cfg.batch_size % (world * cfg.grad_accum) or cfg.val_batch_size % (world * cfg.grad_accum):
+        raise ConfigError(
+            f"batch_size ({cfg.batch_size}) and val_batch_size ({cfg.val_batch_size}) must be "
+            f"multiples of processes × grad_accum = {world} × {cfg.grad_accum}."
+        )
+
+
 def choose(cfg: Any, accelerator: Any, copies: int = 2) -> Local:
     """The distribution of a run: the config's sharding, or an accelerate launch's (FSDP2 or
     DeepSpeed ZeRO), else whole copies on every process. `copies=1`: plain fine-tuning."""
@@ -163,13 +200,9 @@ def choose(cfg: Any, accelerator: Any, copies: int = 2) -> Local:
     stage, zero_offload = zero.zero_from_launch(cfg.zero_stage, cfg.zero_offload)
     if stage:
         zero.check_supported(cfg, copies, fsdp)
+    check_plan(cfg, accelerator.num_processes, copies, fsdp, stage)
     offload = fsdp and _offload_on_gpus("fsdp", offload, accelerator.device)
     zero_offload = bool(stage) and _offload_on_gpus("zero", zero_offload, accelerator.device)
-    if fsdp and (copies != 2 or cfg.method not in ("scalebio", "doremi")):
-        raise ConfigError(
-            "fsdp shards the two models of ScaleBiO and DoReMi; plain fine-tuning (sft) is not "
-            "sharded: run it with fsdp: false."
-        )
     if stage:
         return Zero(accelerator, stage, zero_offload, cfg.precision)
     if fsdp:

@@ -11,11 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token loss over each sample's response tokens (labels != -100): shape [B]."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
     labels = batch["labels"][:, 1:]
     ce = F.cross_entropy(
         logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none"
@@ -24,19 +27,35 @@ def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     return (ce * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
-def response_only_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, reduction="none")
+
+
+def response_only_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk: int | None = None
+) -> torch.Tensor:
     """`per_sample_loss` computing the LM head only where a label exists (responses are short).
 
     Uses the model's decoder (`base_model`) and output embeddings; valid only when the model's
-    logits are exactly head(hidden state), which `head_matches_forward` checks.
+    logits are exactly head(hidden state), which `head_matches_forward` checks. With `chunk`
+    (gradient checkpointing) the head and the loss run `chunk` positions at a time and are
+    recomputed in backward, so the logits and log-probabilities (positions × vocabulary, in
+    fp32) are never held for more than one chunk.
     """
     hidden = model.base_model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).last_hidden_state
     labels = batch["labels"][:, 1:]
     mask = labels != -100
-    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()
-    ce = F.cross_entropy(logits, labels[mask], reduction="none")
+    head, h, y = model.get_output_embeddings(), hidden[:, :-1][mask], labels[mask]
+    if chunk is None or not torch.is_grad_enabled():
+        ce = _head_loss(head, h, y)
+    else:
+        parts = [
+            checkpoint(_head_loss, head, h[i : i + chunk], y[i : i + chunk], use_reentrant=False)
+            for i in range(0, len(y), chunk)
+        ]
+        ce = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
     rows = mask.nonzero()[:, 0]
     sums = torch.zeros(labels.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
     return sums / mask.sum(1).clamp_min(1).to(ce.dtype)
@@ -49,7 +68,11 @@ def head_matches_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> bo
     model.eval()
     try:
         with torch.no_grad():
-            kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            kw = {
+                "input_ids": batch["input_ids"],
+                "attention_mask": batch["attention_mask"],
+                "use_cache": False,
+            }
             full = model(**kw).logits.float()
             head = model.get_output_embeddings()(model.base_model(**kw).last_hidden_state)
         return full.shape == head.shape and bool(
@@ -61,23 +84,46 @@ def head_matches_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> bo
         model.train(was)
 
 
+HEAD_CHUNK_LOGITS = 2**24
+"""Logits per chunk of the LM head under gradient checkpointing (64 MiB in fp32): the positions
+of a chunk are this over the vocabulary, so the chunk's memory does not grow with it."""
+
+
+def head_chunk(vocab: int) -> int:
+    """Labelled positions per chunk of the LM head for a vocabulary of `vocab` tokens."""
+    return max(64, HEAD_CHUNK_LOGITS // vocab)
+
+
 class LMFns:
     """`bilevel.StepFns` for causal LMs; L1 is computed with dropout off unless `val_dropout`.
 
     `val_scale` (1/processes) makes each rank's validation mean its share of the global mean.
     `sharded`: the parameters are gathered only inside forward() (FSDP, DeepSpeed), so the head
-    cannot run on its own and every loss takes the full forward.
+    cannot run on its own and every loss takes the full forward. `chunked_head`: with gradient
+    checkpointing, the head's loss in chunks of `head_chunk(vocabulary)` positions, recomputed
+    in backward (`response_only_loss`).
     """
 
-    def __init__(self, val_dropout: bool = False, val_scale: float = 1.0, sharded: bool = False):
+    def __init__(
+        self,
+        val_dropout: bool = False,
+        val_scale: float = 1.0,
+        sharded: bool = False,
+        chunked_head: bool = False,
+    ):
         self.val_dropout = val_dropout
         self.val_scale = val_scale
         self.fast: bool | None = False if sharded else None  # None: decided on the first batch
+        self.chunked_head = chunked_head
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         if self.fast is None:
             self.fast = head_matches_forward(model, batch)
-        return (response_only_loss if self.fast else per_sample_loss)(model, batch)
+        if self.fast:
+            vocab = model.get_output_embeddings().weight.shape[0]
+            chunk = head_chunk(vocab) if self.chunked_head else None
+            return response_only_loss(model, batch, chunk)
+        return per_sample_loss(model, batch)
 
     def source_ids(self, batch: dict) -> torch.Tensor:
         return batch["source_ids"]

@@ -13,20 +13,30 @@ device (no memory, any architecture), its decoder blocks found by `lisa.find_blo
     "gpu16" (default): per block s·b·h·(34 + 5·a·s/h) bytes in 16-bit (Korthikanti et al. 2022),
         or 2·s·b·h per block plus one full block with gradient checkpointing; plus the logits
         N·V·(2 + 4) (16-bit, and fp32 for the loss). An estimate from the literature.
-    "eager32": fp32 eager PyTorch on a CPU (no dropout, SDPA's flash kernel: no s² term), the
-        bytes autograd saves for backward, counted with `torch.autograd.graph.saved_tensors_hooks`
-        on GPT-2 blocks (gelu_new MLP of width 4h; other block types save other amounts):
-          trainable block                         4·(30·b·s·h + b·a·s + 4·b·s)
-          frozen block that gradients cross       4·(24·b·s·h + b·a·s + 4·b·s)  (no Linear inputs)
+    "eager": eager PyTorch on a CPU (no dropout, SDPA's flash kernel: no s² term) in fp32 or
+        bf16-weights, the bytes autograd saves for backward, counted with
+        `torch.autograd.graph.saved_tensors_hooks` on GPT-2 blocks (gelu_new MLP of width 4h;
+        other block types save other amounts), e = 4 (fp32) or 2 (bf16-weights) bytes:
+          trainable block                         e·28·b·s·h + 4·(b·a·s + 4·b·s)
+          frozen block that gradients cross       e·22·b·s·h + 4·(b·a·s + 4·b·s)  (no Linear inputs)
           blocks below the lowest trainable one   0 (no graph)
-          final norm, head input, log-probs       4·(b·s·h + 2·b·s + N·h·[head trains] + N·V)
-        plus the transient at the top of the backward, the larger of 2·N·V·4 (the log-probs'
-        gradient and the logits' gradient, while the log-probs are still held) and
-        4·(V·h + N·h) when the head trains (its weight gradient is a new V×h tensor that is then
-        added into w's existing gradient: w's second micro-batch accumulates); and, instead of the
-        activations after the backward, AdamW's single-tensor CPU step, which holds two temporaries
-        of the largest trainable parameter (sqrt(v) and its quotient) — the larger of the two
-        phases counts.
+          final norm, head input, log-probs       e·(b·s·h + N·h·[head trains]) + 4·(2·b·s + N·V)
+        (statistics and log-probabilities are fp32 in either precision), plus the transient at
+        the top of the backward, the larger of 2·N·V·4 (the log-probs' gradient and the logits'
+        gradient, while the log-probs are still held) and 4·(V·h + N·h) when the head trains (its
+        weight gradient is a new V×h tensor that is then added into w's existing gradient: w's
+        second micro-batch accumulates); and, instead of the activations after the backward,
+        the optimizer's single-tensor CPU step, which holds two fp32 temporaries of the largest
+        trainable parameter (sqrt(v) and its quotient; three with bf16-weights, whose gradient is
+        read as fp32) — the larger of the two phases counts.
+        With gradient checkpointing (`recompute.py`; the head's loss in chunks of
+        C = max(64, 2²⁴ / V) positions, `losses.head_chunk`) forward holds only each crossed
+        block's input, the final norm's and the head's inputs,
+        e·((blocks crossed + 1)·b·s·h + N·h) + 4·2·b·s;
+        backward adds the larger of one head chunk (4·C·V recomputed log-probs and the top
+        transient above with C for N) and one recomputed block with its two gradients
+        (e·(28 + 2)·b·s·h + its statistics). The losses run without a key/value cache
+        (`use_cache=False`), which would hold and save 2·b·s·h more per block.
 
 shards: N GPUs for what the sharding partitions, 1 for what it replicates. FSDP full shard and
 DeepSpeed ZeRO-3 partition all three; ZeRO-2 gradients and optimizer state; ZeRO-1 the optimizer
@@ -34,11 +44,11 @@ state only; DDP nothing.
 param_dtype, one of `config.PRECISIONS` (the trainer's `precision` names, the same meaning):
 "bf16" (the default) is the trainer's `precision: bf16`: fp32 weights, gradients and AdamW state
 (no master copy), 16-bit activations under autocast. "bf16-weights" holds 16-bit weights and
-gradients with an fp32 master copy in the optimizer (the usual mixed-precision recipe; the
-trainer does not run it yet), "fp32" is fp32 throughout. For full training "bf16" and
-"bf16-weights" both give 16 bytes per parameter and copy (FSDP's gathered blocks come in the
-weights' dtype); with LISA or LoRA, where frozen weights dominate, "bf16" needs twice the weight
-memory of "bf16-weights".
+gradients, with fp32 master weights and AdamW state for the trainable parameters only
+(`masters.py`; no master for frozen LISA blocks), "fp32" is fp32 throughout. For full
+training "bf16" and "bf16-weights" both give 16 bytes per parameter and copy (FSDP's gathered
+blocks come in the weights' dtype); with LISA or LoRA, where frozen weights dominate, "bf16"
+needs twice the weight memory of "bf16-weights".
 N: positions where the LM head runs. The trainer computes it only at labelled positions
 (`losses.response_only_loss`), N = label_tokens of the micro-batch; b·s when unset.
 T: all parameters (full); n_active blocks, plus embeddings, head and final norm when
@@ -46,14 +56,15 @@ T: all parameters (full); n_active blocks, plus embeddings, head and final norm 
 embeddings counted once); the LoRA matrices r·(in + out) of every Linear inside the blocks (LoRA).
 Not modelled: the allocator's slack, the framework's own buffers (CUDA context, thread pools), the
 per-block weight-gradient transients in the middle of the backward (one block's Linear, small
-next to the head), and LoRA's adapter activations (eager32 covers full and LISA). The weight,
+next to the head), and LoRA's adapter activations (eager covers full and LISA). The weight,
 gradient and optimizer terms are counts checked against measured tensors in the tests; the
-eager32 total is checked against the measured peak resident set of real training steps
+eager total is checked against the measured peak resident set of real training steps
 (`experiments.memory_probe`, `benchmarks/memory.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +73,11 @@ import torch
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-from .config import CONFIG_DIR
+from .config import CONFIG_DIR, TrainConfig
+from .engines import check_plan
 from .errors import ConfigError
 from .lisa import find_blocks
+from .losses import head_chunk
 
 GIB = 2**30
 SHARDINGS = ("fsdp", "zero3", "zero2", "zero1", "ddp")
@@ -108,6 +121,7 @@ class ModelShape:
     vocab: int
     largest_param: int = 0  # elements of the largest parameter tensor (tied ones once)
     largest_block_param: int = 0  # elements of the largest parameter tensor inside a block
+    supports_sdpa: bool = True  # transformers' 'auto' attention is sdpa (else eager)
 
     @property
     def outside_blocks(self) -> int:
@@ -144,6 +158,7 @@ def model_shape(name_or_path: str | None = None, model: nn.Module | None = None)
         vocab=config.get_text_config().vocab_size,
         largest_param=max(p.numel() for p in model.parameters()),
         largest_block_param=max(p.numel() for b in blocks for p in b.parameters()),
+        supports_sdpa=bool(getattr(model, "_supports_sdpa", True)),
     )
 
 
@@ -155,7 +170,7 @@ class MemorySetup:
     mode: str = "full"  # "full", "lisa", "lora"
     lisa_active: int = 2
     lisa_train_embeddings: bool = True  # embeddings, head, final norm train under LISA
-    lisa_lowest: int = 0  # lowest active block of the draw (eager32: no graph below it)
+    lisa_lowest: int = 0  # lowest active block of the draw (eager: no graph below it)
     lora_rank: int = 128
     param_dtype: str = "bf16"  # the trainer's bf16 autocast; "bf16-weights", "fp32" (docstring)
     batch: int = 1  # micro-batch per GPU
@@ -164,7 +179,8 @@ class MemorySetup:
     offload: bool = False  # optimizer state (and master weights) on the CPU
     checkpointing: bool = False
     label_tokens: int | None = None  # positions where the LM head runs per micro-batch (b·s)
-    activations: str = "gpu16"  # "gpu16" (Korthikanti, 16-bit GPU) or "eager32" (fp32 CPU)
+    activations: str = "gpu16"  # "gpu16" (Korthikanti, 16-bit GPU) or "eager" (fp32 CPU)
+    attn_implementation: str = "sdpa"  # "eager" stores the attention matrix (the s² term)
 
 
 def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
@@ -176,8 +192,8 @@ def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
             "LISA does not run under DeepSpeed ZeRO (the trainer refuses it, see zero.py): "
             "predict it with sharding fsdp, the launch that runs it."
         )
-    if s.activations not in ("gpu16", "eager32"):
-        raise ConfigError("activations must be gpu16 or eager32.")
+    if s.activations not in ("gpu16", "eager"):
+        raise ConfigError("activations must be gpu16 or eager.")
     n = len(shape.block_params)
     if s.mode == "lisa" and not 1 <= s.lisa_active <= n:
         raise ConfigError(f"lisa_active must lie in [1, {n}].")
@@ -185,6 +201,11 @@ def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
         raise ConfigError(f"lisa_lowest must lie in [0, {n - s.lisa_active}] (n_blocks - active).")
     if s.param_dtype not in PRECISION_BYTES:
         raise ConfigError(f"param_dtype must be one of {tuple(PRECISION_BYTES)}.")
+    if s.param_dtype == "bf16-weights" and s.sharding.startswith("zero"):
+        raise ConfigError(
+            "bf16-weights does not run under DeepSpeed ZeRO (the trainer refuses it, see zero.py): "
+            "predict it with sharding fsdp or ddp, or use bf16."
+        )
     pb, ab = PRECISION_BYTES[s.param_dtype]  # weights and gradients; activations
     full_shard = s.sharding in ("fsdp", "zero3")
     shards = s.gpus if full_shard else 1  # of the weights
@@ -203,11 +224,12 @@ def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
         weights += 2 * max(shape.block_params) * pb  # the gathered block and the prefetched one
     grads = 2 * trainable * pb / grad_shards
     optim = 0.0 if s.offload else 2 * trainable * (8 + (4 if pb < 4 else 0)) / optim_shards
-    if s.activations == "eager32":
-        acts = _eager32_activations(shape, s)
+    if s.activations == "eager":
+        acts = _eager_activations(shape, s)
     else:
         h, a, b, t = shape.hidden, shape.heads, s.batch, s.seq
-        per_block = t * b * h * (34 + 5 * a * t / h) * ab / 2
+        s2 = 5 * a * t / h if s.attn_implementation == "eager" else 0.0  # the attention matrix
+        per_block = t * b * h * (34 + s2) * ab / 2
         acts = (n * 2 * t * b * h * ab / 2 + per_block) if s.checkpointing else n * per_block
         labels = b * t if s.label_tokens is None else s.label_tokens
         acts += labels * shape.vocab * (ab + 4)
@@ -216,46 +238,202 @@ def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
     return out
 
 
-def eager32_saved_bytes(shape: ModelShape, s: MemorySetup) -> float:
-    """Bytes autograd saves for one forward of one copy in fp32 eager (the "eager32" count)."""
-    if s.mode == "lora" or s.checkpointing or s.param_dtype != "fp32":
-        raise ConfigError("activations='eager32' covers fp32 full and LISA training only.")
-    h, a, b, t, v = shape.hidden, shape.heads, s.batch, s.seq, shape.vocab
+def _eager_terms(shape: ModelShape, s: MemorySetup) -> tuple:
+    """(element bytes, labelled positions, trainable blocks, frozen blocks crossed, head trains,
+    bytes of one block's small fp32 terms)."""
+    if s.mode == "lora" or s.param_dtype == "bf16":
+        raise ConfigError(
+            "activations='eager' covers full and LISA training in fp32 or bf16-weights."
+        )
+    if s.attn_implementation not in ("sdpa", "auto"):
+        raise ConfigError("activations='eager' counts SDPA attention (no s² term) only.")
+    b, t, n = s.batch, s.seq, len(shape.block_params)
     n_lab = b * t if s.label_tokens is None else s.label_tokens
-    n = len(shape.block_params)
-    small = b * a * t + 4 * b * t  # attention log-sum-exp, layer-norm statistics
     if s.mode == "full" or s.lisa_train_embeddings:  # the embeddings train: every block crossed
         n_train, n_frozen = (n, 0) if s.mode == "full" else (s.lisa_active, n - s.lisa_active)
-        head = n_lab * h
     else:  # no graph below the lowest active block
-        n_train, n_frozen, head = s.lisa_active, n - s.lisa_lowest - s.lisa_active, 0
-    saved = n_train * (30 * b * t * h + small) + n_frozen * (24 * b * t * h + small)
-    return 4 * (saved + b * t * h + 2 * b * t + n_lab * v + head)
-
-
-def _eager32_activations(shape: ModelShape, s: MemorySetup) -> float:
-    """Peak transient bytes of fp32 eager training on a CPU (module docstring, "eager32")."""
-    h, v = shape.hidden, shape.vocab
-    n_lab = s.batch * s.seq if s.label_tokens is None else s.label_tokens
+        n_train, n_frozen = s.lisa_active, n - s.lisa_lowest - s.lisa_active
     head_trains = s.mode == "full" or s.lisa_train_embeddings
-    top = 4 * max(2 * n_lab * v, (v * h + n_lab * h) if head_trains else 0)
+    small = 4 * (b * shape.heads * t + 4 * b * t)  # attention log-sum-exp, norm statistics
+    return (4 if s.param_dtype == "fp32" else 2), n_lab, n_train, n_frozen, head_trains, small
+
+
+def loading(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
+    """Bytes of building the copies and of what offload keeps on the host, as the trainer does.
+
+    gpu_load  per GPU while the copies are built. FSDP (`sharding.sharded_copies`): the copies
+              are sharded before any weight reaches a GPU, so the training peak covers it (0).
+              Otherwise every rank loads w whole, copies it into u and moves both whole onto
+              its GPU before DeepSpeed partitions them: 2·P·param_bytes.
+    host_load per node (all `gpus` ranks of one node) while the copies are built: FSDP holds one
+              whole copy, on rank 0; otherwise every rank holds both whole: gpus·2·P·bytes.
+    host      per node in training: what offload keeps in host memory (FSDP's offload: every
+              rank's weights, gradients and optimizer shards; ZeRO's: the optimizer state).
+    """
+    pb = PRECISION_BYTES[s.param_dtype][0]
+    whole = shape.params * pb
+    p = predict(shape, s)
+    fsdp = s.sharding == "fsdp" and s.gpus > 1
+    if s.offload and fsdp:
+        host = s.gpus * (
+            2 * shape.params * pb / s.gpus + p["gradients"] + _optimizer_bytes(shape, s)
+        )
+    elif s.offload:
+        host = s.gpus * _optimizer_bytes(shape, s)
+    else:
+        host = 0.0
+    return {
+        "gpu_load": 0.0 if fsdp else 2 * whole,
+        "host_load": whole if fsdp else s.gpus * 2 * whole,
+        "host": host,
+    }
+
+
+def _optimizer_bytes(shape: ModelShape, s: MemorySetup) -> float:
+    """The optimizer state per GPU as if it were not offloaded."""
+    return predict(shape, dataclasses.replace(s, offload=False))["optimizer"]
+
+
+def eager_saved_bytes(shape: ModelShape, s: MemorySetup) -> float:
+    """Bytes autograd saves for one forward of one copy in eager mode without checkpointing (the
+    "eager" count): in the weights' dtype (fp32, or bf16 under bf16-weights), but the norm and
+    attention statistics and the log-probabilities in fp32."""
+    if s.checkpointing:
+        raise ConfigError("eager_saved_bytes counts a forward without gradient checkpointing.")
+    e, n_lab, n_train, n_frozen, head_trains, small = _eager_terms(shape, s)
+    bth, h, v = s.batch * s.seq * shape.hidden, shape.hidden, shape.vocab
+    blocks = e * (28 * n_train + 22 * n_frozen) * bth + (n_train + n_frozen) * small
+    return blocks + e * (bth + n_lab * h * head_trains) + 4 * (2 * s.batch * s.seq + n_lab * v)
+
+
+def _eager_activations(shape: ModelShape, s: MemorySetup) -> float:
+    """Peak transient bytes of eager training on a CPU (module docstring, "eager")."""
+    e, n_lab, n_train, n_frozen, head_trains, small = _eager_terms(shape, s)
+    h, v, bth = shape.hidden, shape.vocab, s.batch * s.seq * shape.hidden
     largest = shape.largest_param if head_trains else shape.largest_block_param
-    return max(eager32_saved_bytes(shape, s) + top, 4 * 2 * largest)
+    optimizer_step = 4 * (2 if e == 4 else 3) * largest  # + the fp32 gradient (bf16-weights)
+    if not s.checkpointing:
+        top = 4 * max(2 * n_lab * v, (v * h + n_lab * h) if head_trains else 0)
+        return max(eager_saved_bytes(shape, s) + top, optimizer_step)
+    chunk = min(n_lab, head_chunk(v))
+    held = e * ((n_train + n_frozen + 1) * bth + n_lab * h) + 4 * 2 * s.batch * s.seq
+    head = 4 * chunk * v + 4 * max(2 * chunk * v, (v * h + chunk * h) if head_trains else 0)
+    block = e * ((28 if n_train else 22) + 2) * bth + small
+    return max(held + max(head, block), optimizer_step)
 
 
-def verdict(name: str, setup: MemorySetup, gpu_gib: float) -> str:
-    p = predict(model_shape(name), setup)
-    rows = [
-        f"{name}: {setup.gpus} GPU(s) × {gpu_gib:g} GiB, {setup.mode}"
-        + (f" ({setup.lisa_active} blocks)" if setup.mode == "lisa" else "")
-        + f", {setup.sharding}{', offload' if setup.offload else ''}, {setup.param_dtype}, "
-        f"micro-batch "
-        f"{setup.batch}×{setup.seq}{', checkpointing' if setup.checkpointing else ''}"
-    ]
-    rows += [f"  {k:<12}{v / GIB:9.1f} GiB" for k, v in p.items()]
-    fits = p["total"] <= gpu_gib * GIB
-    rows.append(
-        f"  verdict: {'fits' if fits else 'does NOT fit'} "
-        f"({p['total'] / (gpu_gib * GIB):.0%} of {gpu_gib:g} GiB per GPU)"
+PLAN_FIELDS = (
+    "model",
+    "lisa_active",
+    "lisa_train_embeddings",
+    "lora_rank",
+    "batch_size",
+    "val_batch_size",
+    "grad_accum",
+    "max_length",
+    "precision",
+    "attn_implementation",
+    "gradient_checkpointing",
+    "fsdp",
+    "fsdp_offload",
+    "zero_stage",
+    "zero_offload",
+)
+"""The run config's fields the memory model reads: the options of `python -m scalebio_core
+memory`, by the same names (beside the machine: --gpus, --gpu-mem)."""
+
+
+def setup_of(cfg: TrainConfig, gpus: int) -> MemorySetup:
+    """The MemorySetup of run config `cfg` launched on `gpus` processes, or ConfigError for a
+    run the trainer refuses (`engines.check_plan`) or one the model cannot predict.
+
+    The micro-batch is the larger of the training and validation ones per process. Offload
+    (fsdp_offload, zero_offload) is counted as optimizer state off the GPU; FSDP's offload also
+    moves weights and gradients, which the model still counts on the GPU (an upper bound).
+    """
+    check_plan(cfg, gpus)
+    if cfg.lisa_active > 0 and cfg.lora_rank > 0:
+        raise ConfigError("the memory model predicts LISA (lisa_active) or LoRA, not both.")
+    if cfg.fsdp:
+        sharding = "fsdp"
+    else:
+        sharding = f"zero{cfg.zero_stage}" if cfg.zero_stage else "ddp"
+    per_rank = gpus * cfg.grad_accum
+    return MemorySetup(
+        gpus=gpus,
+        mode="lisa" if cfg.lisa_active else "lora" if cfg.lora_rank else "full",
+        lisa_active=cfg.lisa_active or 2,
+        lisa_train_embeddings=cfg.lisa_train_embeddings,
+        lora_rank=cfg.lora_rank or 128,
+        param_dtype=cfg.precision,
+        batch=max(cfg.batch_size, cfg.val_batch_size) // per_rank,
+        seq=cfg.max_length,
+        sharding=sharding,
+        offload=cfg.fsdp_offload or cfg.zero_offload,
+        checkpointing=cfg.gradient_checkpointing,
+        attn_implementation=cfg.attn_implementation,
     )
-    return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run config on a machine (`gpus` × `gpu_gib`), with its predicted bytes per GPU."""
+
+    cfg: TrainConfig
+    gpus: int
+    gpu_gib: float
+    setup: MemorySetup
+    shape: ModelShape
+    prediction: dict
+    load: dict
+    """`loading`: the GPU peak while the copies are built, host memory per node."""
+
+    @property
+    def peak(self) -> float:
+        """Bytes per GPU: training, or building the copies when that needs more."""
+        return max(self.prediction["total"], self.load["gpu_load"])
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.gpu_gib * GIB
+
+    @property
+    def share(self) -> float:
+        return self.peak / (self.gpu_gib * GIB)
+
+    def text(self) -> str:
+        s, c = self.setup, self.cfg
+        train = {"lisa": f"LISA {s.lisa_active} blocks", "lora": f"LoRA r={s.lora_rank}"}
+        head = (
+            f"{c.model}: {self.gpus} GPU(s) × {self.gpu_gib:g} GiB, "
+            f"{train.get(s.mode, 'full')}, {s.sharding}{', offload' if s.offload else ''}, "
+            f"{c.precision}, {s.attn_implementation}, micro-batch {s.batch}×{s.seq}"
+            f"{', gradient checkpointing' if s.checkpointing else ''}"
+        )
+        rows = [head, *(f"  {k:<12}{v / GIB:9.1f} GiB" for k, v in self.prediction.items())]
+        if self.load["gpu_load"]:
+            rows.append(
+                f"  {'load':<12}{self.load['gpu_load'] / GIB:9.1f} GiB  (both copies whole on "
+                "each GPU before they are partitioned)"
+            )
+        rows.append(
+            f"  host memory per node: {self.load['host_load'] / GIB:.1f} GiB while the copies "
+            f"are built, {self.load['host'] / GIB:.1f} GiB offloaded in training"
+        )
+        rows.append(
+            f"  verdict: {'fits' if self.fits else 'does NOT fit'} ({self.share:.0%} of "
+            f"{self.gpu_gib:g} GiB per GPU)"
+        )
+        return "\n".join(rows)
+
+
+def plan(cfg: TrainConfig, gpus: int, gpu_gib: float, shape: ModelShape | None = None) -> Plan:
+    """Predict run config `cfg` on `gpus` GPUs of `gpu_gib` GiB (ConfigError: refused)."""
+    if gpus < 1 or not gpu_gib > 0:
+        raise ConfigError(f"gpus must be >= 1 and gpu_gib > 0 (got {gpus}, {gpu_gib}).")
+    setup = setup_of(cfg, gpus)
+    shape = shape or model_shape(cfg.model)
+    if setup.attn_implementation == "auto":  # as transformers resolves it for this model
+        attn = "sdpa" if shape.supports_sdpa else "eager"
+        setup = dataclasses.replace(setup, attn_implementation=attn)
+    return Plan(cfg, gpus, gpu_gib, setup, shape, predict(shape, setup), loading(shape, setup))

@@ -11,6 +11,7 @@ tested without a hub.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import socket
@@ -21,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import torch
+from accelerate import init_empty_weights
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from torch import nn
@@ -33,6 +35,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .config import ATTENTION
 from .errors import ModelError
 from .tokenizer import EOS, PAD, SPECIAL_TOKENS, get_tokenizer
 
@@ -293,6 +296,7 @@ def load_model(
     seed: int = 0,
     dtype: str = "float32",
     max_positions: int | None = None,
+    attn_implementation: str = "auto",
 ) -> nn.Module:
     """A causal LM: an embedded GPT-2 size (random init from `seed`) or `from_pretrained`.
 
@@ -301,21 +305,13 @@ def load_model(
     only on `seed`, and the global torch RNG is unchanged. Any other name is a local directory or a
     hub name for `AutoModelForCausalLM`; there `vocab_size` larger than the embeddings grows them
     (`resize_token_embeddings`, seeded) and `max_positions` beyond the model's context is an error.
+    `attn_implementation` ('sdpa', 'eager', 'flash_attention_2') is transformers' attention kernel;
+    'auto' leaves the choice to transformers (sdpa where the architecture supports it).
     """
     torch_dtype = _dtype(dtype)
+    check_attention(attn_implementation)
     if _is_embedded(name_or_path):
-        size = _embedded_size(name_or_path)
-        kwargs = dict(EMBEDDED_SIZES[size])
-        if max_positions is not None:
-            kwargs["n_positions"] = max_positions
-        eos, pad = (SPECIAL_TOKENS.index(t) for t in (EOS, PAD))
-        config = GPT2Config(
-            **kwargs,
-            vocab_size=DEFAULT_VOCAB if vocab_size is None else vocab_size,
-            bos_token_id=eos,
-            eos_token_id=eos,
-            pad_token_id=pad,
-        )
+        config = _embedded_config(name_or_path, vocab_size, max_positions, attn_implementation)
         with _seeded(seed):
             model = GPT2LMHeadModel(config)
         return model.to(torch_dtype)
@@ -327,6 +323,7 @@ def load_model(
         ("config.json",),
         {"adapter_kwargs": {"local_files_only": True}},
         dtype=torch_dtype,
+        **_attention_kwargs(attn_implementation),
     )
     n_ctx = _context_length(model.config)
     if max_positions is not None and n_ctx is not None and max_positions > n_ctx:
@@ -338,6 +335,73 @@ def load_model(
         with _seeded(seed):
             model.resize_token_embeddings(vocab_size)
     return model
+
+
+def _embedded_config(
+    name: str, vocab_size: int | None, max_positions: int | None, attn_implementation: str
+) -> GPT2Config:
+    kwargs = dict(EMBEDDED_SIZES[_embedded_size(name)])
+    if max_positions is not None:
+        kwargs["n_positions"] = max_positions
+    eos, pad = (SPECIAL_TOKENS.index(t) for t in (EOS, PAD))
+    return GPT2Config(
+        **kwargs,
+        vocab_size=DEFAULT_VOCAB if vocab_size is None else vocab_size,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        **_attention_kwargs(attn_implementation),
+    )
+
+
+def empty_model(
+    name_or_path: str = "embedded:tiny",
+    vocab_size: int | None = None,
+    dtype: str = "float32",
+    attn_implementation: str = "auto",
+) -> nn.Module:
+    """The model `load_model` returns, with its parameters on the meta device (no memory, no
+    weights read) and its buffers real: the skeleton that a sharded run fills from rank 0."""
+    torch_dtype = _dtype(dtype)
+    check_attention(attn_implementation)
+    if _is_embedded(name_or_path):
+        config = _embedded_config(name_or_path, vocab_size, None, attn_implementation)
+        with init_empty_weights(include_buffers=False):
+            model = GPT2LMHeadModel(config).to(torch_dtype)
+        model.tie_weights()  # the context's new meta parameters undo the tie
+        return model
+    config = _from_pretrained(AutoConfig.from_pretrained, name_or_path, "config", ("config.json",))
+    text = config.get_text_config()
+    if vocab_size is not None and vocab_size > text.vocab_size:
+        text.vocab_size = vocab_size  # as load_model's resize_token_embeddings
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch_dtype, **_attention_kwargs(attn_implementation)
+        )
+    model.tie_weights()
+    return model
+
+
+def _attention_kwargs(name: str) -> dict[str, str]:
+    return {} if name == "auto" else {"attn_implementation": name}
+
+
+def check_attention(name: str) -> None:
+    """Refuse an attention kernel that cannot run here, naming the fix."""
+    if name not in ATTENTION:
+        raise ModelError(f"unknown attn_implementation {name!r}; use one of {ATTENTION}.")
+    if name != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ModelError(
+            "attn_implementation=flash_attention_2 needs the flash-attn package: pip install "
+            "flash-attn --no-build-isolation (CUDA GPUs), or use attn_implementation=sdpa."
+        )
+    if not torch.cuda.is_available():
+        raise ModelError(
+            "attn_implementation=flash_attention_2 runs on CUDA GPUs only; on this machine use "
+            "attn_implementation=sdpa."
+        )
 
 
 def check_compatible(model: nn.Module, tokenizer: Any) -> None:

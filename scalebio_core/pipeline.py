@@ -33,8 +33,9 @@ from .data import SourceSpec, load_records, load_sources, tokenize
 from .engines import make_accelerator
 from .errors import ConfigError
 from .loop import Callback, run_loop
-from .losses import LMFns, per_sample_loss
+from .losses import per_sample_loss
 from .sampling import collate
+from .trainer import lm_fns
 
 CHECKABLE_CORPORA = ("instruction", "noisy", "informative", "math")
 TEST_SEED_OFFSET = 7919  # the held-out draw's corpus seed: seed + this
@@ -269,7 +270,7 @@ class FineTune:
     def __init__(self, s: Setup, steps: int):
         self.setup, self.dist, self.total = s, s.dist, steps
         self.bcfg = dataclasses.replace(s.state.config, total_steps=steps)
-        self.fns = LMFns()
+        self.fns = lm_fns(s)
         self.one = torch.ones(1, device=s.device)
         self.seen = 0
 

@@ -22,16 +22,18 @@ of processes.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from . import runs
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .lisa import find_blocks
 
 SHARDS = "shards"
@@ -50,8 +52,8 @@ def shard_model(model: nn.Module, offload: bool = False, layers_path: str | None
     """fully_shard each decoder block, then the model (in place); gradients summed over ranks."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         raise ConfigError(
-            "fsdp: true needs several processes: launch with `accelerate launch --num_processes "
-            "N …` (on a CPU machine add --multi_gpu, gloo), or set fsdp: false for one process."
+            "fsdp: true needs a process group: launch with `accelerate launch --num_processes N "
+            "…` (on a CPU machine add --multi_gpu, gloo), or set fsdp: false for one process."
         )
     _, blocks = find_blocks(model, layers_path)
     kw = {"offload_policy": CPUOffloadPolicy()} if offload else {}
@@ -62,6 +64,59 @@ def shard_model(model: nn.Module, offload: bool = False, layers_path: str | None
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+
+
+def sharded_copies(
+    whole: Callable[[], nn.Module],
+    empty: Callable[[], nn.Module],
+    copies: int,
+    finish: Callable[[nn.Module], None],
+    device: torch.device,
+    offload: bool = False,
+    layers_path: str | None = None,
+) -> list[nn.Module]:
+    """`copies` sharded copies of one model, materialised once per node.
+
+    Rank 0 loads the model whole (`whole()`, host memory); every rank builds each copy empty
+    (`empty()`: parameters on the meta device), shards it, allocates only its own shards, and
+    receives them from rank 0 parameter by parameter (torch's `set_model_state_dict` with
+    `broadcast_from_rank0`). Buffers (rotary frequencies and the like) are computed by every
+    rank as the model is built. So no rank but 0 ever holds a whole copy, and no GPU does. If
+    rank 0 cannot load the model, every rank raises (none waits for the broadcast).
+    """
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    source: dict = {}
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            source = whole().state_dict()
+        except Exception as e:  # re-raised below, after telling the other ranks
+            error = e
+    failed = torch.tensor([float(error is not None)], device=device)
+    if torch.distributed.is_initialized():  # no rank may wait for a broadcast that never comes
+        torch.distributed.all_reduce(failed)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise ModelError("rank 0 could not load the model (its error is above); nothing to shard.")
+    models = []
+    for _ in range(copies):
+        model = empty()
+        finish(model)
+        shard_model(model, offload=offload, layers_path=layers_path)
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        model.to_empty(device="cpu" if offload else device)
+        for name, b in buffers.items():  # to_empty left them uninitialised
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = b.to(device)
+        set_model_state_dict(
+            model,
+            dict(source),
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )
+        models.append(model.train())
+    del source
+    return models
 
 
 def _local(x: Any) -> Any:

@@ -29,7 +29,12 @@ FIXED = ("uniform", "natural", "validation")
 
 def lm_fns(s: Setup) -> LMFns:
     """The step functions of a run: each rank's validation mean is its share of the global one."""
-    return LMFns(s.cfg.val_dropout, val_scale=1.0 / s.dist.world, sharded=s.dist.sharded)
+    return LMFns(
+        s.cfg.val_dropout,
+        val_scale=1.0 / s.dist.world,
+        sharded=s.dist.sharded,
+        chunked_head=s.cfg.gradient_checkpointing,
+    )
 
 
 def lisa_step(s: Setup, step: int) -> tuple | None:

@@ -7,10 +7,11 @@ from pathlib import Path
 import ipywidgets as W
 import matplotlib.pyplot as plt
 import numpy as np
-import yaml
 
+from .config import PRECISIONS, load_preset
+from .errors import ConfigError
 from .experiments import run_preset, runs_root
-from .memory import GIB, PAPER_MODELS, MemorySetup, model_shape, predict
+from .memory import PAPER_MODELS, model_shape, plan
 from .plots import (
     fig_to_png,
     plot_loglog,
@@ -20,7 +21,7 @@ from .plots import (
     plot_weights,
 )
 from .runs import load_trajectory
-from .scaleout import accelerate_config, launch_command
+from .scaleout import emit, plan_command, plan_config
 from .toy import least_squares
 from .toy_runs import run_toy
 
@@ -218,43 +219,70 @@ def noise_explorer(run_dir=None, preset: str = "smoke") -> W.VBox:
     return W.VBox([W.HBox([pick, button]), status, image])
 
 
-def scaling_planner(models=None, train_config: str = "configs/noisy.yaml") -> W.VBox:
-    """Pick a model and a node: the memory model's breakdown, a verdict, the accelerate config
-    and the launch command."""
+def scaling_planner(
+    models=None, config: str | None = "noisy", preset: str | None = "paper", folder="launch"
+) -> W.VBox:
+    """Pick a model, a node and the run's options: the memory model's breakdown and verdict of
+    that run config (`memory.plan`, which refuses what the trainer refuses) and the command that
+    launches it; the button writes its files (`scaleout.emit`). The same as `python -m
+    scalebio_core memory --config CONFIG --preset PRESET --model … --emit FOLDER/<model>`."""
     models = list(models or PAPER_MODELS)
+    base = load_preset(config, preset) if config else None
     model = W.Dropdown(options=models, value=models[-1], description="model")
     gpus = W.IntSlider(value=8, min=1, max=8, description="GPUs")
     mem = W.Dropdown(options=[24, 40, 48, 80, 141], value=48, description="GiB / GPU")
     mode = W.ToggleButtons(options=["full", "lisa", "lora"], value="lisa", description="train")
-    offload = W.Checkbox(value=True, description="CPU offload (optimizer)")
+    shard = W.ToggleButtons(options=["fsdp", "zero3", "zero2", "zero1", "ddp"], description="shard")
+    precision = W.Dropdown(options=list(PRECISIONS), value="bf16-weights", description="precision")
+    offload = W.Checkbox(value=True, description="CPU offload")
     ckpt = W.Checkbox(value=True, description="gradient checkpointing")
+    write = W.Button(description="write launch files")
     out = W.HTML()
     shapes: dict = {}
+    current: dict = {}
+
+    def fields() -> dict:
+        s = shard.value
+        return {
+            "model": model.value,
+            "lisa_active": 2 if mode.value == "lisa" else 0,
+            "lora_rank": 128 if mode.value == "lora" else 0,
+            "precision": precision.value,
+            "gradient_checkpointing": ckpt.value,
+            "fsdp": s == "fsdp",
+            "fsdp_offload": s == "fsdp" and offload.value,
+            "zero_stage": int(s[-1]) if s.startswith("zero") else 0,
+            "zero_offload": s.startswith("zero") and offload.value,
+        }
 
     def redraw(*_):
-        shape = shapes.setdefault(model.value, model_shape(model.value))
-        setup = MemorySetup(
-            gpus=gpus.value, mode=mode.value, offload=offload.value, checkpointing=ckpt.value
-        )
-        pred = predict(shape, setup)
-        fits = pred["total"] <= mem.value * GIB
-        kind = "fsdp" if gpus.value > 1 else "ddp"
-        cfg = accelerate_config(kind, model.value, gpus.value, offload.value)
-        rows = "".join(
-            f"<tr><td>{k}</td><td style='text-align:right'>{v / GIB:.1f} GiB</td></tr>"
-            for k, v in pred.items()
-        )
-        colour = "green" if fits else "crimson"
+        current.clear()
+        try:
+            cfg = plan_config(base, fields(), gpus.value)
+            shape = shapes.setdefault(model.value, model_shape(model.value))
+            p = plan(cfg, gpus.value, mem.value, shape)
+        except ConfigError as e:
+            out.value = f"<p style='color:crimson'><b>refused by the trainer</b>: {e}</p>"
+            return
+        current["plan"] = p
+        target = Path(folder) / model.value.replace("/", "__")
+        colour = "green" if p.fits else "crimson"
         out.value = (
             f"<b>{model.value}</b>: {shape.params / 1e9:.2f}B parameters, "
-            f"{len(shape.block_params)} blocks<table>{rows}</table>"
-            f"<p style='color:{colour}'><b>{'fits' if fits else 'does not fit'}</b> "
-            f"({pred['total'] / (mem.value * GIB):.0%} of {mem.value} GiB per GPU)</p>"
-            f"<pre>{yaml.safe_dump(cfg, sort_keys=False)}</pre>"
-            f"<pre>{launch_command(f'configs/accelerate/{kind}.yaml', train_config)}</pre>"
+            f"{len(shape.block_params)} blocks<pre>{p.text()}</pre>"
+            f"<p style='color:{colour}'><b>{'fits' if p.fits else 'does not fit'}</b></p>"
+            f"<pre>{plan_command(p, target)}</pre>"
         )
 
-    for w in (model, gpus, mem, mode, offload, ckpt):
+    def on_write(_):
+        if "plan" in current:
+            target = Path(folder) / model.value.replace("/", "__")
+            files = emit(current["plan"], target)
+            out.value += "<p>wrote " + ", ".join(str(f) for f in files.values()) + "</p>"
+
+    for w in (model, gpus, mem, mode, shard, precision, offload, ckpt):
         w.observe(redraw, names="value")
+    write.on_click(on_write)
     redraw()
-    return W.VBox([W.HBox([model, gpus, mem]), mode, W.HBox([offload, ckpt]), out])
+    controls = [W.HBox([model, gpus, mem]), mode, shard, W.HBox([precision, offload, ckpt])]
+    return W.VBox([*controls, write, out])

@@ -84,6 +84,20 @@ def zero_from_launch(stage: int, offload: bool) -> tuple[int, bool]:
 
 def check_supported(cfg: Any, copies: int, fsdp: bool | None = None) -> None:
     """Refuse what ZeRO engines cannot run, naming what can (`fsdp`: also set by a launch)."""
+    check_config(cfg, copies, fsdp)
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise ConfigError(NEEDS_PROCESSES)
+
+
+NEEDS_PROCESSES = (
+    "zero_stage needs several processes: launch with `accelerate launch --config_file "
+    "configs/accelerate/deepspeed_zero3.yaml …` (or --num_processes N --multi_gpu with "
+    "zero_stage set), or set zero_stage: 0 for one process."
+)
+
+
+def check_config(cfg: Any, copies: int, fsdp: bool | None = None) -> None:
+    """The refusals of `check_supported` that the config alone decides (the memory model's too)."""
     if cfg.fsdp if fsdp is None else fsdp:
         raise ConfigError(
             "fsdp and DeepSpeed (zero_stage) both shard u and w: choose one (fsdp: false under a "
@@ -107,11 +121,11 @@ def check_supported(cfg: Any, copies: int, fsdp: bool | None = None) -> None:
             "still move. Launch with configs/accelerate/fsdp.yaml (FSDP2 shards parameter by "
             "parameter and runs LISA), or use LoRA (lora_rank) under DeepSpeed."
         )
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+    if cfg.precision == "bf16-weights":
         raise ConfigError(
-            "zero_stage needs several processes: launch with `accelerate launch --config_file "
-            "configs/accelerate/deepspeed_zero3.yaml …` (or --num_processes N --multi_gpu with "
-            "zero_stage set), or set zero_stage: 0 for one process."
+            "precision bf16-weights is not run under DeepSpeed ZeRO (its engines would take over "
+            "the fp32 masters, a path not tested here): use precision bf16 under DeepSpeed, or "
+            "launch with configs/accelerate/fsdp.yaml, which runs bf16-weights."
         )
 
 

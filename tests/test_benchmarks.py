@@ -15,7 +15,8 @@ def test_gpu_check_tiny_on_cpu(tmp_path, capsys):
     out = tmp_path / "gpu.md"
     assert module.main(["--device", "cpu", "--tiny", "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    assert table.count("| plain |") == 2 and table.count("| lisa |") == 2
+    for mode in module.MODES:  # plain, full and LISA, with checkpointing and bf16-weights
+        assert table.count(f"| {mode} |") == 2, mode
     assert "## GPU check" in out.read_text()
 
 
@@ -42,7 +43,8 @@ def test_step_cost_tiny(tmp_path, capsys):
     out.write_text("# Other benchmark\n\nkept\n")
     assert _load("step_cost").main(["--tiny", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    for label in ("ScaleBiO full", "ScaleBiO + LISA 2/12", "plain fine-tuning"):
+    labels = ("ScaleBiO full", "ScaleBiO full + gradient checkpointing", "ScaleBiO + LISA 2/12")
+    for label in (*labels, "plain fine-tuning"):
         rows = [r for r in printed.splitlines() if r.startswith(f"| {label} |")]
         assert len(rows) == 1, label
         nums = _numbers(rows[0])
@@ -88,11 +90,16 @@ def test_memory_benchmark_tiny_on_cpu(tmp_path, capsys):
         row = next(r for r in rows if r.startswith(f"| {name} |"))
         measured, predicted = (float(c.split()[0]) for c in row.split("|")[3:5])
         assert math.isfinite(measured) and measured > 0 and math.isfinite(predicted)
+    for name, *_ in module.SCALE_CONFIGS:  # checkpointing, bf16-weights (issue 13): 2nd table
+        row = [r for r in rows if r.startswith(f"| {name} |")][-1]
+        measured, predicted = (float(c.split()[0]) for c in (row.split("|")[2], row.split("|")[4]))
+        assert math.isfinite(measured) and measured > 0 and math.isfinite(predicted)
     text = out.read_text()
-    assert text.startswith("# Other\n\nkept\n") and text.count("## Memory") == 1
+    assert text.startswith("# Other\n\nkept\n") and text.count("## Memory\n") == 1
+    assert text.count("## Memory of the scale-out options\n") == 1
     assert re.search(r"- command: `", text)
     module.write_section(out, "Memory", ["again"])  # replaces the section, does not append
-    assert out.read_text().count("## Memory") == 1 and "kept" in out.read_text()
+    assert out.read_text().count("## Memory\n") == 1 and "kept" in out.read_text()
 
 
 def test_quality_smoke(tmp_path, capsys):

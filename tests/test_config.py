@@ -100,13 +100,16 @@ def test_the_fields_reach_the_optimizers_and_schedules():
 
 
 def test_one_precision_vocabulary():
-    """The trainer's precisions are names of the package's vocabulary, each with byte counts in
-    the memory model (the same meaning everywhere)."""
-    from scalebio_core.config import PRECISIONS, TRAINER_PRECISIONS
+    """Every precision of the package's vocabulary runs in the trainer and has byte counts in
+    the memory model (the same meaning everywhere: the CLI and the planner offer these names)."""
+    from scalebio_core.config import PRECISIONS
     from scalebio_core.memory import PRECISION_BYTES
 
-    assert set(PRECISION_BYTES) == set(PRECISIONS) and set(TRAINER_PRECISIONS) <= set(PRECISIONS)
+    assert set(PRECISION_BYTES) == set(PRECISIONS) == {"fp32", "bf16", "bf16-weights"}
+    for name in PRECISIONS:
+        assert TrainConfig(precision=name).precision == name
     assert PRECISION_BYTES["bf16"] == (4, 2)  # the trainer's bf16: fp32 weights, autocast
+    assert PRECISION_BYTES["bf16-weights"] == (2, 2)  # bf16 weights and gradients
 
 
 def test_merge_rule_and_bad_presets(tmp_path):

@@ -144,10 +144,22 @@ def test_fsdp_with_lora_on_both_copies_follows_the_one_process_trajectory(tmp_pa
     The losses agree to float rounding (rtol 1e-5) as above; p to rtol 1e-4: with LoRA the gap
     l̄(w) − l̄(u) that drives λ stays 1e-4 to 3e-3 of losses near 7.6, so the losses' last-bit
     differences (summation order over ranks) are a 1e-5 part of λ's gradient (measured 1.2e-5).
+    The sharded run recomputes its blocks in backward (gradient checkpointing), the one-process
+    run does not: the same trajectory.
     """
     _run(tmp_path / "one", 1, lora_rank=4)
-    _run(tmp_path / "fsdp", 2, fsdp=True, lora_rank=4)
+    _run(tmp_path / "fsdp", 2, fsdp=True, lora_rank=4, gradient_checkpointing=True)
     _same_trajectory(tmp_path / "one", tmp_path / "fsdp", p_rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp_with_gradient_checkpointing_and_lisa_follows_the_one_process_trajectory(tmp_path):
+    """FSDP2 gathers each recomputing block's shards again for its replay in backward; under
+    LISA a frozen block above the trainable ones still passes their gradient."""
+    extra = {"lisa_active": 1, "lisa_interval": 2, "lisa_train_embeddings": False}
+    _run(tmp_path / "one", 1, **extra)
+    _run(tmp_path / "fsdp", 2, fsdp=True, gradient_checkpointing=True, **extra)
+    _same_trajectory(tmp_path / "one", tmp_path / "fsdp")
 
 
 @pytest.mark.slow
@@ -245,12 +257,15 @@ def test_deepspeed_zero_follows_the_one_process_trajectory(tmp_path, stage, extr
     """u and w as two DeepSpeed engines (ZeRO-1: optimizer states partitioned; -2: gradients too;
     -3: parameters too, here with LoRA on both copies) over 2 gloo processes against one process
     without DeepSpeed. ZeRO-1 through `zero_stage=1` under a plain 2-process launch, the others
-    through the shipped DeepSpeed launch config. LoRA: p to rtol 1e-4, as under FSDP."""
+    through the shipped DeepSpeed launch config. LoRA: p to rtol 1e-4, as under FSDP. ZeRO-2 and
+    -3 recompute their blocks in backward (gradient checkpointing; ZeRO-3 gathers the partitioned
+    parameters again for the replay)."""
     _run(tmp_path / "one", 1, **extra)
     if stage == 1:
         _run(tmp_path / "zero", 2, zero_stage=1, **extra)
     else:
-        _run(tmp_path / "zero", 2, config_file=_zero_config(tmp_path, stage), **extra)
+        config = _zero_config(tmp_path, stage)
+        _run(tmp_path / "zero", 2, config_file=config, gradient_checkpointing=True, **extra)
     _same_trajectory(tmp_path / "one", tmp_path / "zero", p_rtol=1e-4 if extra else 1e-5)
     folders = tmp_path / "zero" / "checkpoints" / "deepspeed"
     for name in ("w", "u"):  # DeepSpeed's checkpoints, the last step's only
@@ -277,7 +292,7 @@ def test_deepspeed_refuses_what_it_cannot_run_naming_what_can(monkeypatch, tmp_p
     from scalebio_core.config import TrainConfig
     from scalebio_core.errors import ConfigError
 
-    ok = SimpleNamespace(fsdp=False, method="scalebio", lisa_active=0)
+    ok = SimpleNamespace(fsdp=False, method="scalebio", lisa_active=0, precision="fp32")
     with pytest.raises(ConfigError, match=r"LISA cannot run under DeepSpeed.*fsdp\.yaml"):
         zero.check_supported(SimpleNamespace(**{**vars(ok), "lisa_active": 2}), copies=2)
     with pytest.raises(ConfigError, match=r"method 'doremi' .*configs/accelerate/fsdp\.yaml"):
@@ -329,5 +344,85 @@ def test_sft_is_not_sharded_by_fsdp():
     cpu = torch.device("cpu")
     with pytest.raises(ConfigError, match=r"plain fine-tuning \(sft\) is not sharded"):
         cfg = TrainConfig(model="embedded:nano", fsdp=True)
-        multi = SimpleNamespace(distributed_type="MULTI_CPU", device=cpu)
+        multi = SimpleNamespace(distributed_type="MULTI_CPU", device=cpu, num_processes=2)
         setup(cfg, accelerator=multi, copies=1)
+
+
+LOAD_PROBE = """
+import json, sys
+from pathlib import Path
+
+import torch
+
+from scalebio_core.build import setup
+from scalebio_core.config import TrainConfig
+
+
+def status(key):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024  # MiB
+    raise KeyError(key)
+
+
+cfg = TrainConfig(**json.loads(sys.argv[1]))
+before = status("VmRSS")
+Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from here
+s = setup(cfg)
+peak = status("VmHWM") - before
+local = sum(p.to_local().numel() for p in s.state.w.parameters()) * 4 / 2**20
+print(json.dumps({"rank": s.dist.rank, "peak_mib": peak, "shard_mib": local}))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_loads_the_model_once_per_node(tmp_path):
+    """Under FSDP only rank 0 holds a whole copy in host memory while the copies are built: on
+    the other rank the peak host memory of the set-up, beyond the shards it keeps (half of each
+    of the two copies), stays below half a model, where building both copies whole on every
+    rank (as before) would add two whole models. Measured with 2 gloo processes."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _common import save_model
+
+    from scalebio_core.memory import model_shape
+
+    shape = {"n_layer": 8, "n_embd": 512, "n_head": 8, "vocab_size": 2048}
+    save_model(tmp_path / "model", shape, positions=128)
+    whole_mib = model_shape(str(tmp_path / "model")).params * 4 / 2**20
+    cfg = {**BASE, "model": str(tmp_path / "model"), "fsdp": True, "out_dir": str(tmp_path / "r")}
+    script = tmp_path / "probe.py"
+    script.write_text(LOAD_PROBE)
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_port()), str(script), json.dumps(cfg),
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith('{"rank"')]
+    rows = {r["rank"]: r for r in map(json.loads, lines)}
+    assert set(rows) == {0, 1}, out.stdout
+    assert rows[1]["shard_mib"] == pytest.approx(whole_mib / 2, rel=0.01)  # half of each tensor
+    beyond = {r: rows[r]["peak_mib"] - 2 * rows[r]["shard_mib"] for r in rows}  # u's, w's shards
+    assert beyond[0] >= 0.8 * whole_mib, (rows, whole_mib)  # it sees rank 0's whole copy
+    assert beyond[1] < 0.5 * whole_mib, (rows, whole_mib)
+
+
+@pytest.mark.slow
+def test_fsdp_rank0_load_failure_stops_every_rank(tmp_path):
+    """Rank 0 alone reads the weights: when it cannot (a corrupted weights file), the other rank
+    must not wait for a broadcast that never comes; both stop with rank 0's error."""
+    from scalebio_core.models import save_tiny_model
+
+    path = save_tiny_model("gpt2", tmp_path / "model")
+    (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    out = subprocess.run(
+        _cmd(tmp_path / "run", 2, fsdp=True, model=str(path)),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0
+    assert "could not load the model" in out.stderr, out.stderr[-2000:]

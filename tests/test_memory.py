@@ -28,11 +28,19 @@ def test_meta_device_counts_equal_the_real_model(arch, tmp_path):
 
 @pytest.mark.parametrize(
     "lisa_active, precision, param_dtype",
-    [(0, "fp32", "fp32"), (1, "fp32", "fp32"), (1, "bf16", "bf16")],
+    [
+        (0, "fp32", "fp32"),
+        (1, "fp32", "fp32"),
+        (1, "bf16", "bf16"),
+        (0, "bf16-weights", "bf16-weights"),
+        (1, "bf16-weights", "bf16-weights"),
+    ],
 )
 def test_predicted_state_and_gradients_match_measured(lisa_active, precision, param_dtype):
     """The trainer's tensors against the model's terms; with `precision: bf16` (autocast) the
-    trainer keeps fp32 weights, gradients and AdamW state: the "bf16" terms."""
+    trainer keeps fp32 weights, gradients and AdamW state: the "bf16" terms; with
+    `bf16-weights` bf16 weights and gradients, and fp32 masters and moments of the trainable
+    parameters only (LISA's frozen blocks: 2 bytes per parameter)."""
     from scalebio_core.experiments import memory_probe, preset_config
     from scalebio_core.models import load_model
 
@@ -116,7 +124,7 @@ def test_memory_cli_prints_the_four_paper_models_offline():
             "8",
             "--gpu-mem",
             "48",
-            "--lisa",
+            "--lisa-active",
             "2",
         ],
         capture_output=True,
@@ -141,16 +149,24 @@ def _benchmark_module():
 
 
 @pytest.mark.parametrize(
-    "lisa, train_embeddings, lowest",
-    [(0, True, 0), (1, True, 0), (1, False, 1), (2, False, 0)],
+    "lisa, train_embeddings, lowest, precision",
+    [
+        (0, True, 0, "fp32"),
+        (1, True, 0, "fp32"),
+        (1, False, 1, "fp32"),
+        (2, False, 0, "fp32"),
+        (0, True, 0, "bf16-weights"),
+        (1, False, 1, "bf16-weights"),
+    ],
 )
-def test_eager32_saved_bytes_equal_what_autograd_saves(lisa, train_embeddings, lowest):
-    """The eager32 activation count against autograd's own saved tensors (hooks), GPT-2 fp32."""
+def test_eager_saved_bytes_equal_what_autograd_saves(lisa, train_embeddings, lowest, precision):
+    """The eager activation count against autograd's own saved tensors (hooks), GPT-2 in fp32
+    and with bf16 weights (bf16 activations; statistics and log-probabilities in fp32)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from scalebio_core.losses import response_only_loss
-    from scalebio_core.memory import eager32_saved_bytes
+    from scalebio_core.memory import eager_saved_bytes
 
     b, t, h, n = 2, 32, 128, 3
     config = GPT2Config(
@@ -165,6 +181,8 @@ def test_eager32_saved_bytes_equal_what_autograd_saves(lisa, train_embeddings, l
     )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).train()
+    if precision == "bf16-weights":
+        model = model.bfloat16()
     active = [lowest + i for i in range(lisa)]
     if lisa:  # as lisa.Lisa.apply: outside parameters follow train_embeddings
         for p in model.parameters():
@@ -192,13 +210,13 @@ def test_eager32_saved_bytes_equal_what_autograd_saves(lisa, train_embeddings, l
         lisa_active=max(lisa, 1),
         lisa_train_embeddings=train_embeddings,
         lisa_lowest=lowest,
-        param_dtype="fp32",
-        activations="eager32",
+        param_dtype=precision,
+        activations="eager",
         batch=b,
         seq=t,
         label_tokens=int((labels[:, 1:] != -100).sum()),
     )
-    expected = eager32_saved_bytes(model_shape(model=model), setup)
+    expected = eager_saved_bytes(model_shape(model=model), setup)
     assert sum(saved.values()) == pytest.approx(expected, rel=0.005)
 
 
