@@ -90,6 +90,14 @@ def _run(
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+def _fails(out_dir: Path, processes: int, **extra) -> str:
+    """Run the trainer as `_run` does, expecting it to fail; its stderr."""
+    cmd = _cmd(out_dir, processes, **extra)
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    return out.stderr
+
+
 def _same_trajectory(one: Path, two: Path, p_rtol: float = 1e-5) -> None:
     """`two` (2 processes) follows `one` (1 process) to float tolerance, and really ran 2."""
     timing = read_jsonl(two / "timing.jsonl")
@@ -228,17 +236,9 @@ def test_sharded_checkpoint_refuses_another_process_count_and_missing_shards(tmp
 
 
 def test_fsdp_in_one_process_is_refused_with_the_launch_to_use(tmp_path):
-    out = subprocess.run(
-        _cmd(tmp_path / "one", 1, fsdp=True),
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode != 0
-    assert "fsdp: true needs several processes" in out.stderr
-    assert "Traceback" not in out.stderr
+    stderr = _fails(tmp_path / "one", 1, fsdp=True)
+    assert "fsdp: true needs several processes" in stderr
+    assert "Traceback" not in stderr
 
 
 def _zero_config(tmp_path: Path, stage: int) -> Path:
@@ -416,13 +416,5 @@ def test_fsdp_rank0_load_failure_stops_every_rank(tmp_path):
 
     path = save_tiny_model("gpt2", tmp_path / "model")
     (path / "model.safetensors").write_bytes(b"not a safetensors file")
-    out = subprocess.run(
-        _cmd(tmp_path / "run", 2, fsdp=True, model=str(path)),
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode != 0
-    assert "could not load the model" in out.stderr, out.stderr[-2000:]
+    stderr = _fails(tmp_path / "run", 2, fsdp=True, model=str(path))
+    assert "could not load the model" in stderr, stderr[-2000:]
