@@ -270,16 +270,13 @@ def loading(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
     host      per node in training: what offload keeps in host memory (FSDP's offload: every
               rank's weights, gradients and optimizer shards; ZeRO's: the optimizer state).
     """
-    pb = PRECISION_BYTES[s.param_dtype][0]
-    whole = shape.params * pb
-    p = predict(shape, s)
+    whole = shape.params * PRECISION_BYTES[s.param_dtype][0]
     fsdp = s.sharding == "fsdp" and s.gpus > 1
-    if s.offload and fsdp:
-        host = s.gpus * (
-            2 * shape.params * pb / s.gpus + p["gradients"] + _optimizer_bytes(shape, s)
-        )
-    elif s.offload:
-        host = s.gpus * _optimizer_bytes(shape, s)
+    kept = predict(shape, dataclasses.replace(s, offload=False))  # the state, were it on the GPU
+    if s.offload and fsdp:  # FSDP offloads weights, gradients and optimizer state
+        host = 2 * whole + s.gpus * (kept["gradients"] + kept["optimizer"])
+    elif s.offload:  # ZeRO offloads the optimizer state
+        host = s.gpus * kept["optimizer"]
     else:
         host = 0.0
     return {
@@ -287,11 +284,6 @@ def loading(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
         "host_load": whole if fsdp else s.gpus * 2 * whole,
         "host": host,
     }
-
-
-def _optimizer_bytes(shape: ModelShape, s: MemorySetup) -> float:
-    """The optimizer state per GPU as if it were not offloaded."""
-    return predict(shape, dataclasses.replace(s, offload=False))["optimizer"]
 
 
 def eager_saved_bytes(shape: ModelShape, s: MemorySetup) -> float:
