@@ -7,7 +7,8 @@ prediction.
 
 For each model and mode (plain fine-tuning; ScaleBiO full, and with gradient checkpointing;
 ScaleBiO with LISA 2 blocks, with 16-bit weights (`bf16-weights`: bf16 weights and gradients,
-fp32 masters of the trainable parameters), and with both; issue 13) it runs a few warm-up steps,
+fp32 masters of the trainable parameters), and with both; ScaleBiO with LoRA on two copies of
+the base and on one shared base; issue 13) it runs a few warm-up steps,
 then times `--steps` steps; tokens/s counts the training tokens of the batch (ScaleBiO also reads
 a validation batch of the same size). Peak memory is torch.cuda.max_memory_allocated over the
 timed steps (on a CPU: not measured). The prediction is `scalebio_core.memory.predict` for one
@@ -33,6 +34,7 @@ from _common import machine_lines, write_section  # noqa: E402
 from scalebio_core.baselines import plain_step  # noqa: E402
 from scalebio_core.bilevel import BilevelConfig, init_state, scalebio_step  # noqa: E402
 from scalebio_core.lisa import make_lisa_pair  # noqa: E402
+from scalebio_core.lora import add_lora, add_shared_lora, shared_views  # noqa: E402
 from scalebio_core.losses import LMFns  # noqa: E402
 from scalebio_core.memory import GIB, MemorySetup, model_shape, predict  # noqa: E402
 from scalebio_core.models import clone_model  # noqa: E402
@@ -92,9 +94,20 @@ def batch(vocab: int, b: int, t: int, k: int, device: str, g: torch.Generator) -
     }
 
 
-MODES = ("plain", "full", "full ckpt", "lisa", "lisa bf16w", "lisa bf16w ckpt")
-"""plain fine-tuning, then ScaleBiO: full or LISA 2 blocks; ckpt: gradient checkpointing
+MODES = (
+    "plain",
+    "full",
+    "full ckpt",
+    "lisa",
+    "lisa bf16w",
+    "lisa bf16w ckpt",
+    "lora copies",
+    "lora shared",
+)
+"""plain fine-tuning, then ScaleBiO: full, LISA 2 blocks or LoRA (rank `LORA_RANK`, on two
+copies of the base or on one shared base); ckpt: gradient checkpointing
 (`recompute.checkpoint_blocks`, the head's loss in chunks); bf16w: precision bf16-weights."""
+LORA_RANK = 16
 
 
 def run(name: str, kind: str, kw: dict, mode: str, a: argparse.Namespace) -> dict:
@@ -102,6 +115,7 @@ def run(name: str, kind: str, kw: dict, mode: str, a: argparse.Namespace) -> dic
     # the trainer's weights: fp32 (bf16 autocast on a GPU), or bf16 with fp32 masters
     w = build(kind, kw, a.device, torch.bfloat16 if bf16w else torch.float32)
     vocab = w.config.get_text_config().vocab_size
+    shape = model_shape(model=w)  # of the base, before any adapter
     g = torch.Generator().manual_seed(0)
     batches = [batch(vocab, a.batch, a.seq, 4, a.device, g) for _ in range(a.steps + a.warmup)]
     val = [batch(vocab, a.batch, a.seq, 1, a.device, g) for _ in range(a.steps + a.warmup)]
@@ -116,7 +130,11 @@ def run(name: str, kind: str, kw: dict, mode: str, a: argparse.Namespace) -> dic
         def step(i: int) -> None:
             plain_step(w, opt, batches[i], fns, p, cfg, i)
     else:
-        u = clone_model(w)  # a deep copy keeps the recomputing blocks' class
+        if mode == "lora shared":  # u and w: two adapters on one base (lora_base: shared)
+            w, u = shared_views(add_shared_lora(w, LORA_RANK, 16.0))
+        else:
+            w = add_lora(w, LORA_RANK, 16.0) if base == "lora" else w
+            u = clone_model(w)  # a deep copy keeps the recomputing blocks' class
         state = init_state(w, u, [f"s{i}" for i in range(4)], cfg)  # bf16: MasterOptimizer
         lisa = make_lisa_pair(w, u, n_active=2, interval=20, seed=0) if base == "lisa" else None
 
@@ -140,12 +158,13 @@ def run(name: str, kind: str, kw: dict, mode: str, a: argparse.Namespace) -> dic
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - t0) / a.steps
     peak = torch.cuda.max_memory_allocated() / GIB if a.device == "cuda" else float("nan")
-    shape = model_shape(model=w)
     setup = MemorySetup(
         gpus=1,
         sharding="ddp",
         mode="full" if mode == "plain" else base,
         lisa_active=2,
+        lora_rank=LORA_RANK,
+        lora_shared=mode == "lora shared",
         batch=a.batch,
         seq=a.seq,
         checkpointing=ckpt,

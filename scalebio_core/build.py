@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,24 @@ from torch import nn
 from .bilevel import BilevelState, MicroBatches, init_state
 from .config import TrainConfig
 from .corpora import build_corpus
-from .data import SourceSpec, TokenizedData, load_records, load_sources, specs_from_dir, tokenize
+from .data import (
+    SourceSpec,
+    TokenizedData,
+    held_out_files,
+    leaks,
+    load_records,
+    load_sources,
+    say_dropped,
+    specs_from_dir,
+    tokenize,
+)
 from .distributed import Distribution
 from .engines import choose, make_accelerator
 from .errors import ConfigError
 from .lisa import Lisa, make_lisa_pair
-from .lora import add_lora
+from .lora import add_lora, add_shared_lora, shared_views
 from .malloc import keep_freed_memory
-from .models import check_compatible, empty_model, load_model, load_tokenizer
+from .models import check_compatible, check_context, empty_model, load_model, load_tokenizer
 from .recompute import checkpoint_blocks
 from .sampling import BatchSampler, collate
 from .tokenizer import cache_root
@@ -72,8 +83,15 @@ def data_specs(cfg: TrainConfig) -> tuple[list[SourceSpec], SourceSpec]:
         specs = [SourceSpec(**d) for d in cfg.sources]
         return specs, SourceSpec(**{"name": "validation", **cfg.validation})
     if cfg.data_dir:
-        val_path = Path(cfg.val_path or Path(cfg.data_dir) / "validation.jsonl")
-        return specs_from_dir(cfg.data_dir), SourceSpec(name="validation", path=str(val_path))
+        specs = specs_from_dir(cfg.data_dir)
+        found = held_out_files(cfg.data_dir).get("validation")
+        if cfg.val_path is None and found is None:
+            raise ConfigError(
+                f"{cfg.data_dir} has no validation set: add validation.jsonl (or val.jsonl, "
+                "dev.jsonl) beside the sources, or set val_path."
+            )
+        val_path = Path(cfg.val_path or found)
+        return specs, SourceSpec(name="validation", path=str(val_path))
     corpus = build_corpus(cfg.corpus, **cfg.corpus_args)
     specs = [SourceSpec(name=n, records=tuple(r)) for n, r in corpus.sources.items()]
     return specs, SourceSpec(name="validation", records=tuple(corpus.validation))
@@ -85,8 +103,27 @@ def build_data(cfg: TrainConfig, tokenizer: Any) -> tuple[TokenizedData, Tokeniz
     specs, val_spec = data_specs(cfg)
     records = load_sources(specs)
     val_records = load_records(val_spec)
-    train = tokenize(records, tokenizer, cfg.max_length, cache_dir=cache)
-    val = tokenize({"validation": val_records}, tokenizer, cfg.max_length, cache_dir=cache)
+    held = {"validation": val_records}
+    test = held_out_files(cfg.data_dir).get("test") if cfg.data_dir else None
+    if test is not None:
+        held["test"] = load_records(SourceSpec(name="test", path=str(test)))
+    for role, counts in leaks(records, held).items():
+        warnings.warn(
+            f"the {role} set also holds records of training sources ("
+            + ", ".join(f"{n}: {c}" for n, c in counts.items())
+            + "): the model trains on them, so held-out losses read low. Remove them from "
+            "the sources or from the held-out set.",
+            stacklevel=2,
+        )
+    rules = {
+        "strict": cfg.strict_data,
+        "max_drop_share": cfg.max_drop_share,
+        "truncate_prompts": cfg.truncate_prompts,
+    }
+    train = tokenize(records, tokenizer, cfg.max_length, cache_dir=cache, **rules)
+    val = tokenize({"validation": val_records}, tokenizer, cfg.max_length, cache_dir=cache, **rules)
+    for data in (train, val):
+        say_dropped(data, cfg.max_length)
     return train, val
 
 
@@ -114,14 +151,15 @@ def build_state(
 ) -> BilevelState:
     """w (LoRA when asked) and u = a copy of w (or w itself), in the run's dtype, with
     recomputing blocks when asked, built and placed by the distribution (`build_models`), then
-    their optimizers, prepared for the distribution."""
+    their optimizers, prepared for the distribution. With LoRA on a shared base (lora_base:
+    shared) one model holding both adapters is built, and w and u are its two views."""
     dtype = "bfloat16" if cfg.precision == "bf16-weights" else "float32"
+    shared = copies == 2 and cfg.lora_rank > 0 and cfg.lora_base == "shared"
 
     def lora(model: nn.Module) -> nn.Module:
         if cfg.lora_rank > 0:
-            return add_lora(
-                model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lisa_layers_path
-            )
+            add = add_shared_lora if shared else add_lora
+            return add(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lisa_layers_path)
         return model
 
     def whole() -> nn.Module:
@@ -145,7 +183,9 @@ def build_state(
         if cfg.gradient_checkpointing:
             checkpoint_blocks(model, cfg.lisa_layers_path)
 
-    models = dist.build_models(whole, empty, copies, finish)
+    models = dist.build_models(whole, empty, 1 if shared else copies, finish)
+    if shared:
+        models = list(shared_views(models[0]))
     state = init_state(models[0], models[-1], names, cfg.bilevel)
     micro = cfg.batch_size // (dist.world * cfg.grad_accum)
     dist.prepare_state(state, micro)  # DeepSpeed: the engines take the optimizers over
@@ -169,6 +209,7 @@ def setup(cfg: TrainConfig, accelerator: Any = None, copies: int = 2) -> Setup:
     dist = choose(cfg, accelerator, copies)
     if dist.device.type == "cpu" and cfg.cpu_malloc == "keep":
         keep_freed_memory()  # once per process; see malloc.py (time only, no result changes)
+    check_context(cfg.model, cfg.max_length)
     tokenizer = load_tokenizer(tokenizer_name(cfg), vocab_size=cfg.vocab_size)
     train, val = build_data(cfg, tokenizer)
     state = build_state(cfg, dist, tokenizer, train.names, copies)

@@ -49,7 +49,18 @@ def save(s: Setup, run_dir: Path, weights: dict[str, float]) -> None:
 def load(s: Setup, run_dir: Path) -> int:
     """Load the run's checkpoint into `s` (every rank); returns the step to continue from."""
     where = "cpu" if s.device.type == "cpu" else s.device  # gloo ranks are 'cpu:<rank>'
-    sd = torch.load(run_dir / runs.CHECKPOINT, map_location=where, weights_only=False)
+    path = run_dir / runs.CHECKPOINT
+    try:
+        sd = torch.load(path, map_location=where, weights_only=False)
+    except Exception as e:  # a truncated or damaged file: torch's zip and unpickling errors
+        raise ConfigError(
+            f"cannot resume: {path} is unreadable ({type(e).__name__}: {str(e)[:200]}). Nothing "
+            f"was changed; {run_dir / runs.TRAJECTORY} keeps the steps run so far. Only the "
+            "last checkpoint is kept, so go on with a new run: python -m scalebio_core train "
+            f"--config {run_dir / runs.CONFIG} out_dir=NEW_FOLDER."
+        ) from e
+    if not isinstance(sd, dict) or "step" not in sd:
+        raise ConfigError(f"cannot resume: {path} is not a checkpoint of this package.")
     saved = sd["shards"].get("engine", "fsdp") if "shards" in sd else "replicated"
     if saved != s.dist.engine:
         raise ConfigError(

@@ -5,9 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .config import ATTENTION, PRECISIONS, TrainConfig, load_preset, parse_overrides
+from . import runs
+from .config import (
+    ATTENTION,
+    LORA_BASES,
+    PRECISIONS,
+    TrainConfig,
+    load_preset,
+    parse_overrides,
+)
 from .errors import ConfigError, DataError, NonFiniteLossError, TrainingStopped
 from .memory import PAPER_MODELS, PLAN_FIELDS, Plan, plan
 from .pipeline import resample_run, sft
@@ -27,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100")
     r = sub.add_parser("resample", help="draw N examples from a run's sources by its weights")
     r.add_argument("--run", required=True, help="run directory (config.yaml, weights.json)")
-    r.add_argument("--n", type=int, required=True, help="examples to draw")
+    r.add_argument("--n", type=_positive(int), required=True, help="examples to draw")
     r.add_argument("--weights", help="weights.json to use instead of the run's")
     r.add_argument("--add-validation", action="store_true", help="append the validation set")
     r.add_argument("--seed", type=int, default=0)
@@ -37,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--preset", help="preset section of the config file")
     f.add_argument("--data", required=True, help="resampled JSON Lines file")
     f.add_argument("--out", required=True, help="output folder (config, trajectory, eval.json)")
-    f.add_argument("--token-budget", type=int, help="train for this many tokens (sets steps)")
+    f.add_argument(
+        "--token-budget", type=_positive(int), help="train for this many tokens (sets steps)"
+    )
     f.add_argument("--no-progress", action="store_true")
     f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr_w=1e-3 seed=1")
     m = sub.add_parser(
@@ -77,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("resample", "sft"):
         return _pipeline(args)
     try:
-        cfg = TrainConfig.from_dict(load_preset(args.config, args.preset, args.overrides))
+        cfg = TrainConfig.from_dict(_train_config(args))
         weights = train(cfg, resume=args.resume, progress=not args.no_progress)
     except (ConfigError, TrainingStopped, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -86,10 +98,61 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace) -> dict:
+    """The run config of `train`. Resuming from a run's config.yaml resumes the folder it was
+    read from (a copied run folder names the original one inside), unless out_dir=… is given."""
+    overrides = parse_overrides(args.overrides)
+    d = load_preset(args.config, args.preset, overrides)
+    path = Path(args.config) if args.config else None
+    if args.resume and path is not None and path.is_file() and "out_dir" not in overrides:
+        folder = path.parent
+        if runs.is_run_dir(folder) and Path(d.get("out_dir", "")).resolve() != folder.resolve():
+            print(
+                f"resuming {folder}, the folder {path.name} was read from (it names "
+                f"{d.get('out_dir')}; pass out_dir=… to resume another)",
+                file=sys.stderr,
+            )
+            d["out_dir"] = str(folder)
+    return d
+
+
+def _read_weights(path: str | None) -> dict | None:
+    """A weights.json given to resample, or None; its errors name the file."""
+    if path is None:
+        return None
+    try:
+        weights = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); a weights.json "
+            "is written by a run; give a complete one, or leave out --weights."
+        ) from e
+    if not isinstance(weights, dict) or not all(
+        isinstance(v, int | float) for v in weights.values()
+    ):
+        raise DataError(f"{path}: a weights.json maps each source name to its weight.")
+    return weights
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` above 0."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
 def _pipeline(args: argparse.Namespace) -> int:
     try:
         if args.command == "resample":
-            weights = json.loads(Path(args.weights).read_text()) if args.weights else None
+            weights = _read_weights(args.weights)
             out = resample_run(
                 args.run, args.n, args.out, args.seed, args.add_validation, weights=weights
             )
@@ -122,7 +185,11 @@ def _field_option(parser: argparse.ArgumentParser, name: str) -> None:
     if isinstance(default, bool):
         parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction)
         return
-    choices = {"precision": tuple(PRECISIONS), "attn_implementation": ATTENTION}.get(name)
+    choices = {
+        "precision": tuple(PRECISIONS),
+        "attn_implementation": ATTENTION,
+        "lora_base": LORA_BASES,
+    }.get(name)
     parser.add_argument(flag, dest=name, type=type(default), choices=choices)
 
 

@@ -42,6 +42,8 @@ PRECISIONS = {
 }
 """The precision names of the package: the trainer, the memory model, the CLI and the planner."""
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+LORA_BASES = ("shared", "copies")
+"""lora_base: u and w as two adapters on one frozen base (held once), or two whole PEFT models."""
 """`attn_implementation` values: transformers' names, or 'auto' (its own choice per model: sdpa
 where the architecture supports it, else eager); flash needs the flash-attn package."""
 
@@ -76,6 +78,14 @@ class TrainConfig:
     """Exact-match accuracy of the test answers: 'on', 'off', 'auto' (templated corpora)."""
     max_length: int = 64
     """Tokens per sample (prompt + response), truncated from the right."""
+    truncate_prompts: bool = False
+    """Cut a prompt that leaves no room for its response from the left (its end stays), so that
+    up to max_length // 2 response tokens remain; else such a record is dropped."""
+    strict_data: bool = False
+    """Refuse any record without response tokens (an empty response, or a prompt that fills
+    max_length); by default they are dropped and counted, up to max_drop_share."""
+    max_drop_share: float = 0.05
+    """The largest share of a source, or of the validation set, that may be dropped."""
     sampler: str = "balanced"
     """'balanced' (every batch holds every source) or 'union' (uniform over all samples, paper)."""
     estimator: str = "auto"
@@ -143,6 +153,9 @@ class TrainConfig:
     """LoRA scaling alpha."""
     lora_targets: list | None = None
     """Module names to adapt; default: every linear layer inside the decoder blocks."""
+    lora_base: str = "shared"
+    """'shared': u and w are two adapters on one frozen base model, held once; 'copies': two
+    whole models (the same trajectory, twice the base's memory; the one DeepSpeed runs)."""
     # -- run
     seed: int = 0
     """Seed of the model initialisation, the batches and the LISA draws."""
@@ -203,12 +216,14 @@ class TrainConfig:
                     "batch_size and val_batch_size must be multiples of grad_accum",
                 ),
                 (self.max_length >= 2, "max_length must be >= 2"),
+                (0 <= self.max_drop_share < 1, "max_drop_share must lie in [0, 1)"),
                 (
                     self.lisa_active >= 0 and self.lisa_interval >= 1,
                     "lisa_active must be >= 0 and lisa_interval >= 1",
                 ),
                 (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
                 (self.lora_rank >= 0, "lora_rank must be >= 0"),
+                (self.lora_base in LORA_BASES, f"lora_base must be one of {LORA_BASES}"),
                 (self.tracker in TRACKERS, f"tracker must be one of {TRACKERS}"),
                 (self.method in METHODS, f"method must be one of {METHODS}"),
                 (
@@ -268,7 +283,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for p in parents:
             target = target.setdefault(p, {})
-        target[leaf] = load_yaml(value)
+        target[leaf] = load_yaml(value, f"override {item!r}")
     return out
 
 
@@ -299,7 +314,7 @@ def load_preset(
     data: dict[str, Any] = {}
     if config is not None:
         path = preset_path(config)
-        data = load_yaml(path.read_text()) or {}
+        data = load_yaml(path.read_text(), path) or {}
         sections = [k for k in (*PRESETS, "defaults") if k in data]
         if sections:
             known = [k for k in sections if k != "defaults"]

@@ -25,9 +25,11 @@ of a text (Llama-3's bos; nothing for GPT-2).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +45,9 @@ from .sampling import IGNORE, NO_PAD
 
 FORMATS = ("auto", "alpaca", "sharegpt", "text", "hf", "records")
 SUFFIXES = (".json", ".jsonl", ".txt")
-EXCLUDED_STEMS = ("validation", "manifest")  # not training sources in a corpus folder
+HELD_OUT_STEMS = ("validation", "val", "dev", "test")
+"""Files of a data folder that hold held-out sets: never a training source."""
+EXCLUDED_STEMS = (*HELD_OUT_STEMS, "manifest")  # not training sources in a corpus folder
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 HUMAN, MODEL = ("human", "user"), ("gpt", "assistant")
@@ -53,7 +57,7 @@ EXPECTED_KEYS = {
     "sharegpt": "conversations (a list of {from, value} turns)",
     "text": "text",
 }
-CACHE_VERSION = 1  # bump when tokenization changes
+CACHE_VERSION = 2  # bump when tokenization or the cached fields change
 
 
 @dataclass(frozen=True)
@@ -112,8 +116,22 @@ def _shard(records: list[dict], shard: str, where: str) -> list[dict]:
 Raw = list[tuple[str, Any]]  # (location for messages, raw record)
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's contents; a file that is not UTF-8 is refused naming its line."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+            f"{e.start}). Convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or remove "
+            "it if it is not a data file."
+        ) from None
+
+
 def _read_json(path: Path) -> Raw:
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_utf8(path)
     if path.suffix == ".json" and text.lstrip()[:1] == "[":  # else: JSON Lines in a .json file
         try:
             data = json.loads(text)
@@ -139,7 +157,7 @@ def _read_json(path: Path) -> Raw:
 
 
 def _read_txt(path: Path) -> Raw:
-    text = path.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
+    text = read_utf8(path).replace("\r\n", "\n")
     paras = [p.strip() for p in text.split("\n\n")]
     return [(f"{path}: paragraph {i}", {"text": p}) for i, p in enumerate(x for x in paras if x)]
 
@@ -317,6 +335,43 @@ def load_sources(specs: Sequence[SourceSpec]) -> dict[str, list[dict]]:
     return {n: loaded[n] for n in sorted(loaded)}
 
 
+HELD_OUT_ROLES = {"validation": ("validation", "val", "dev"), "test": ("test",)}
+"""The held-out sets of a data folder, by the stems of their files."""
+
+
+def held_out_files(path: str | os.PathLike[str]) -> dict[str, Path]:
+    """The validation and test files of a data folder (`HELD_OUT_ROLES`), by role; several
+    files for one role are refused (which one is held out would be a guess)."""
+    root = Path(path)
+    out: dict[str, Path] = {}
+    for role, stems in HELD_OUT_ROLES.items():
+        found = sorted(f for f in root.iterdir() if f.is_file() and f.stem in stems)
+        if len(found) > 1:
+            raise DataError(
+                f"{root}: several {role} sets ({', '.join(f.name for f in found)}): keep one "
+                f"file named {stems[0]}.jsonl (or set val_path for the validation set)."
+            )
+        if found:
+            out[role] = found[0]
+    return out
+
+
+def leaks(
+    sources: Mapping[str, list[dict]], held_out: Mapping[str, list[dict]]
+) -> dict[str, dict[str, int]]:
+    """Per held-out set, how many records of each training source it also holds (the same prompt
+    and response): held-out data that training would see."""
+    out: dict[str, dict[str, int]] = {}
+    for role, recs in held_out.items():
+        keys = {(r["prompt"], r["response"]) for r in recs}
+        found = {
+            n: sum((r["prompt"], r["response"]) in keys for r in v) for n, v in sources.items()
+        }
+        if any(found.values()):
+            out[role] = {n: c for n, c in found.items() if c}
+    return out
+
+
 def specs_from_dir(path: str | os.PathLike[str]) -> list[SourceSpec]:
     """One source per .json/.jsonl/.txt file of `path` (not validation.* or manifest.json),
     named after the file stem, sorted by name."""
@@ -328,12 +383,32 @@ def specs_from_dir(path: str | os.PathLike[str]) -> list[SourceSpec]:
         for f in sorted(root.iterdir())
         if f.is_file() and f.suffix in SUFFIXES and f.stem not in EXCLUDED_STEMS
     ]
+    held_out = [f.name for f in sorted(root.iterdir()) if f.stem in HELD_OUT_STEMS]
+    skipped = [
+        f.name + ("/" if f.is_dir() else "")
+        for f in sorted(root.iterdir())
+        if f not in files and f.stem not in EXCLUDED_STEMS and not f.name.startswith(".")
+    ]
+    if held_out:
+        warnings.warn(f"{root}: {', '.join(held_out)} held out, not trained on.", stacklevel=2)
+    if skipped:
+        warnings.warn(
+            f"{root}: skipped {', '.join(skipped)}: a source is one {'/'.join(SUFFIXES)} file "
+            "of the folder (subfolders and other formats are not read).",
+            stacklevel=2,
+        )
     stems = [f.stem for f in files]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
         raise DataError(f"{root}: several files per source name {dupes}; keep one file each.")
     if not files:
         raise DataError(f"{root} has no {'/'.join(SUFFIXES)} source files (besides validation).")
+    if len(files) == 1:
+        warnings.warn(
+            f"{root}: one source ({files[0].name}): its weight is 1 whatever the run does; "
+            "reweighting needs two or more source files.",
+            stacklevel=2,
+        )
     return [SourceSpec(name=f.stem, path=str(f)) for f in sorted(files, key=lambda f: f.stem)]
 
 
@@ -348,6 +423,9 @@ class TokenizedData:
     input_ids: list[torch.Tensor]
     labels: list[torch.Tensor]
     source_ids: torch.Tensor
+    dropped: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    """Per source: records read, and how many were dropped (no response tokens: an empty
+    response, or a prompt that fills max_length) or had their prompt cut from the left."""
 
     def counts(self) -> torch.Tensor:  # samples per source [K]
         return torch.bincount(self.source_ids, minlength=len(self.names))
@@ -362,6 +440,7 @@ def _fingerprint(
     tokenizer: Any,
     max_length: int,
     prefix: list[int],
+    truncate_prompts: bool = False,
 ) -> str:
     h = hashlib.sha256()
     meta = [
@@ -369,6 +448,7 @@ def _fingerprint(
         list(names),
         max_length,
         prefix,
+        truncate_prompts,
         tokenizer.eos_token_id,
         type(tokenizer).__name__,
     ]
@@ -391,16 +471,22 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
+DROP_REASONS = ("empty response", "prompt that fills max_length")
+
+
 def _tokenize_source(
-    name: str, recs: list[dict], tokenizer: Any, max_length: int, prefix: list[int]
-) -> tuple[list[list[int]], list[list[int]]]:
+    recs: list[dict], tokenizer: Any, max_length: int, prefix: list[int], truncate_prompts: bool
+) -> tuple[list[list[int]], list[list[int]], dict[str, int], list[int]]:
+    """(ids, labels, counts by DROP_REASONS and "prompt truncated", indices dropped)."""
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     prompts = _encode(tokenizer, [r["prompt"] for r in recs])
     responses = _encode(tokenizer, [r["response"] for r in recs])
     ids_out, labels_out, bad = [], [], []
+    counts = {"records": len(recs), **dict.fromkeys(DROP_REASONS, 0), "prompt truncated": 0}
     for i, (r, p_ids, r_ids) in enumerate(zip(recs, prompts, responses)):
         if not r["response"].strip():
             bad.append(i)
+            counts["empty response"] += 1
         elif r["prompt"] == "":  # language-model text: chunks of max_length, none dropped
             ids = prefix + r_ids + eos
             chunks = [ids[a : a + max_length] for a in range(0, len(ids), max_length)]
@@ -408,20 +494,60 @@ def _tokenize_source(
             ids_out += chunks
             labels_out += [list(c) for c in chunks]
         else:
+            keep = max_length - len(prefix) - min(len(r_ids) + len(eos), max_length // 2)
+            if truncate_prompts and len(prefix) + len(p_ids) + len(r_ids) + len(eos) > max_length:
+                if len(p_ids) > keep:  # the prompt's end, next to the response, stays
+                    p_ids = p_ids[len(p_ids) - max(keep, 0) :]
+                    counts["prompt truncated"] += 1
             p_ids = prefix + p_ids
             ids = (p_ids + r_ids + eos)[:max_length]
             if len(ids) <= len(p_ids):
                 bad.append(i)
+                counts["prompt that fills max_length"] += 1
                 continue
             ids_out.append(ids)
             labels_out.append([IGNORE] * len(p_ids) + ids[len(p_ids) :])
-    if bad:
-        raise DataError(
-            f"source {name!r}: {len(bad)} of {len(recs)} samples have no response tokens (empty "
-            f"response, or the prompt fills max_length); first: record {bad[0]}. Raise max_length "
-            f"(now {max_length}) or shorten the prompts; drop empty responses."
-        )
-    return ids_out, labels_out
+    return ids_out, labels_out, counts, bad
+
+
+def _check_dropped(
+    name: str, counts: dict[str, int], max_length: int, strict: bool, most: float
+) -> None:
+    """Refuse a source that loses records under `strict`, or more than `most` of them."""
+    lost, n = sum(counts[k] for k in DROP_REASONS), counts["records"]
+    if not lost or (not strict and lost <= most * n):
+        return
+    why = ", ".join(f"{counts[k]} with {'an ' if k[0] == 'e' else 'a '}{k}" for k in DROP_REASONS)
+    rule = (
+        "strict_data is on (every record must train)"
+        if strict
+        else f"that is more than max_drop_share = {most:.0%} of the source"
+    )
+    raise DataError(
+        f"source {name!r}: {lost} of {n} samples have no response tokens ({why}); first: "
+        f"record {counts['first']}; {rule}. Raise max_length (now {max_length}) or shorten the "
+        "prompts (truncate_prompts: true cuts them from the left); drop empty responses."
+    )
+
+
+def say_dropped(data: TokenizedData, max_length: int) -> list[str]:
+    """Warn, per source, of the records dropped and the prompts cut; returns the lines."""
+    lines = []
+    for name, c in data.dropped.items():
+        parts = [f"{c[k]} with {'an ' if k[0] == 'e' else 'a '}{k}" for k in DROP_REASONS if c[k]]
+        if parts:
+            lines.append(
+                f"source {name!r}: dropped {sum(c[k] for k in DROP_REASONS)} of {c['records']} "
+                f"records ({', '.join(parts)}; max_length = {max_length})"
+            )
+        if c["prompt truncated"]:
+            lines.append(
+                f"source {name!r}: {c['prompt truncated']} of {c['records']} prompts cut from the "
+                "left (truncate_prompts)"
+            )
+    for line in lines:
+        warnings.warn(line, stacklevel=2)
+    return lines
 
 
 def tokenize(
@@ -430,12 +556,19 @@ def tokenize(
     max_length: int,
     cache_dir: str | os.PathLike[str] | None = None,
     names: Sequence[str] | None = None,
+    strict: bool = True,
+    max_drop_share: float = 0.0,
+    truncate_prompts: bool = False,
 ) -> TokenizedData:
     """Tokenize prompt and response separately, concatenate, keep the first max_length tokens.
 
     `names` fixes the source order (default: sorted keys); a name without records gets no samples.
-    With `cache_dir`, the result is cached under a hash of the records, the tokenizer and
-    max_length (written atomically) and loaded from there next time.
+    A record without response tokens (an empty response, or a prompt that fills max_length) is
+    dropped and counted in `dropped`, unless `strict` or more than `max_drop_share` of its source
+    would go (a DataError naming the counts and the fixes). `truncate_prompts` cuts an
+    over-long prompt from the left, so that up to max_length // 2 response tokens remain.
+    With `cache_dir`, the result is cached under a hash of the records, the tokenizer, max_length
+    and `truncate_prompts` (written atomically) and loaded from there next time.
     """
     if tokenizer.pad_token_id is None:
         raise DataError(NO_PAD)
@@ -463,25 +596,34 @@ def tokenize(
     ]
     path = None
     if cache_dir is not None:
-        key = _fingerprint(records_by_source, names, tokenizer, max_length, prefix)
+        key = _fingerprint(
+            records_by_source, names, tokenizer, max_length, prefix, truncate_prompts
+        )
         path = Path(cache_dir) / f"tokenized-{key}.pt"
-        if path.is_file():
-            return _load_cache(path)
-    ids, labels, src = [], [], []
-    for s, name in enumerate(names):
-        if name in records_by_source:
-            i, lab = _tokenize_source(name, records_by_source[name], tokenizer, max_length, prefix)
-            ids += i
-            labels += lab
-            src += [s] * len(i)
-    data = TokenizedData(
-        names=names,
-        input_ids=[torch.tensor(x, dtype=torch.long) for x in ids],
-        labels=[torch.tensor(x, dtype=torch.long) for x in labels],
-        source_ids=torch.tensor(src, dtype=torch.long),
-    )
-    if path is not None:
-        _save_cache(data, path)
+    if path is not None and path.is_file():
+        data = _load_cache(path)
+    else:
+        ids, labels, src, dropped, first = [], [], [], {}, {}
+        for s, name in enumerate(names):
+            if name in records_by_source:
+                recs = records_by_source[name]
+                i, lab, dropped[name], first[name] = _tokenize_source(
+                    recs, tokenizer, max_length, prefix, truncate_prompts
+                )
+                ids += i
+                labels += lab
+                src += [s] * len(i)
+        data = TokenizedData(
+            names=names,
+            input_ids=[torch.tensor(x, dtype=torch.long) for x in ids],
+            labels=[torch.tensor(x, dtype=torch.long) for x in labels],
+            source_ids=torch.tensor(src, dtype=torch.long),
+            dropped={n: {**c, "first": (first[n] or [-1])[0]} for n, c in dropped.items()},
+        )
+        if path is not None:
+            _save_cache(data, path)
+    for name, c in data.dropped.items():  # a cached result is checked as a fresh one
+        _check_dropped(name, c, max_length, strict, max_drop_share)
     return data
 
 
@@ -493,6 +635,7 @@ def _save_cache(data: TokenizedData, path: Path) -> None:
         "input_ids": torch.cat([*data.input_ids, torch.zeros(0, dtype=torch.long)]),
         "labels": torch.cat([*data.labels, torch.zeros(0, dtype=torch.long)]),
         "source_ids": data.source_ids,
+        "dropped": data.dropped,
     }
     save_torch(path, blob)  # atomic: readers see the old state or the whole file
 
@@ -505,4 +648,5 @@ def _load_cache(path: Path) -> TokenizedData:
         input_ids=list(torch.split(blob["input_ids"], lengths)),
         labels=list(torch.split(blob["labels"], lengths)),
         source_ids=blob["source_ids"],
+        dropped=blob.get("dropped", {}),
     )

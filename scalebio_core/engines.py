@@ -185,6 +185,12 @@ def check_plan(
             "fsdp shards the two models of ScaleBiO and DoReMi; plain fine-tuning (sft) is not "
             "sharded: run it with fsdp: false."
         )
+    if copies == 2 and cfg.lora_rank > 0 and cfg.lora_base == "shared" and cfg.lisa_active > 0:
+        raise ConfigError(
+            "LISA with LoRA on one shared base: LISA freezes the blocks of each copy, and the "
+            "two copies' adapters sit in the same blocks. Set lora_base: copies to combine them, "
+            "or use LISA (lisa_active) or LoRA (lora_rank) alone."
+        )
     if cfg.batch_size % (world * cfg.grad_accum) or cfg.val_batch_size % (world * cfg.grad_accum):
         raise ConfigError(
             f"batch_size ({cfg.batch_size}) and val_batch_size ({cfg.val_batch_size}) must be "

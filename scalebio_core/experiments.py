@@ -26,6 +26,7 @@ from .build import setup
 from .config import CONFIG_DIR, TrainConfig, load_preset
 from .errors import ConfigError
 from .lisa import optimizer_state_bytes
+from .lora import unique_parameters
 from .malloc import release_freed_memory
 from .pipeline import EVAL, resample_run, sft
 from .trainer import expected_rows, lm_fns, run_step, train
@@ -62,7 +63,9 @@ def run_preset(
     cfg = preset_config(name, preset, **overrides)
     run_dir = Path(cfg.out_dir)
     if (run_dir / runs.CONFIG).exists():
-        old = TrainConfig.from_dict(runs.load_yaml((run_dir / runs.CONFIG).read_text()))
+        old = TrainConfig.from_dict(
+            runs.load_yaml((run_dir / runs.CONFIG).read_text(), run_dir / runs.CONFIG)
+        )
         # keys added since the run take their defaults; a moved run folder is the same run
         diff = runs.config_diff(old.to_dict(), cfg.to_dict(), ignore=("out_dir", "tracker"))
         if diff:
@@ -156,19 +159,12 @@ def probe(args_json: str) -> None:  # pragma: no cover - runs in the child of me
     peak = _status_mib("VmHWM")
     micro = [*batch, *val_batch]
     mib = 2**20
-    models = (s.state.w, s.state.u)
+    params = unique_parameters(s.state.w, s.state.u)  # a shared LoRA base counted once
     out = {
-        "params_mib": sum(p.numel() * p.element_size() for m in models for p in m.parameters())
-        / mib,
-        "trainable_mib": sum(
-            p.numel() * p.element_size() for m in models for p in m.parameters() if p.requires_grad
-        )
-        / mib,
+        "params_mib": sum(p.numel() * p.element_size() for p in params) / mib,
+        "trainable_mib": sum(p.numel() * p.element_size() for p in params if p.requires_grad) / mib,
         "grads_mib": sum(
-            p.grad.numel() * p.grad.element_size()
-            for m in models
-            for p in m.parameters()
-            if p.grad is not None
+            p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None
         )
         / mib,
         "optimizer_state_mib": (

@@ -3,7 +3,8 @@
 Parameter counts are exact and generic: the model is built from its config on PyTorch's `meta`
 device (no memory, any architecture), its decoder blocks found by `lisa.find_blocks`. Per GPU:
 
-    weights      2 copies (u, w) × P × param_bytes / shards      (+ 2 gathered blocks under FSDP)
+    weights      2 copies (u, w) × P × param_bytes / shards      (+ 2 gathered blocks under FSDP);
+                 LoRA on one shared base (lora_base: shared): (P + 2·T) × param_bytes / shards
     gradients    2 × T × grad_bytes / shards                      T = trainable parameters per copy
     optimizer    2 × T × (8 [AdamW m, v in fp32] + 4 [fp32 master, if params are 16-bit]) / shards
                  (0 on the GPU with CPU offload of optimizer state)
@@ -21,6 +22,10 @@ device (no memory, any architecture), its decoder blocks found by `lisa.find_blo
           frozen block that gradients cross       e·22·b·s·h + 4·(b·a·s + 4·b·s)  (no Linear inputs)
           blocks below the lowest trainable one   0 (no graph)
           final norm, head input, log-probs       e·(b·s·h + N·h·[head trains]) + 4·(2·b·s + N·V)
+          LoRA: every block is crossed and saves what a trainable block saves (each adapter's
+          A needs its Linear's input), plus e·r·b·s per adapted Linear (A's output, for B); the
+          head is frozen and runs at every position, N = b·(s − 1) (a PEFT model's loss takes
+          the full logits, `losses.LMFns`), and the hooks count no e·b·s·h at the top
         (statistics and log-probabilities are fp32 in either precision), plus the transient at
         the top of the backward, the larger of 2·N·V·4 (the log-probs' gradient and the logits'
         gradient, while the log-probs are still held) and 4·(V·h + N·h) when the head trains (its
@@ -56,7 +61,7 @@ T: all parameters (full); n_active blocks, plus embeddings, head and final norm 
 embeddings counted once); the LoRA matrices r·(in + out) of every Linear inside the blocks (LoRA).
 Not modelled: the allocator's slack, the framework's own buffers (CUDA context, thread pools), the
 per-block weight-gradient transients in the middle of the backward (one block's Linear, small
-next to the head), and LoRA's adapter activations (eager covers full and LISA). The weight,
+next to the head). The weight,
 gradient and optimizer terms are counts checked against measured tensors in the tests; the
 eager total is checked against the measured peak resident set of real training steps
 (`experiments.memory_probe`, `benchmarks/memory.py`).
@@ -172,6 +177,7 @@ class MemorySetup:
     lisa_train_embeddings: bool = True  # embeddings, head, final norm train under LISA
     lisa_lowest: int = 0  # lowest active block of the draw (eager: no graph below it)
     lora_rank: int = 128
+    lora_shared: bool = False  # u and w as two adapters on one base (lora_base: shared)
     param_dtype: str = "bf16"  # the trainer's bf16 autocast; "bf16-weights", "fp32" (docstring)
     batch: int = 1  # micro-batch per GPU
     seq: int = 1024
@@ -219,7 +225,10 @@ def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
             trainable += shape.outside_blocks
     else:
         trainable = sum(s.lora_rank * (i + o) for i, o in shape.lora_dims)
-    weights = 2 * shape.params * pb / shards
+    if s.mode == "lora":  # the base once (shared) or twice, and both copies' adapters
+        weights = (base_copies(s) * shape.params + 2 * trainable) * pb / shards
+    else:
+        weights = 2 * shape.params * pb / shards
     if full_shard and shards > 1:
         weights += 2 * max(shape.block_params) * pb  # the gathered block and the prefetched one
     grads = 2 * trainable * pb / grad_shards
@@ -238,22 +247,36 @@ def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
     return out
 
 
+def base_copies(s: MemorySetup) -> int:
+    """Whole models the trainer builds: 1 for LoRA on a shared base, else 2 (u and w)."""
+    return 1 if s.mode == "lora" and s.lora_shared else 2
+
+
+def _adapter_bytes(shape: ModelShape, s: MemorySetup, blocks: int) -> float:
+    """Eager LoRA: A's output (r per position) of every adapted Linear in `blocks` blocks."""
+    if s.mode != "lora":
+        return 0.0
+    per_block = len(shape.lora_dims) / len(shape.block_params)
+    e = 4 if s.param_dtype == "fp32" else 2
+    return e * s.lora_rank * s.batch * s.seq * per_block * blocks
+
+
 def _eager_terms(shape: ModelShape, s: MemorySetup) -> tuple:
     """(element bytes, labelled positions, trainable blocks, frozen blocks crossed, head trains,
     bytes of one block's small fp32 terms)."""
-    if s.mode == "lora" or s.param_dtype == "bf16":
-        raise ConfigError(
-            "activations='eager' covers full and LISA training in fp32 or bf16-weights."
-        )
+    if s.param_dtype == "bf16":
+        raise ConfigError("activations='eager' covers training in fp32 or bf16-weights.")
     if s.attn_implementation not in ("sdpa", "auto"):
         raise ConfigError("activations='eager' counts SDPA attention (no s² term) only.")
     b, t, n = s.batch, s.seq, len(shape.block_params)
     n_lab = b * t if s.label_tokens is None else s.label_tokens
-    if s.mode == "full" or s.lisa_train_embeddings:  # the embeddings train: every block crossed
+    if s.mode == "lora":  # every block holds adapters; the head runs at every position
+        n_lab, n_train, n_frozen = b * (t - 1), n, 0
+    elif s.mode == "full" or s.lisa_train_embeddings:  # the embeddings train: all blocks crossed
         n_train, n_frozen = (n, 0) if s.mode == "full" else (s.lisa_active, n - s.lisa_active)
     else:  # no graph below the lowest active block
         n_train, n_frozen = s.lisa_active, n - s.lisa_lowest - s.lisa_active
-    head_trains = s.mode == "full" or s.lisa_train_embeddings
+    head_trains = s.mode == "full" or (s.mode == "lisa" and s.lisa_train_embeddings)
     small = 4 * (b * shape.heads * t + 4 * b * t)  # attention log-sum-exp, norm statistics
     return (4 if s.param_dtype == "fp32" else 2), n_lab, n_train, n_frozen, head_trains, small
 
@@ -264,24 +287,27 @@ def loading(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
     gpu_load  per GPU while the copies are built. FSDP (`sharding.sharded_copies`): the copies
               are sharded before any weight reaches a GPU, so the training peak covers it (0).
               Otherwise every rank loads w whole, copies it into u and moves both whole onto
-              its GPU before DeepSpeed partitions them: 2·P·param_bytes.
+              its GPU before DeepSpeed partitions them: 2·P·param_bytes (P·param_bytes for
+              LoRA on a shared base: one model).
     host_load per node (all `gpus` ranks of one node) while the copies are built: FSDP holds one
-              whole copy, on rank 0; otherwise every rank holds both whole: gpus·2·P·bytes.
+              whole copy, on rank 0; otherwise every rank holds its models whole:
+              gpus·copies·P·bytes.
     host      per node in training: what offload keeps in host memory (FSDP's offload: every
               rank's weights, gradients and optimizer shards; ZeRO's: the optimizer state).
     """
     whole = shape.params * PRECISION_BYTES[s.param_dtype][0]
     fsdp = s.sharding == "fsdp" and s.gpus > 1
+    copies = base_copies(s)
     kept = predict(shape, dataclasses.replace(s, offload=False))  # the state, were it on the GPU
     if s.offload and fsdp:  # FSDP offloads weights, gradients and optimizer state
-        host = 2 * whole + s.gpus * (kept["gradients"] + kept["optimizer"])
+        host = copies * whole + s.gpus * (kept["gradients"] + kept["optimizer"])
     elif s.offload:  # ZeRO offloads the optimizer state
         host = s.gpus * kept["optimizer"]
     else:
         host = 0.0
     return {
-        "gpu_load": 0.0 if fsdp else 2 * whole,
-        "host_load": whole if fsdp else s.gpus * 2 * whole,
+        "gpu_load": 0.0 if fsdp else copies * whole,
+        "host_load": whole if fsdp else s.gpus * copies * whole,
         "host": host,
     }
 
@@ -295,7 +321,9 @@ def eager_saved_bytes(shape: ModelShape, s: MemorySetup) -> float:
     e, n_lab, n_train, n_frozen, head_trains, small = _eager_terms(shape, s)
     bth, h, v = s.batch * s.seq * shape.hidden, shape.hidden, shape.vocab
     blocks = e * (28 * n_train + 22 * n_frozen) * bth + (n_train + n_frozen) * small
-    return blocks + e * (bth + n_lab * h * head_trains) + 4 * (2 * s.batch * s.seq + n_lab * v)
+    blocks += _adapter_bytes(shape, s, n_train)
+    top = bth * (s.mode != "lora") + n_lab * h * head_trains  # LoRA: measured without the b·s·h
+    return blocks + e * top + 4 * (2 * s.batch * s.seq + n_lab * v)
 
 
 def _eager_activations(shape: ModelShape, s: MemorySetup) -> float:
@@ -303,6 +331,8 @@ def _eager_activations(shape: ModelShape, s: MemorySetup) -> float:
     e, n_lab, n_train, n_frozen, head_trains, small = _eager_terms(shape, s)
     h, v, bth = shape.hidden, shape.vocab, s.batch * s.seq * shape.hidden
     largest = shape.largest_param if head_trains else shape.largest_block_param
+    if s.mode == "lora":
+        largest = s.lora_rank * max(max(d) for d in shape.lora_dims)
     optimizer_step = 4 * (2 if e == 4 else 3) * largest  # + the fp32 gradient (bf16-weights)
     if not s.checkpointing:
         top = 4 * max(2 * n_lab * v, (v * h + n_lab * h) if head_trains else 0)
@@ -310,7 +340,7 @@ def _eager_activations(shape: ModelShape, s: MemorySetup) -> float:
     chunk = min(n_lab, head_chunk(v))
     held = e * ((n_train + n_frozen + 1) * bth + n_lab * h) + 4 * 2 * s.batch * s.seq
     head = 4 * chunk * v + 4 * max(2 * chunk * v, (v * h + chunk * h) if head_trains else 0)
-    block = e * ((28 if n_train else 22) + 2) * bth + small
+    block = e * ((28 if n_train else 22) + 2) * bth + small + _adapter_bytes(shape, s, 1)
     return max(held + max(head, block), optimizer_step)
 
 
@@ -319,6 +349,7 @@ PLAN_FIELDS = (
     "lisa_active",
     "lisa_train_embeddings",
     "lora_rank",
+    "lora_base",
     "batch_size",
     "val_batch_size",
     "grad_accum",
@@ -357,6 +388,7 @@ def setup_of(cfg: TrainConfig, gpus: int) -> MemorySetup:
         lisa_active=cfg.lisa_active or 2,
         lisa_train_embeddings=cfg.lisa_train_embeddings,
         lora_rank=cfg.lora_rank or 128,
+        lora_shared=cfg.lora_base == "shared",
         param_dtype=cfg.precision,
         batch=max(cfg.batch_size, cfg.val_batch_size) // per_rank,
         seq=cfg.max_length,
@@ -395,7 +427,8 @@ class Plan:
 
     def text(self) -> str:
         s, c = self.setup, self.cfg
-        train = {"lisa": f"LISA {s.lisa_active} blocks", "lora": f"LoRA r={s.lora_rank}"}
+        base = "one shared base" if s.lora_shared else "two copies of the base"
+        train = {"lisa": f"LISA {s.lisa_active} blocks", "lora": f"LoRA r={s.lora_rank} ({base})"}
         head = (
             f"{c.model}: {self.gpus} GPU(s) × {self.gpu_gib:g} GiB, "
             f"{train.get(s.mode, 'full')}, {s.sharding}{', offload' if s.offload else ''}, "
@@ -405,7 +438,7 @@ class Plan:
         rows = [head, *(f"  {k:<12}{v / GIB:9.1f} GiB" for k, v in self.prediction.items())]
         if self.load["gpu_load"]:
             rows.append(
-                f"  {'load':<12}{self.load['gpu_load'] / GIB:9.1f} GiB  (both copies whole on "
+                f"  {'load':<12}{self.load['gpu_load'] / GIB:9.1f} GiB  (the models whole on "
                 "each GPU before they are partitioned)"
             )
         rows.append(

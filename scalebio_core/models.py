@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from .config import ATTENTION
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 from .tokenizer import EOS, PAD, SPECIAL_TOKENS, get_tokenizer
 
 EMBEDDED_PREFIX = "embedded"
@@ -418,6 +418,24 @@ def check_compatible(model: nn.Module, tokenizer: Any) -> None:
         raise ModelError(
             "the tokenizer has no pad token; load it with load_tokenizer(..., "
             "allow_pad_from_eos=True) or set tokenizer.pad_token."
+        )
+
+
+def model_config(name_or_path: str) -> Any:
+    """The model's config alone (embedded, a local folder, or the hub's cache), no weights."""
+    if _is_embedded(name_or_path):
+        return _embedded_config(name_or_path, None, None, "auto")
+    return _from_pretrained(AutoConfig.from_pretrained, name_or_path, "config", ("config.json",))
+
+
+def check_context(name_or_path: str, max_length: int) -> None:
+    """Refuse a max_length beyond the positions the model can embed, before anything runs."""
+    text = model_config(name_or_path).get_text_config()
+    limit = getattr(text, "n_positions", None) or getattr(text, "max_position_embeddings", None)
+    if limit is not None and max_length > limit:
+        raise ConfigError(
+            f"max_length = {max_length} but {name_or_path} embeds at most {limit} positions: set "
+            f"max_length <= {limit}, or choose a model with a longer context."
         )
 
 

@@ -121,7 +121,9 @@ def resample_run(
     needed = [runs.CONFIG] + ([runs.WEIGHTS] if weights is None else [])
     for missing in [run_dir / f for f in needed if not (run_dir / f).exists()]:
         raise ConfigError(f"{missing} does not exist: give a finished run directory.")
-    cfg = TrainConfig.from_dict(runs.load_yaml((run_dir / runs.CONFIG).read_text()))
+    cfg = TrainConfig.from_dict(
+        runs.load_yaml((run_dir / runs.CONFIG).read_text(), run_dir / runs.CONFIG)
+    )
     if weights is None:
         weights = json.loads((run_dir / runs.WEIGHTS).read_text())
     specs, val_spec = data_specs(cfg)
@@ -265,6 +267,7 @@ class FineTune:
 
     desc = "fine-tune"
     advice = "lr_w"
+    learns_weights = False
     checkpoints = False
 
     def __init__(self, s: Setup, steps: int):

@@ -11,8 +11,9 @@ loss of w too, in eval mode, where transformers' own checkpointing is off), and 
 architecture. The blocks change class to a subclass of the same name whose `forward` recomputes;
 module hooks stay outside the recomputation, so FSDP2 gathers a block's shards for the replay in
 backward as it does for its forward (the subclass is made before `fully_shard`). The replay runs
-in the training/eval mode of the forward, with the RNG states of the forward, so dropout draws the
-same masks where it is on: the trajectory equals the one without.
+in the training/eval mode of the forward, with its active LoRA adapter (u and w on one shared
+base) and the RNG states of the forward, so dropout draws the same masks where it is on: the
+trajectory equals the one without.
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ from .lisa import find_blocks
 _SUBCLASSES: dict[type, type] = {}
 
 
+def _mode(m: nn.Module) -> tuple[bool, Any]:
+    """A module's training flag and, for a PEFT tuner layer, its active adapter."""
+    return m.training, m.__dict__.get("_active_adapter")
+
+
+def _set_mode(m: nn.Module, mode: tuple[bool, Any]) -> None:
+    m.training = mode[0]
+    if mode[1] is not None:
+        m._active_adapter = mode[1]
+
+
 def _recomputing(cls: type) -> type:
     """The subclass of block class `cls` whose forward recomputes in backward (one per class)."""
     if getattr(cls, "recomputes", False):
@@ -39,19 +51,20 @@ def _recomputing(cls: type) -> type:
             if not torch.is_grad_enabled():
                 return parent(*args, **kwargs)
             modules = list(self.modules())
-            modes = [m.training for m in modules]
+            modes = [_mode(m) for m in modules]
 
             def replay(*a: Any, **k: Any) -> Any:
                 # in backward the copy may be in another mode (ScaleBiO's validation loss runs
-                # in eval mode, its backward after train() again): replay in the forward's
-                now = [m.training for m in modules]
+                # in eval mode, its backward after train() again), or the shared base another
+                # copy's adapter: replay in the forward's
+                now = [_mode(m) for m in modules]
                 for m, mode in zip(modules, modes):
-                    m.training = mode
+                    _set_mode(m, mode)
                 try:
                     return parent(*a, **k)
                 finally:
                     for m, mode in zip(modules, now):
-                        m.training = mode
+                        _set_mode(m, mode)
 
             return checkpoint(replay, *args, use_reentrant=False, **kwargs)
 

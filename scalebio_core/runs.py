@@ -8,10 +8,12 @@ either the old or the new version, never a torn one.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -22,6 +24,8 @@ import numpy as np
 import torch
 import yaml
 
+from .errors import ConfigError
+
 CONFIG, TRAJECTORY, WEIGHTS, TIMING = (
     "config.yaml",
     "trajectory.jsonl",
@@ -29,6 +33,10 @@ CONFIG, TRAJECTORY, WEIGHTS, TIMING = (
     "timing.jsonl",
 )
 CHECKPOINT = Path("checkpoints") / "last.pt"
+LOCK = ".lock"
+CHANGES = "changes.jsonl"
+RUN_FILES = (CONFIG, TRAJECTORY, TIMING, WEIGHTS, LOCK, CHANGES, "checkpoints")
+"""What a run folder may hold besides the user's later additions (resampled data, eval)."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -42,8 +50,36 @@ _Loader.add_implicit_resolver(
 )
 
 
-def load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+def load_yaml(text: str, source: str | Path | None = None) -> Any:
+    """YAML text as Python values; a syntax error names `source`, its line and column."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source or 'YAML'}"
+        if mark is not None:
+            where += f", line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem}). Fix the file there.") from e
+
+
+def _file_mode() -> int:
+    """0666 less the process's umask: what `open()` would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+TMP_PREFIX = ".tmp-"
+"""Temporary files of `atomic_path` (a crash may leave one; `clean_temporary` removes them)."""
+
+
+def clean_temporary(folder: Path) -> list[Path]:
+    """Remove leftover temporary files of atomic writes under `folder`; returns them."""
+    found = [p for p in Path(folder).rglob(f"{TMP_PREFIX}*") if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 @contextmanager
@@ -51,14 +87,17 @@ def atomic_path(path: Path):
     """Yield a temporary path beside `path`; on success it replaces `path` in one step."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _file_mode())  # mkstemp makes 0600: readable as the folder's other files
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except OSError:  # replaced, or the folder is gone: the real error is the one above
+            pass
 
 
 @contextmanager
@@ -158,3 +197,139 @@ def load_trajectory(run_dir: str | Path) -> dict[str, Any]:
     if (run_dir / WEIGHTS).exists():
         out["weights"] = json.loads((run_dir / WEIGHTS).read_text())
     return out
+
+
+VERDICT = "verdict.json"
+SETTLED_SHARE, UNMOVED, MIN_STEPS = 0.1, 0.01, 40
+
+
+def convergence(rows: list[dict], tail: float = 0.25) -> dict[str, Any]:
+    """Whether the weights p of a run have settled, from its trajectory rows.
+
+    Measured over the last `tail` of the steps: how far p moved there (the largest change of one
+    weight), per 100 steps, against its whole move from the first step; and the mean norm of λ's
+    gradient α·(diag(p) − p pᵀ)(l̄(w) − l̄(u)) there (ScaleBiO rows; NaN otherwise). The verdict:
+    "too short" under 40 steps; "not moved" when p never moved more than 0.01 (λ learned
+    nothing yet); "moving" when the last quarter carries more than a tenth of the whole move (a
+    steady trend carries a quarter), else "settled".
+    """
+    names = list(rows[0]["p"])
+    p = np.array([[r["p"][n] for n in names] for r in rows])
+    k = max(2, int(round(len(rows) * tail)))
+    total = float(np.abs(p - p[0]).max())
+    recent = float(np.abs(p[-1] - p[-k]).max())
+    rate = recent / (k - 1) * 100
+    grads = []
+    for r, q in zip(rows[-k:], p[-k:]):
+        if "loss_w" in r and "loss_u" in r:
+            w, u = (
+                [r[k][n] for n in names] if isinstance(r[k], dict) else r[k]
+                for k in ("loss_w", "loss_u")
+            )
+            d = np.asarray(w, float) - np.asarray(u, float)
+            grads.append(float(np.linalg.norm(r["alpha"] * q * (d - q @ d))))
+    grad = float(np.mean(grads)) if grads else float("nan")
+    span = f"over the last {k} of {len(rows)} steps"
+    if len(rows) < MIN_STEPS:
+        state = "too short"
+        text = f"too few steps ({len(rows)}) to judge convergence: run at least {MIN_STEPS}"
+    elif total < UNMOVED:
+        state = "not moved"
+        text = (
+            f"not converged: p has not moved (at most {total:.2g} from its start in "
+            f"{len(rows)} steps); raise lr_lam or run longer"
+        )
+    elif recent > SETTLED_SHARE * total:
+        state = "moving"
+        text = (
+            f"not converged: p still moving {rate:.2g} per 100 steps {span} ({recent / total:.0%} "
+            "of its whole move); run longer or raise lr_lam"
+        )
+    else:
+        state = "settled"
+        text = f"converged: p moved {recent:.2g} {span} ({recent / total:.0%} of its whole move)"
+    if grads:
+        text += f"; λ-gradient norm {grad:.2g}"
+    return {
+        "verdict": state,
+        "text": text,
+        "steps": len(rows),
+        "tail_steps": k,
+        "moved_tail": recent,
+        "moved_total": total,
+        "per_100_steps": rate,
+        "lam_grad_norm": grad,
+    }
+
+
+# ------------------------------------------------------------------ the run folder's guards
+
+
+def is_run_dir(folder: Path) -> bool:
+    """Whether `folder` holds a run of this package (its config and its trajectory, or a
+    checkpoint), rather than files of the user's own."""
+    folder = Path(folder)
+    return (folder / CONFIG).is_file() and (
+        (folder / TRAJECTORY).is_file() or (folder / CHECKPOINT).is_file()
+    )
+
+
+def check_out_dir(folder: Path) -> None:
+    """Refuse an existing, non-empty folder that is not a run of this package: its files would
+    be overwritten (config.yaml, weights.json, …)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"out_dir {folder} is a file, not a folder: choose another out_dir.")
+    if not folder.is_dir() or is_run_dir(folder) or (folder / LOCK).exists():
+        return  # new, a run, or a run killed before it wrote its first files (its lock)
+    held = sorted(
+        p.name for p in folder.iterdir() if p.name != LOCK and not p.name.startswith(TMP_PREFIX)
+    )
+    if held:
+        shown = ", ".join(held[:10]) + (f", … ({len(held)} in all)" if len(held) > 10 else "")
+        raise ConfigError(
+            f"out_dir {folder} is not empty and is not a run of this package: it holds {shown}. "
+            "Nothing was written. Choose a new or empty out_dir."
+        )
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the whole run (`.lock`, fcntl.flock): a second
+    writer is refused with the holder's pid. The kernel drops the lock when its holder dies, so
+    a lock left by a killed run is taken over (and said so)."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK
+        self.fd: int | None = None
+        self.previous: str = ""
+
+    def acquire(self) -> RunLock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _file_mode())
+        except OSError as e:
+            raise ConfigError(
+                f"cannot write the run folder {self.path.parent}: {e.strerror}. Choose an "
+                "out_dir you can write, or fix its permissions."
+            ) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"{self.path.parent} is in use by another run ({holder}); nothing was written. "
+                "Wait for it to finish, stop it, or choose another out_dir."
+            ) from None
+        self.previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None

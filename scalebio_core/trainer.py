@@ -80,6 +80,7 @@ class ScaleBiORun(_Checkpointed):
 
     desc = "ScaleBiO"
     advice = "lr_w/lr_u/alpha"
+    learns_weights = True
 
     def __init__(self, cfg: TrainConfig, accelerator: Any):
         self.setup = setup(cfg, accelerator)
@@ -123,6 +124,7 @@ class DoReMiRun(_Checkpointed):
 
     desc = "DoReMi"
     advice = "lr_w"
+    learns_weights = True
 
     def __init__(self, cfg: TrainConfig, accelerator: Any):
         self.setup = s = setup(cfg, accelerator)
@@ -202,6 +204,7 @@ class FixedRun:
 
     desc = "fixed weights"
     advice = "nothing (no step can fail)"
+    learns_weights = False
     checkpoints = False
     setup = None
     total = 1

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import ipywidgets as W
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .config import PRECISIONS, load_preset
+from .config import LORA_BASES, PRECISIONS, load_preset
 from .errors import ConfigError
 from .experiments import run_preset, runs_root
 from .memory import PAPER_MODELS, model_shape, plan
@@ -20,7 +21,7 @@ from .plots import (
     plot_weight_trajectories,
     plot_weights,
 )
-from .runs import load_trajectory
+from .runs import VERDICT, load_trajectory
 from .scaleout import emit, plan_command, plan_config
 from .toy import least_squares
 from .toy_runs import run_toy
@@ -106,9 +107,11 @@ def weight_viewer(run_dir, title: str = "") -> W.VBox:
         t, i = traj["t"], slider.value
         p = dict(zip(t["names"], np.asarray(t["p"])[i]))
         top = max(p, key=p.get)
+        verdict = Path(run_dir) / VERDICT
+        said = json.loads(verdict.read_text())["text"] if verdict.exists() else "run not finished"
         label.value = (
             f"<b>step {int(t['step'][i])}</b> of {int(t['step'][-1])}: "
-            f"L1 = {t['L1'][i]:.4f}, top source {top} ({p[top]:.3f})"
+            f"L1 = {t['L1'][i]:.4f}, top source {top} ({p[top]:.3f})<br><i>{said}</i>"
         )
         image.value = fig_to_png(plot_run_step(t, i, title))
 
@@ -232,6 +235,7 @@ def scaling_planner(
     gpus = W.IntSlider(value=8, min=1, max=8, description="GPUs")
     mem = W.Dropdown(options=[24, 40, 48, 80, 141], value=48, description="GiB / GPU")
     mode = W.ToggleButtons(options=["full", "lisa", "lora"], value="lisa", description="train")
+    lora_base = W.ToggleButtons(options=list(LORA_BASES), description="LoRA base")
     shard = W.ToggleButtons(options=["fsdp", "zero3", "zero2", "zero1", "ddp"], description="shard")
     precision = W.Dropdown(options=list(PRECISIONS), value="bf16-weights", description="precision")
     offload = W.Checkbox(value=True, description="CPU offload")
@@ -247,6 +251,7 @@ def scaling_planner(
             "model": model.value,
             "lisa_active": 2 if mode.value == "lisa" else 0,
             "lora_rank": 128 if mode.value == "lora" else 0,
+            "lora_base": lora_base.value,
             "precision": precision.value,
             "gradient_checkpointing": ckpt.value,
             "fsdp": s == "fsdp",
@@ -280,9 +285,15 @@ def scaling_planner(
             files = emit(current["plan"], target)
             out.value += "<p>wrote " + ", ".join(str(f) for f in files.values()) + "</p>"
 
-    for w in (model, gpus, mem, mode, shard, precision, offload, ckpt):
+    for w in (model, gpus, mem, mode, lora_base, shard, precision, offload, ckpt):
         w.observe(redraw, names="value")
     write.on_click(on_write)
     redraw()
-    controls = [W.HBox([model, gpus, mem]), mode, shard, W.HBox([precision, offload, ckpt])]
+    controls = [
+        W.HBox([model, gpus, mem]),
+        mode,
+        lora_base,
+        shard,
+        W.HBox([precision, offload, ckpt]),
+    ]
     return W.VBox([*controls, write, out])

@@ -119,13 +119,20 @@ def check_config(cfg: Any, copies: int, fsdp: bool | None = None) -> None:
             "LISA cannot run under DeepSpeed ZeRO: ZeRO flattens the trainable parameters into "
             "its partitions once and its optimizer steps all of them, so frozen blocks would "
             "still move. Launch with configs/accelerate/fsdp.yaml (FSDP2 shards parameter by "
-            "parameter and runs LISA), or use LoRA (lora_rank) under DeepSpeed."
+            "parameter and runs LISA), or use LoRA (lora_rank, lora_base: copies) under "
+            "DeepSpeed."
         )
     if cfg.precision == "bf16-weights":
         raise ConfigError(
             "precision bf16-weights is not run under DeepSpeed ZeRO (its engines would take over "
             "the fp32 masters, a path not tested here): use precision bf16 under DeepSpeed, or "
             "launch with configs/accelerate/fsdp.yaml, which runs bf16-weights."
+        )
+    if cfg.lora_rank > 0 and cfg.lora_base == "shared":
+        raise ConfigError(
+            "LoRA on one shared base (lora_base: shared, the default) is not run by DeepSpeed: "
+            "its two engines would each own the base. Set lora_base: copies under DeepSpeed, or "
+            "launch with configs/accelerate/fsdp.yaml, which shards the shared base."
         )
 
 

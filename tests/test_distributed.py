@@ -146,8 +146,9 @@ def test_fsdp_two_processes_follow_the_one_process_trajectory(tmp_path, lisa_act
 
 
 @pytest.mark.slow
-def test_fsdp_with_lora_on_both_copies_follows_the_one_process_trajectory(tmp_path):
-    """LoRA adapters on sharded u and w (only the adapters train).
+def test_fsdp_with_lora_on_one_shared_base_follows_the_two_copy_run(tmp_path):
+    """LoRA adapters of u and w on one sharded base (lora_base: shared, the default; only the
+    adapters train) against one process with two whole copies (lora_base: copies).
 
     The losses agree to float rounding (rtol 1e-5) as above; p to rtol 1e-4: with LoRA the gap
     l̄(w) − l̄(u) that drives λ stays 1e-4 to 3e-3 of losses near 7.6, so the losses' last-bit
@@ -155,7 +156,7 @@ def test_fsdp_with_lora_on_both_copies_follows_the_one_process_trajectory(tmp_pa
     The sharded run recomputes its blocks in backward (gradient checkpointing), the one-process
     run does not: the same trajectory.
     """
-    _run(tmp_path / "one", 1, lora_rank=4)
+    _run(tmp_path / "one", 1, lora_rank=4, lora_base="copies")
     _run(tmp_path / "fsdp", 2, fsdp=True, lora_rank=4, gradient_checkpointing=True)
     _same_trajectory(tmp_path / "one", tmp_path / "fsdp", p_rtol=1e-4)
 
@@ -252,14 +253,16 @@ def _zero_config(tmp_path: Path, stage: int) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, extra", [(1, {}), (2, {}), (3, {"lora_rank": 4})])
+@pytest.mark.parametrize(
+    "stage, extra", [(1, {}), (2, {}), (3, {"lora_rank": 4, "lora_base": "copies"})]
+)
 def test_deepspeed_zero_follows_the_one_process_trajectory(tmp_path, stage, extra):
     """u and w as two DeepSpeed engines (ZeRO-1: optimizer states partitioned; -2: gradients too;
-    -3: parameters too, here with LoRA on both copies) over 2 gloo processes against one process
-    without DeepSpeed. ZeRO-1 through `zero_stage=1` under a plain 2-process launch, the others
-    through the shipped DeepSpeed launch config. LoRA: p to rtol 1e-4, as under FSDP. ZeRO-2 and
-    -3 recompute their blocks in backward (gradient checkpointing; ZeRO-3 gathers the partitioned
-    parameters again for the replay)."""
+    -3: parameters too, here with LoRA on two copies of the base) over 2 gloo processes against
+    one process without DeepSpeed. ZeRO-1 through `zero_stage=1` under a plain 2-process launch,
+    the others through the shipped DeepSpeed launch config. LoRA: p to rtol 1e-4, as under FSDP.
+    ZeRO-2 and -3 recompute their blocks in backward (gradient checkpointing; ZeRO-3 gathers the
+    partitioned parameters again for the replay)."""
     _run(tmp_path / "one", 1, **extra)
     if stage == 1:
         _run(tmp_path / "zero", 2, zero_stage=1, **extra)
@@ -285,14 +288,20 @@ def test_deepspeed_zero3_killed_run_resumes_on_the_same_trajectory(tmp_path):
 
 
 def test_deepspeed_refuses_what_it_cannot_run_naming_what_can(monkeypatch, tmp_path):
-    """LISA, DoReMi, fsdp together with DeepSpeed, ZeRO stage 0, one process, bad config files."""
+    """LISA, DoReMi, LoRA on a shared base, fsdp together with DeepSpeed, ZeRO stage 0, one
+    process, bad config files."""
     from types import SimpleNamespace
 
     from scalebio_core import zero
     from scalebio_core.config import TrainConfig
     from scalebio_core.errors import ConfigError
 
-    ok = SimpleNamespace(fsdp=False, method="scalebio", lisa_active=0, precision="fp32")
+    ok = SimpleNamespace(
+        fsdp=False, method="scalebio", lisa_active=0, precision="fp32", lora_rank=0
+    )
+    shared = SimpleNamespace(**{**vars(ok), "lora_rank": 4, "lora_base": "shared"})
+    with pytest.raises(ConfigError, match=r"one shared base .* Set lora_base: copies"):
+        zero.check_supported(shared, copies=2)
     with pytest.raises(ConfigError, match=r"LISA cannot run under DeepSpeed.*fsdp\.yaml"):
         zero.check_supported(SimpleNamespace(**{**vars(ok), "lisa_active": 2}), copies=2)
     with pytest.raises(ConfigError, match=r"method 'doremi' .*configs/accelerate/fsdp\.yaml"):

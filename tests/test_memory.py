@@ -27,20 +27,23 @@ def test_meta_device_counts_equal_the_real_model(arch, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "lisa_active, precision, param_dtype",
+    "lisa_active, precision, param_dtype, lora",
     [
-        (0, "fp32", "fp32"),
-        (1, "fp32", "fp32"),
-        (1, "bf16", "bf16"),
-        (0, "bf16-weights", "bf16-weights"),
-        (1, "bf16-weights", "bf16-weights"),
+        (0, "fp32", "fp32", None),
+        (1, "fp32", "fp32", None),
+        (1, "bf16", "bf16", None),
+        (0, "bf16-weights", "bf16-weights", None),
+        (1, "bf16-weights", "bf16-weights", None),
+        (0, "fp32", "fp32", "shared"),
+        (0, "fp32", "fp32", "copies"),
     ],
 )
-def test_predicted_state_and_gradients_match_measured(lisa_active, precision, param_dtype):
+def test_predicted_state_and_gradients_match_measured(lisa_active, precision, param_dtype, lora):
     """The trainer's tensors against the model's terms; with `precision: bf16` (autocast) the
     trainer keeps fp32 weights, gradients and AdamW state: the "bf16" terms; with
     `bf16-weights` bf16 weights and gradients, and fp32 masters and moments of the trainable
-    parameters only (LISA's frozen blocks: 2 bytes per parameter)."""
+    parameters only (LISA's frozen blocks: 2 bytes per parameter); LoRA with the base once
+    (shared) or twice (copies)."""
     from scalebio_core.experiments import memory_probe, preset_config
     from scalebio_core.models import load_model
 
@@ -50,11 +53,16 @@ def test_predicted_state_and_gradients_match_measured(lisa_active, precision, pa
         gpus=1,
         sharding="ddp",
         param_dtype=param_dtype,
-        mode="lisa" if lisa_active else "full",
+        mode="lora" if lora else "lisa" if lisa_active else "full",
         lisa_active=max(1, lisa_active),
+        lora_rank=4,
+        lora_shared=lora == "shared",
     )
     pred = predict(shape, setup)
-    measured = memory_probe("lisa", "smoke", steps=2, lisa_active=lisa_active, precision=precision)
+    lora_fields = {"lora_rank": 4, "lora_base": lora} if lora else {}
+    measured = memory_probe(
+        "lisa", "smoke", steps=2, lisa_active=lisa_active, precision=precision, **lora_fields
+    )
     assert measured["grads_mib"] == pytest.approx(pred["gradients"] / MIB, rel=1e-6)
     # AdamW also keeps one scalar `step` tensor per parameter tensor: well under 1%
     assert measured["optimizer_state_mib"] == pytest.approx(pred["optimizer"] / MIB, rel=0.01)
@@ -149,23 +157,29 @@ def _benchmark_module():
 
 
 @pytest.mark.parametrize(
-    "lisa, train_embeddings, lowest, precision",
+    "lisa, train_embeddings, lowest, precision, lora",
     [
-        (0, True, 0, "fp32"),
-        (1, True, 0, "fp32"),
-        (1, False, 1, "fp32"),
-        (2, False, 0, "fp32"),
-        (0, True, 0, "bf16-weights"),
-        (1, False, 1, "bf16-weights"),
+        (0, True, 0, "fp32", 0),
+        (1, True, 0, "fp32", 0),
+        (1, False, 1, "fp32", 0),
+        (2, False, 0, "fp32", 0),
+        (0, True, 0, "bf16-weights", 0),
+        (1, False, 1, "bf16-weights", 0),
+        (0, True, 0, "fp32", 4),
+        (0, True, 0, "fp32", 16),
     ],
 )
-def test_eager_saved_bytes_equal_what_autograd_saves(lisa, train_embeddings, lowest, precision):
+def test_eager_saved_bytes_equal_what_autograd_saves(
+    lisa, train_embeddings, lowest, precision, lora
+):
     """The eager activation count against autograd's own saved tensors (hooks), GPT-2 in fp32
-    and with bf16 weights (bf16 activations; statistics and log-probabilities in fp32)."""
+    and with bf16 weights (bf16 activations; statistics and log-probabilities in fp32), and with
+    LoRA through the loss the trainer takes for a PEFT model (the full logits)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from scalebio_core.losses import response_only_loss
+    from scalebio_core.lora import add_lora
+    from scalebio_core.losses import LMFns
     from scalebio_core.memory import eager_saved_bytes
 
     b, t, h, n = 2, 32, 128, 3
@@ -194,6 +208,9 @@ def test_eager_saved_bytes_equal_what_autograd_saves(lisa, train_embeddings, low
     labels = ids.clone()
     labels[:, :10] = -100  # a prompt: the head runs at the 2 × 21 response positions only
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    shape = model_shape(model=model)
+    if lora:
+        model = add_lora(model, lora, 16.0)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -204,9 +221,10 @@ def test_eager_saved_bytes_equal_what_autograd_saves(lisa, train_embeddings, low
         return x
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        response_only_loss(model, batch)
+        LMFns().loss(model, batch)  # the head at labelled positions only (not with LoRA)
     setup = MemorySetup(
-        mode="lisa" if lisa else "full",
+        mode="lora" if lora else "lisa" if lisa else "full",
+        lora_rank=lora or 128,
         lisa_active=max(lisa, 1),
         lisa_train_embeddings=train_embeddings,
         lisa_lowest=lowest,
@@ -216,7 +234,7 @@ def test_eager_saved_bytes_equal_what_autograd_saves(lisa, train_embeddings, low
         seq=t,
         label_tokens=int((labels[:, 1:] != -100).sum()),
     )
-    expected = eager_saved_bytes(model_shape(model=model), setup)
+    expected = eager_saved_bytes(shape, setup)
     assert sum(saved.values()) == pytest.approx(expected, rel=0.005)
 
 

@@ -153,6 +153,60 @@ def test_checkpointed_trajectory_equals_the_plain_one(tmp_path, extra):
     np.testing.assert_allclose(b["L1"], a["L1"], rtol=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
+def test_lora_on_one_shared_base_follows_the_two_copy_run_and_resumes(tmp_path, ckpt):
+    """u and w as two adapters on one base (the default) against two whole PEFT models: the
+    same trajectory, the base held once, two adapters that move apart; a crash after step 2
+    resumes on the same trajectory from a checkpoint that holds the adapters only."""
+    from scalebio_core.build import setup
+    from scalebio_core.lora import AdapterView, unique_parameters
+
+    lora = {
+        "lora_rank": 4,
+        "lr_w": 1e-2,
+        "lr_u": 1e-2,
+        "lr_lam": 1.0,
+        "gradient_checkpointing": ckpt,
+    }
+    a = _run(tmp_path / "copies", lora_base="copies", **lora)
+    b = _run(tmp_path / "shared", **lora)
+    assert abs(a["p"][-1] - a["p"][0]).max() > 1e-3  # the weights moved
+    for key in ("p", "L1", "L2_w", "L2_u"):
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-9)
+
+    ckpt_b = torch.load(tmp_path / "shared" / "checkpoints" / "last.pt", weights_only=False)
+    assert all(".lora_" in n for n in [*ckpt_b["w"], *ckpt_b["u"]])  # adapters only
+    moved = [
+        not torch.equal(ckpt_b["w"][n], ckpt_b["u"][n.replace(".w.", ".u.")]) for n in ckpt_b["w"]
+    ]
+    assert any(moved)  # u and w trained apart
+
+    cfg = TrainConfig.from_dict(load_preset("noisy", "smoke", {**SMALL, **lora}))
+    two, one = setup(cfg.replace(lora_base="copies")).state, setup(cfg).state
+    assert isinstance(one.w, AdapterView) and one.w.shared is one.u.shared
+    base = sum(q.numel() for q in unique_parameters(two.w) if not q.requires_grad)
+    adapters = sum(q.numel() for q in one.w.parameters())
+    assert adapters and all(q.requires_grad for q in one.w.parameters())
+    assert sum(q.numel() for q in unique_parameters(two.w, two.u)) == 2 * (base + adapters)
+    assert sum(q.numel() for q in unique_parameters(one.w, one.u)) == base + 2 * adapters
+
+    class Crash(Exception):
+        pass
+
+    def crash(row, s):
+        if row["step"] == 2:
+            raise Crash
+
+    cut = cfg.replace(out_dir=str(tmp_path / "cut"))
+    with pytest.raises(Crash):
+        train(cut, progress=False, callback=crash)
+    train(cut, resume=True, progress=False)
+    c = load_trajectory(tmp_path / "cut")
+    np.testing.assert_allclose(c["p"], b["p"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(c["L1"], b["L1"], rtol=1e-6)
+
+
 def test_master_optimizer_follows_torch_on_fp32_masters_and_resumes_in_fp32():
     """Fed the same (bf16-exact) gradients, the master equals torch's fp32 AdamW / SGD
     parameter; the bf16 weight is the master rounded; a state_dict round trip keeps fp32."""
@@ -280,6 +334,8 @@ def test_memory_refuses_what_the_trainer_refuses(capsys, monkeypatch):
     for args, message in (
         (["--lisa-active", "2", "--zero-stage", "3"], "LISA cannot run under DeepSpeed"),
         (["--lora-rank", "8", "--zero-stage", "3", "--precision", "bf16-weights"], "bf16-weights"),
+        (["--lora-rank", "8", "--zero-stage", "3"], "Set lora_base: copies under DeepSpeed"),
+        (["--lora-rank", "8", "--lisa-active", "2"], "LISA with LoRA on one shared base"),
         (["--gpus", "1", "--fsdp"], "fsdp: true needs several processes"),
         (["--batch-size", "12"], "multiples of processes"),
         (["--gpus", "0"], "--gpus must be >= 1"),
@@ -295,16 +351,21 @@ def test_memory_refuses_what_the_trainer_refuses(capsys, monkeypatch):
 
 def test_the_plan_counts_how_the_trainer_builds_the_copies():
     """FSDP builds the copies sharded from one whole copy per node (rank 0's); DeepSpeed and
-    DDP build both whole on every rank and GPU first, which the verdict counts."""
+    DDP build both whole on every rank and GPU first, which the verdict counts (one model for
+    LoRA on a shared base)."""
     common = {"model": "01-ai/Yi-34B", "batch_size": 8, "val_batch_size": 8, "max_length": 1024}
     fsdp = plan(TrainConfig(**common, lisa_active=2, fsdp=True, precision="bf16-weights"), 8, 48)
     params = fsdp.shape.params
     assert fsdp.load == {"gpu_load": 0.0, "host_load": 2 * params, "host": 0.0} and fsdp.fits
     ck = {"gradient_checkpointing": True}
-    zero = plan(TrainConfig(**common, **ck, lora_rank=128, zero_stage=3, zero_offload=True), 8, 48)
+    lora = {"lora_rank": 128, "lora_base": "copies"}
+    zero = plan(TrainConfig(**common, **ck, **lora, zero_stage=3, zero_offload=True), 8, 48)
     assert zero.prediction["total"] < 48 * 2**30 < zero.load["gpu_load"] == 2 * 4 * params
     assert not zero.fits and zero.load["host_load"] == 8 * 2 * 4 * params
     assert "does NOT fit" in zero.text() and "before they are partitioned" in zero.text()
+    shared = plan(TrainConfig(**common, **ck, lora_rank=128), 8, 48)  # DDP, one base per rank
+    assert shared.load["gpu_load"] == 4 * params and shared.load["host_load"] == 8 * 4 * params
+    assert "one shared base" in shared.text()
     offload = plan(
         TrainConfig(
             **common, lisa_active=2, fsdp=True, fsdp_offload=True, precision="bf16-weights"

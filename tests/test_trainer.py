@@ -73,12 +73,13 @@ def test_refuses_to_overwrite_and_resume_with_other_config(tmp_path):
     before = (tmp_path / "run" / "trajectory.jsonl").read_text()
     with pytest.raises(ConfigError, match="already holds a run"):
         train(smoke(tmp_path, steps=2), progress=False)
-    with pytest.raises(ConfigError, match=r"config differs[\s\S]*alpha: 10.0 -> 20.0"):
-        train(smoke(tmp_path, steps=2, alpha=20.0), resume=True, progress=False)
+    with pytest.raises(ConfigError, match=r"config differs[\s\S]*seed: 0 -> 1"):
+        train(smoke(tmp_path, steps=2, seed=1), resume=True, progress=False)
     assert (tmp_path / "run" / "trajectory.jsonl").read_text() == before
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+def nan_at_fourth_validation_loss(monkeypatch) -> None:
+    """Make the 4th validation loss NaN (step 3 of a run): a run stops there."""
     calls = {"n": 0}
     real = LMFns.val_loss
 
@@ -88,6 +89,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         return loss * float("nan") if calls["n"] == 4 else loss
 
     monkeypatch.setattr(LMFns, "val_loss", flaky)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    nan_at_fourth_validation_loss(monkeypatch)
     with pytest.raises(TrainingStopped, match=r"L1 = nan[\s\S]*Stopped at step 3[\s\S]*last good"):
         train(smoke(tmp_path), progress=False)
     run = tmp_path / "run"
@@ -314,7 +319,8 @@ def test_response_only_head_matches_full_forward_or_is_refused(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_lora_on_both_copies(arch, tmp_path):
-    """LoRA adapters on u and w: only they train, and their count is the memory model's."""
+    """LoRA adapters on u and w (on one shared base, the default): only they train, and their
+    count is the memory model's."""
     from scalebio_core.build import setup
     from scalebio_core.memory import MemorySetup, model_shape, predict
     from scalebio_core.models import load_model, save_tiny_model
