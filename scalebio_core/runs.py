@@ -208,17 +208,17 @@ def convergence(rows: list[dict], tail: float = 0.25) -> dict[str, Any]:
 
     Measured over the last `tail` of the steps: how far p moved there (the largest change of one
     weight), per 100 steps, against its whole move from the first step; and the mean norm of λ's
-    gradient α·(diag(p) − p pᵀ)(l̄(w) − l̄(u)) there (ScaleBiO rows; NaN otherwise). The verdict:
+    gradient α·(diag(p) − p pᵀ)(l̄(w) − l̄(u)) there (ScaleBiO rows; None otherwise). The verdict:
     "too short" under 40 steps; "not moved" when p never moved more than 0.01 (λ learned
     nothing yet); "moving" when the last quarter carries more than a tenth of the whole move (a
     steady trend carries a quarter), else "settled".
     """
     names = list(rows[0]["p"])
     p = np.array([[r["p"][n] for n in names] for r in rows])
-    k = max(2, int(round(len(rows) * tail)))
+    k = min(len(rows), max(2, int(round(len(rows) * tail))))
     total = float(np.abs(p - p[0]).max())
     recent = float(np.abs(p[-1] - p[-k]).max())
-    rate = recent / (k - 1) * 100
+    rate = recent / max(k - 1, 1) * 100
     grads = []
     for r, q in zip(rows[-k:], p[-k:]):
         if "loss_w" in r and "loss_u" in r:
@@ -228,7 +228,7 @@ def convergence(rows: list[dict], tail: float = 0.25) -> dict[str, Any]:
             )
             d = np.asarray(w, float) - np.asarray(u, float)
             grads.append(float(np.linalg.norm(r["alpha"] * q * (d - q @ d))))
-    grad = float(np.mean(grads)) if grads else float("nan")
+    grad = float(np.mean(grads)) if grads else None
     span = f"over the last {k} of {len(rows)} steps"
     if len(rows) < MIN_STEPS:
         state = "too short"
