@@ -257,7 +257,7 @@ def plot_memory_vs_size(
             textcoords="offset points",
         )
     ax.set(xlabel="parameters", ylabel="GiB per GPU", title=title)
-    ax.legend(loc="center right")  # clear of the model names at the bottom
+    ax.legend(loc="center left")  # clear of the curves (right) and the model names (bottom)
     return ax
 
 
