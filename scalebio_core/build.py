@@ -28,6 +28,7 @@ from .data import (
     load_records,
     load_sources,
     say_dropped,
+    source_table,
     specs_from_dir,
     tokenize,
 )
@@ -59,6 +60,8 @@ class Setup:
     """Per-source divisor of L2 on the device: the expected counts, or None (realized)."""
     state: BilevelState
     lisa: tuple[Lisa, Lisa] | None
+    table: str = ""
+    """The sources and held-out sets read (`data.source_table`), printed as a run starts."""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -97,8 +100,11 @@ def data_specs(cfg: TrainConfig) -> tuple[list[SourceSpec], SourceSpec]:
     return specs, SourceSpec(name="validation", records=tuple(corpus.validation))
 
 
-def build_data(cfg: TrainConfig, tokenizer: Any) -> tuple[TokenizedData, TokenizedData]:
-    """Tokenized training sources (sorted by name) and the tokenized validation set."""
+def build_data(
+    cfg: TrainConfig, tokenizer: Any
+) -> tuple[TokenizedData, TokenizedData, list[SourceSpec]]:
+    """Tokenized training sources (sorted by name), the tokenized validation set, and the specs
+    of both."""
     cache = cache_root() / "tokenized"
     specs, val_spec = data_specs(cfg)
     records = load_sources(specs)
@@ -124,7 +130,7 @@ def build_data(cfg: TrainConfig, tokenizer: Any) -> tuple[TokenizedData, Tokeniz
     val = tokenize({"validation": val_records}, tokenizer, cfg.max_length, cache_dir=cache, **rules)
     for data in (train, val):
         say_dropped(data, cfg.max_length)
-    return train, val
+    return train, val, [*specs, val_spec]
 
 
 def tokenizer_name(cfg: TrainConfig) -> str:
@@ -211,7 +217,7 @@ def setup(cfg: TrainConfig, accelerator: Any = None, copies: int = 2) -> Setup:
         keep_freed_memory()  # once per process; see malloc.py (time only, no result changes)
     check_context(cfg.model, cfg.max_length)
     tokenizer = load_tokenizer(tokenizer_name(cfg), vocab_size=cfg.vocab_size)
-    train, val = build_data(cfg, tokenizer)
+    train, val, specs = build_data(cfg, tokenizer)
     state = build_state(cfg, dist, tokenizer, train.names, copies)
     lisa = None
     if cfg.lisa_active > 0:
@@ -242,6 +248,7 @@ def setup(cfg: TrainConfig, accelerator: Any = None, copies: int = 2) -> Setup:
         divisor=sampler.expected_counts().to(dist.device) if expected else None,
         state=state,
         lisa=lisa,
+        table=source_table(specs, (train, val), cfg.max_length),
     )
 
 

@@ -530,6 +530,37 @@ def _check_dropped(
     )
 
 
+def source_table(
+    specs: Sequence[SourceSpec], data: Sequence[TokenizedData], max_length: int
+) -> str:
+    """A table of the sources and held-out sets a run reads: where each comes from, its records,
+    those dropped, its samples and tokens, and the share of samples cut at max_length."""
+    where = {s.name: s.path or s.hf_name or "(in memory)" for s in specs}
+    head = ("source", "from", "records", "dropped", "samples", "tokens", "at max_length")
+    rows = []
+    for d in data:
+        lengths = torch.tensor([len(x) for x in d.input_ids], dtype=torch.long)
+        for k, name in enumerate(d.names):
+            mine = lengths[d.source_ids == k]
+            c = d.dropped.get(name, {})
+            rows.append(
+                (
+                    name,
+                    str(where.get(name, "")),
+                    str(c.get("records", len(mine))),
+                    str(sum(c.get(r, 0) for r in DROP_REASONS)),
+                    str(len(mine)),
+                    str(int(mine.sum())),
+                    f"{float((mine >= max_length).float().mean()) if len(mine) else 0.0:.0%}",
+                )
+            )
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = "  ".join
+    out = [line(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
+    out += [line(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(out)
+
+
 def say_dropped(data: TokenizedData, max_length: int) -> list[str]:
     """Warn, per source, of the records dropped and the prompts cut; returns the lines."""
     lines = []

@@ -217,6 +217,9 @@ def run(
 ) -> dict[str, float]:
     """Run (or resume) a method into cfg.out_dir; returns its final weights (weights.json)."""
     method, run_dir, start, lock = open_run(cfg, resume, build)
+    table = getattr(method.setup, "table", "")
+    if progress and table:
+        _say(method.dist, table)
     try:
         run_loop(method, cfg, run_dir, start, progress, callback)
         weights = method.weights()

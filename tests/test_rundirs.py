@@ -384,14 +384,23 @@ def test_records_without_response_tokens_are_dropped_and_counted(tmp_path):
         run(truncate_prompts=True)
 
 
-def test_held_out_files_take_their_roles_and_leaks_are_counted(tmp_path):
+def test_held_out_files_take_their_roles_and_leaks_are_counted(tmp_path, capsys):
     data = _alpaca_folder(tmp_path / "data")
     (data / "validation.jsonl").rename(data / "val.jsonl")
     a = (data / "a.jsonl").read_text().splitlines()
     (data / "test.jsonl").write_text("\n".join(a[:2]) + "\n")  # two training records leak
     cfg = smoke(tmp_path, data_dir=str(data), steps=1)
     with pytest.warns(UserWarning) as seen:
-        train(cfg, progress=False)
+        train(cfg, progress=True)
+    table = capsys.readouterr().err.splitlines()  # the start table, then the progress
+    head = next(i for i, x in enumerate(table) if x.startswith("source "))
+    assert table[head].split() == "source from records dropped samples tokens at max_length".split()
+    rows = [x.split() for x in table[head + 1 : head + 4]]
+    assert [(r[0], r[1], r[2], r[3], r[4]) for r in rows] == [
+        ("a", str(data / "a.jsonl"), "40", "1", "39"),
+        ("b", str(data / "b.jsonl"), "40", "1", "39"),
+        ("validation", str(data / "val.jsonl"), "20", "1", "19"),
+    ]
     said = " ".join(str(w.message) for w in seen)
     assert load_trajectory(tmp_path / "run")["names"] == ["a", "b"]  # test.jsonl is not trained on
     assert "the test set also holds records of training sources (a: 2)" in said
