@@ -476,8 +476,9 @@ DROP_REASONS = ("empty response", "prompt that fills max_length")
 
 def _tokenize_source(
     recs: list[dict], tokenizer: Any, max_length: int, prefix: list[int], truncate_prompts: bool
-) -> tuple[list[list[int]], list[list[int]], dict[str, int], list[int]]:
-    """(ids, labels, counts by DROP_REASONS and "prompt truncated", indices dropped)."""
+) -> tuple[list[list[int]], list[list[int]], dict[str, int]]:
+    """(ids, labels, counts: records, each of DROP_REASONS, "prompt truncated", and "first", the
+    index of the first record dropped or -1)."""
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     prompts = _encode(tokenizer, [r["prompt"] for r in recs])
     responses = _encode(tokenizer, [r["response"] for r in recs])
@@ -507,7 +508,8 @@ def _tokenize_source(
                 continue
             ids_out.append(ids)
             labels_out.append([IGNORE] * len(p_ids) + ids[len(p_ids) :])
-    return ids_out, labels_out, counts, bad
+    counts["first"] = bad[0] if bad else -1
+    return ids_out, labels_out, counts
 
 
 def _check_dropped(
@@ -634,11 +636,11 @@ def tokenize(
     if path is not None and path.is_file():
         data = _load_cache(path)
     else:
-        ids, labels, src, dropped, first = [], [], [], {}, {}
+        ids, labels, src, dropped = [], [], [], {}
         for s, name in enumerate(names):
             if name in records_by_source:
                 recs = records_by_source[name]
-                i, lab, dropped[name], first[name] = _tokenize_source(
+                i, lab, dropped[name] = _tokenize_source(
                     recs, tokenizer, max_length, prefix, truncate_prompts
                 )
                 ids += i
@@ -649,7 +651,7 @@ def tokenize(
             input_ids=[torch.tensor(x, dtype=torch.long) for x in ids],
             labels=[torch.tensor(x, dtype=torch.long) for x in labels],
             source_ids=torch.tensor(src, dtype=torch.long),
-            dropped={n: {**c, "first": (first[n] or [-1])[0]} for n, c in dropped.items()},
+            dropped=dropped,
         )
         if path is not None:
             _save_cache(data, path)

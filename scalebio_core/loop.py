@@ -149,6 +149,12 @@ def open_run(
     try:
         if accelerator.is_main_process:
             lock = runs.RunLock(run_dir).acquire()
+            if lock.previous:
+                print(
+                    f"{run_dir}: taking over the lock of a run that is gone ({lock.previous})",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if mode != "resume" and (run_dir / runs.CHECKPOINT).exists():
                 lock.release()  # another run started and checkpointed here since the check
                 raise ConfigError(

@@ -35,8 +35,6 @@ CONFIG, TRAJECTORY, WEIGHTS, TIMING = (
 CHECKPOINT = Path("checkpoints") / "last.pt"
 LOCK = ".lock"
 CHANGES = "changes.jsonl"
-RUN_FILES = (CONFIG, TRAJECTORY, TIMING, WEIGHTS, LOCK, CHANGES, "checkpoints")
-"""What a run folder may hold besides the user's later additions (resampled data, eval)."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -223,8 +221,8 @@ def convergence(rows: list[dict], tail: float = 0.25) -> dict[str, Any]:
     for r, q in zip(rows[-k:], p[-k:]):
         if "loss_w" in r and "loss_u" in r:
             w, u = (
-                [r[k][n] for n in names] if isinstance(r[k], dict) else r[k]
-                for k in ("loss_w", "loss_u")
+                [r[key][n] for n in names] if isinstance(r[key], dict) else r[key]
+                for key in ("loss_w", "loss_u")
             )
             d = np.asarray(w, float) - np.asarray(u, float)
             grads.append(float(np.linalg.norm(r["alpha"] * q * (d - q @ d))))
@@ -302,6 +300,8 @@ class RunLock:
         self.path = Path(folder) / LOCK
         self.fd: int | None = None
         self.previous: str = ""
+        """The holder a killed run left in the file ("pid N on HOST"), or "" (none, or a run
+        that ended and released it)."""
 
     def acquire(self) -> RunLock:
         try:

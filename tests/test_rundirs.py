@@ -67,7 +67,7 @@ def _main(capsys, *args: str) -> tuple[int, str]:
 
 
 def test_a_second_writer_is_refused_with_the_holders_pid_and_a_dead_holders_lock_is_taken(
-    tmp_path,
+    tmp_path, capsys
 ):
     cfg = smoke(tmp_path, steps=2)
     run = Path(cfg.out_dir)
@@ -83,7 +83,11 @@ def test_a_second_writer_is_refused_with_the_holders_pid_and_a_dead_holders_lock
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    train(cfg, progress=False)  # the dead holder's lock is taken over
+    capsys.readouterr()
+    train(cfg, progress=False)  # the dead holder's lock is taken over, and said so
+    assert (
+        f"taking over the lock of a run that is gone (pid {holder.pid} " in capsys.readouterr().err
+    )
     assert [r["step"] for r in read_jsonl(run / "trajectory.jsonl")] == [0, 1]
     lock = RunLock(run).acquire()  # released at the end of the run
     lock.release()
