@@ -23,6 +23,7 @@ from .corpora import build_corpus
 from .data import (
     SourceSpec,
     TokenizedData,
+    auto_max_length,
     held_out_files,
     leaks,
     load_records,
@@ -38,7 +39,14 @@ from .errors import ConfigError
 from .lisa import Lisa, make_lisa_pair
 from .lora import add_lora, add_shared_lora, shared_views
 from .malloc import keep_freed_memory
-from .models import check_compatible, check_context, empty_model, load_model, load_tokenizer
+from .models import (
+    check_compatible,
+    check_context,
+    context_limit,
+    empty_model,
+    load_model,
+    load_tokenizer,
+)
 from .recompute import checkpoint_blocks
 from .sampling import BatchSampler, collate
 from .tokenizer import cache_root
@@ -100,19 +108,46 @@ def data_specs(cfg: TrainConfig) -> tuple[list[SourceSpec], SourceSpec]:
     return specs, SourceSpec(name="validation", records=tuple(corpus.validation))
 
 
-def build_data(
-    cfg: TrainConfig, tokenizer: Any
-) -> tuple[TokenizedData, TokenizedData, list[SourceSpec]]:
-    """Tokenized training sources (sorted by name), the tokenized validation set, and the specs
-    of both."""
+def heldout_spec(cfg: TrainConfig) -> SourceSpec | None:
+    """The held-out test set: the config's `test`, else a data folder's test file, else None."""
+    if cfg.test:
+        return SourceSpec(**{"name": "test", **cfg.test})
+    found = held_out_files(cfg.data_dir).get("test") if cfg.data_dir else None
+    return SourceSpec(name="test", path=str(found)) if found else None
+
+
+def data_rules(cfg: TrainConfig) -> dict[str, Any]:
+    """How records without response tokens are handled (`data.tokenize`'s keywords)."""
+    return {
+        "strict": cfg.strict_data,
+        "max_drop_share": cfg.max_drop_share,
+        "truncate_prompts": cfg.truncate_prompts,
+    }
+
+
+@dataclass
+class Data:
+    """A run's tokenized data: the training sources (sorted by name), the validation set, and
+    the start table (with the test set's row, when there is one)."""
+
+    cfg: TrainConfig
+    """The config with max_length resolved (a number where it was 'auto')."""
+    train: TokenizedData
+    val: TokenizedData
+    table: str
+
+
+def build_data(cfg: TrainConfig, tokenizer: Any) -> Data:
+    """Read, check and tokenize the sources and the validation set (cached); max_length 'auto'
+    is chosen from their token lengths (`data.auto_max_length`)."""
     cache = cache_root() / "tokenized"
     specs, val_spec = data_specs(cfg)
     records = load_sources(specs)
     val_records = load_records(val_spec)
     held = {"validation": val_records}
-    test = held_out_files(cfg.data_dir).get("test") if cfg.data_dir else None
-    if test is not None:
-        held["test"] = load_records(SourceSpec(name="test", path=str(test)))
+    tests = heldout_spec(cfg) if (cfg.data_dir or cfg.sources) else None
+    if tests is not None:
+        held["test"] = load_records(tests)
     for role, counts in leaks(records, held).items():
         warnings.warn(
             f"the {role} set also holds records of training sources ("
@@ -121,16 +156,21 @@ def build_data(
             "the sources or from the held-out set.",
             stacklevel=2,
         )
-    rules = {
-        "strict": cfg.strict_data,
-        "max_drop_share": cfg.max_drop_share,
-        "truncate_prompts": cfg.truncate_prompts,
-    }
+    how = ""
+    if cfg.max_length == "auto":
+        n, how = auto_max_length({**records, **held}, tokenizer, context_limit(cfg.model))
+        cfg = cfg.replace(max_length=n)
+    check_context(cfg.model, cfg.max_length)
+    rules = data_rules(cfg)
     train = tokenize(records, tokenizer, cfg.max_length, cache_dir=cache, **rules)
     val = tokenize({"validation": val_records}, tokenizer, cfg.max_length, cache_dir=cache, **rules)
+    shown = [train, val]
+    if "test" in held:  # only for the table: its rows, never a batch
+        shown.append(tokenize({"test": held["test"]}, tokenizer, cfg.max_length, **rules))
     for data in (train, val):
         say_dropped(data, cfg.max_length)
-    return train, val, [*specs, val_spec]
+    table = source_table([*specs, val_spec, *([tests] if tests else [])], shown, cfg.max_length)
+    return Data(cfg, train, val, table + (f"\n{how}" if how else ""))
 
 
 def tokenizer_name(cfg: TrainConfig) -> str:
@@ -215,9 +255,11 @@ def setup(cfg: TrainConfig, accelerator: Any = None, copies: int = 2) -> Setup:
     dist = choose(cfg, accelerator, copies)
     if dist.device.type == "cpu" and cfg.cpu_malloc == "keep":
         keep_freed_memory()  # once per process; see malloc.py (time only, no result changes)
-    check_context(cfg.model, cfg.max_length)
+    if cfg.max_length != "auto":
+        check_context(cfg.model, cfg.max_length)  # before the tokenizer is trained or loaded
     tokenizer = load_tokenizer(tokenizer_name(cfg), vocab_size=cfg.vocab_size)
-    train, val, specs = build_data(cfg, tokenizer)
+    data = build_data(cfg, tokenizer)
+    cfg, train, val = data.cfg, data.train, data.val
     state = build_state(cfg, dist, tokenizer, train.names, copies)
     lisa = None
     if cfg.lisa_active > 0:
@@ -248,7 +290,7 @@ def setup(cfg: TrainConfig, accelerator: Any = None, copies: int = 2) -> Setup:
         divisor=sampler.expected_counts().to(dist.device) if expected else None,
         state=state,
         lisa=lisa,
-        table=source_table(specs, (train, val), cfg.max_length),
+        table=data.table,
     )
 
 

@@ -190,7 +190,8 @@ def _field_option(parser: argparse.ArgumentParser, name: str) -> None:
         "attn_implementation": ATTENTION,
         "lora_base": LORA_BASES,
     }.get(name)
-    parser.add_argument(flag, dest=name, type=type(default), choices=choices)
+    kind = int if name == "max_length" else type(default)  # its default is 'auto'
+    parser.add_argument(flag, dest=name, type=kind, choices=choices)
 
 
 def _memory_fields(args: argparse.Namespace, model: str | None) -> dict:

@@ -47,6 +47,20 @@ LORA_BASES = ("shared", "copies")
 """`attn_implementation` values: transformers' names, or 'auto' (its own choice per model: sdpa
 where the architecture supports it, else eager); flash needs the flash-attn package."""
 
+EMBEDDED_LR = 2e-3
+"""lr_w and lr_u of a randomly initialised embedded model when the config gives none: it learns
+from scratch (the embedded presets' rate)."""
+PRETRAINED_LR = 1e-5
+"""lr_w and lr_u of a pretrained model when the config gives none: it is fine-tuned (the paper's
+GPT-2 rate; BilevelConfig's default)."""
+
+
+def model_defaults(model: Any) -> dict[str, float]:
+    """The learning rates of u and w a run of `model` gets when its config gives none."""
+    lr = EMBEDDED_LR if str(model).startswith("embedded") else PRETRAINED_LR
+    return {"lr_w": lr, "lr_u": lr}
+
+
 BILEVEL_KEYS = tuple(f.name for f in dataclasses.fields(BilevelConfig) if f.name != "total_steps")
 DOREMI_KEYS = {FLAT_PREFIX + f.name: f.name for f in dataclasses.fields(DoReMiConfig)}
 
@@ -56,6 +70,7 @@ class TrainConfig:
     """One run on a language model: `TrainConfig(**flat)` with the keys of the module docstring.
 
     Presets: configs/*.yaml; the command line: key=value. Every field is checked on construction.
+    lr_w and lr_u, when not given, follow the model (`model_defaults`).
     """
 
     # -- data
@@ -76,8 +91,10 @@ class TrainConfig:
     default to a fresh draw of the validation distribution."""
     exact_match: str = "auto"
     """Exact-match accuracy of the test answers: 'on', 'off', 'auto' (templated corpora)."""
-    max_length: int = 64
-    """Tokens per sample (prompt + response), truncated from the right."""
+    max_length: int | str = field(default="auto", metadata={"kinds": (int, str)})
+    """Tokens per sample (prompt + response), truncated from the right; 'auto': the 95th
+    percentile of the sources' token lengths, rounded up to a multiple of 16, at most the model's
+    context and AUTO_MAX_LENGTH (`data.auto_max_length`, printed as a run starts)."""
     truncate_prompts: bool = False
     """Cut a prompt that leaves no room for its response from the left (its end stays), so that
     up to max_length // 2 response tokens remain; else such a record is dropped."""
@@ -172,6 +189,7 @@ class TrainConfig:
         unknown = sorted(set(kwargs) - known - set(own))
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}.")
+        kwargs = {**model_defaults(kwargs.get("model", own["model"].default)), **kwargs}
         for name, f in own.items():
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             object.__setattr__(self, name, kwargs.get(name, default))
@@ -215,7 +233,11 @@ class TrainConfig:
                     and self.val_batch_size % self.grad_accum == 0,
                     "batch_size and val_batch_size must be multiples of grad_accum",
                 ),
-                (self.max_length >= 2, "max_length must be >= 2"),
+                (
+                    self.max_length == "auto"
+                    or (isinstance(self.max_length, int) and self.max_length >= 2),
+                    "max_length must be a whole number >= 2 or 'auto' (from the data)",
+                ),
                 (0 <= self.max_drop_share < 1, "max_drop_share must lie in [0, 1)"),
                 (
                     self.lisa_active >= 0 and self.lisa_interval >= 1,

@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -337,23 +338,112 @@ def load_sources(specs: Sequence[SourceSpec]) -> dict[str, list[dict]]:
 
 HELD_OUT_ROLES = {"validation": ("validation", "val", "dev"), "test": ("test",)}
 """The held-out sets of a data folder, by the stems of their files."""
+HELD_OUT_WORDS = frozenset(
+    {"validation", "valid", "val", "dev", "test", "eval", "evaluation", "heldout", "holdout"}
+)
+"""Words that, inside a longer file name (alpaca_test, val2), make its role a guess: a held-out
+set or a source. Such a file is refused unless manifest.json names its role."""
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class FolderRoles:
+    """The files of a data folder by role: the training sources, the validation and test sets."""
+
+    sources: tuple[Path, ...]
+    validation: Path | None
+    test: Path | None
+    skipped: tuple[str, ...]
+    """Entries that are none of these (subfolders, other formats), by name."""
+
+
+def _manifest_roles(root: Path) -> dict | None:
+    """The "roles" of the folder's manifest.json ({"sources": [...], "validation": file,
+    "test": file}), or None without one."""
+    path = root / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(read_utf8(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}).") from e
+    roles = manifest.get("roles") if isinstance(manifest, dict) else None
+    if roles is None:
+        return None
+    form = '{"roles": {"sources": ["a.jsonl", …], "validation": "v.jsonl", "test": "t.jsonl"}}'
+    if (
+        not isinstance(roles, dict)
+        or set(roles) - {"sources", "validation", "test"}
+        or not isinstance(roles.get("sources"), list)
+        or not all(isinstance(roles.get(k, ""), str) for k in ("validation", "test"))
+    ):
+        raise DataError(f"{path}: roles must read {form} (file names in the folder).")
+    named = [*roles["sources"], *(roles[k] for k in ("validation", "test") if k in roles)]
+    missing = [n for n in named if not (root / n).is_file()]
+    if missing:
+        raise DataError(f"{path}: roles name files that are not in {root}: {missing}.")
+    twice = sorted({n for n in named if named.count(n) > 1})
+    if twice:
+        raise DataError(f"{path}: {twice} given two roles; a file is a source or held out.")
+    return roles
+
+
+def _held_out_words(stem: str) -> list[str]:
+    """The words of HELD_OUT_WORDS in a file's stem (alpaca_test: ['test'])."""
+    return sorted(HELD_OUT_WORDS & set(re.findall(r"[a-z]+", stem.lower())))
+
+
+def folder_roles(path: str | os.PathLike[str]) -> FolderRoles:
+    """The roles of a data folder's files. With "roles" in manifest.json, as it names them;
+    else by name: validation.*, val.*, dev.* the validation set, test.* the test set, every
+    other .json/.jsonl/.txt file a source. A name that could be either (`HELD_OUT_WORDS` inside
+    a longer name) and several files for one role are refused: which file is held out would be a
+    guess."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a directory; give the folder that holds the source files.")
+    entries = sorted(f for f in root.iterdir() if not f.name.startswith("."))
+    roles = _manifest_roles(root)
+    if roles is not None:
+        sources = [root / n for n in roles["sources"]]
+        held = {k: root / roles[k] for k in ("validation", "test") if k in roles}
+    else:
+        sources, held = [], {}
+        for role, stems in HELD_OUT_ROLES.items():
+            found = [f for f in entries if f.is_file() and f.suffix in SUFFIXES and f.stem in stems]
+            if len(found) > 1:
+                raise DataError(
+                    f"{root}: several {role} sets ({', '.join(f.name for f in found)}): keep one "
+                    f"file named {stems[0]}.jsonl (or set val_path for the validation set)."
+                )
+            if found:
+                held[role] = found[0]
+        for f in entries:
+            if not f.is_file() or f.suffix not in SUFFIXES or f in held.values():
+                continue
+            if f.name == MANIFEST:
+                continue
+            words = _held_out_words(f.stem)
+            if words:
+                raise DataError(
+                    f"{f}: the name could be a held-out set or a source. Name a held-out set "
+                    f"validation.jsonl or test.jsonl and a source without {'/'.join(words)} in "
+                    f"its name, or give the roles in {root / MANIFEST}: "
+                    '{"roles": {"sources": [...], "validation": "...", "test": "..."}}.'
+                )
+            sources.append(f)
+    used = {*sources, *held.values(), root / MANIFEST}
+    skipped = tuple(f.name + ("/" if f.is_dir() else "") for f in entries if f not in used)
+    for f in sources:
+        if f.suffix not in SUFFIXES:
+            raise DataError(f"{f}: a source is a {'/'.join(SUFFIXES)} file.")
+    return FolderRoles(tuple(sources), held.get("validation"), held.get("test"), skipped)
 
 
 def held_out_files(path: str | os.PathLike[str]) -> dict[str, Path]:
-    """The validation and test files of a data folder (`HELD_OUT_ROLES`), by role; several
-    files for one role are refused (which one is held out would be a guess)."""
-    root = Path(path)
-    out: dict[str, Path] = {}
-    for role, stems in HELD_OUT_ROLES.items():
-        found = sorted(f for f in root.iterdir() if f.is_file() and f.stem in stems)
-        if len(found) > 1:
-            raise DataError(
-                f"{root}: several {role} sets ({', '.join(f.name for f in found)}): keep one "
-                f"file named {stems[0]}.jsonl (or set val_path for the validation set)."
-            )
-        if found:
-            out[role] = found[0]
-    return out
+    """The validation and test files of a data folder (`folder_roles`), by role."""
+    roles = folder_roles(path)
+    return {k: v for k, v in (("validation", roles.validation), ("test", roles.test)) if v}
 
 
 def leaks(
@@ -373,28 +463,18 @@ def leaks(
 
 
 def specs_from_dir(path: str | os.PathLike[str]) -> list[SourceSpec]:
-    """One source per .json/.jsonl/.txt file of `path` (not validation.* or manifest.json),
-    named after the file stem, sorted by name."""
+    """One source per training file of `path` (`folder_roles`), named after the file stem,
+    sorted by name; the held-out files and those skipped are said."""
     root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"{root} is not a directory; give the folder that holds the source files.")
-    files = [
-        f
-        for f in sorted(root.iterdir())
-        if f.is_file() and f.suffix in SUFFIXES and f.stem not in EXCLUDED_STEMS
-    ]
-    held_out = [f.name for f in sorted(root.iterdir()) if f.stem in HELD_OUT_STEMS]
-    skipped = [
-        f.name + ("/" if f.is_dir() else "")
-        for f in sorted(root.iterdir())
-        if f not in files and f.stem not in EXCLUDED_STEMS and not f.name.startswith(".")
-    ]
+    roles = folder_roles(root)
+    files = list(roles.sources)
+    held_out = sorted(f.name for f in (roles.validation, roles.test) if f is not None)
     if held_out:
         warnings.warn(f"{root}: {', '.join(held_out)} held out, not trained on.", stacklevel=2)
-    if skipped:
+    if roles.skipped:
         warnings.warn(
-            f"{root}: skipped {', '.join(skipped)}: a source is one {'/'.join(SUFFIXES)} file "
-            "of the folder (subfolders and other formats are not read).",
+            f"{root}: skipped {', '.join(roles.skipped)}: a source is one {'/'.join(SUFFIXES)} "
+            "file of the folder (subfolders and other formats are not read).",
             stacklevel=2,
         )
     stems = [f.stem for f in files]
@@ -510,6 +590,48 @@ def _tokenize_source(
             labels_out.append([IGNORE] * len(p_ids) + ids[len(p_ids) :])
     counts["first"] = bad[0] if bad else -1
     return ids_out, labels_out, counts
+
+
+AUTO_PERCENTILE = 95
+AUTO_MAX_LENGTH = 2048
+"""The largest max_length 'auto' chooses (activations grow with it; set max_length for more)."""
+AUTO_SAMPLE = 2000
+"""Records per source whose token lengths 'auto' measures (evenly spaced through the source)."""
+
+
+def auto_max_length(
+    records_by_source: Mapping[str, list[dict]], tokenizer: Any, context: int | None
+) -> tuple[int, str]:
+    """max_length 'auto': the AUTO_PERCENTILE-th percentile of the records' token lengths
+    (special tokens, prompt, response, end of text), rounded up to a multiple of 16, at most
+    `context` (the model's positions) and AUTO_MAX_LENGTH; and a line that says how it was chosen.
+    """
+    prefix = [
+        t
+        for t in tokenizer("", add_special_tokens=True)["input_ids"]
+        if t != tokenizer.eos_token_id
+    ]
+    extra = len(prefix) + (tokenizer.eos_token_id is not None)
+    lengths = []
+    for recs in records_by_source.values():
+        step = max(1, len(recs) // AUTO_SAMPLE)
+        some = recs[::step][:AUTO_SAMPLE]
+        prompts = _encode(tokenizer, [r["prompt"] for r in some])
+        responses = _encode(tokenizer, [r["response"] for r in some])
+        lengths += [extra + len(p) + len(r) for p, r in zip(prompts, responses)]
+    if not lengths:
+        raise DataError("max_length 'auto' measures the records, and there are none.")
+    lengths.sort()
+    q = lengths[max(0, -(-AUTO_PERCENTILE * len(lengths) // 100) - 1)]
+    cap = min(AUTO_MAX_LENGTH, context or AUTO_MAX_LENGTH)
+    n = min(cap, max(16, -(-q // 16) * 16))
+    why = f"max_length = {n} (auto: the {AUTO_PERCENTILE}th percentile of {len(lengths)} records' "
+    why += f"token lengths is {q}"
+    if n < q:
+        where = "the model's context" if cap == context else "AUTO_MAX_LENGTH"
+        why += f"; capped at {where}, {cap}"
+    why += ")"
+    return n, why
 
 
 def _check_dropped(

@@ -47,16 +47,21 @@ _KINDS = {bool: bool, int: numbers.Integral, float: numbers.Real, str: str}
 
 def check_types(config: Any, prefix: str = "") -> None:
     """Each field of a config dataclass whose default is a number, flag or name holds a value of
-    that type (a YAML typo gives text); fields with None, list or dict defaults are not checked.
+    that type (a YAML typo gives text), or of one of the types in its metadata's "kinds"; fields
+    with None, list or dict defaults are not checked.
     Messages name the field as `prefix` + its name (the key a run config sets)."""
     owner = type(config).__name__
     for f in dataclasses.fields(config):
         value, kind = getattr(config, f.name), type(f.default)
-        if kind not in _KINDS:
+        kinds = f.metadata.get("kinds", (kind,))  # a field that takes a number or a word
+        if any(k not in _KINDS for k in kinds):
             continue
-        if not isinstance(value, _KINDS[kind]) or (kind is not bool and type(value) is bool):
+        if not any(
+            isinstance(value, _KINDS[k]) and (k is bool or type(value) is not bool) for k in kinds
+        ):
+            names = " or ".join(k.__name__ for k in kinds)
             raise ConfigError(
-                f"{owner}: {prefix}{f.name} must be of type {kind.__name__} (like {f.default!r}); "
+                f"{owner}: {prefix}{f.name} must be of type {names} (like {f.default!r}); "
                 f"got {value!r}."
             )
 

@@ -10,6 +10,7 @@ the identical trajectory.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -259,11 +260,22 @@ def _stopped(e: NonFiniteLossError, t: int, run_dir: Path, method: Method) -> st
     return f"{e}\nStopped at step {t} ({method.desc}). {kept}{held} {then}"
 
 
+def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The run config as a tracker's hyperparameters take it: numbers, flags and names as they
+    are; None, lists and mappings as their JSON text (TensorBoard refuses anything else)."""
+    return {
+        k: v if isinstance(v, int | float | str | bool) else json.dumps(v)
+        for k, v in cfg.to_dict().items()
+    }
+
+
 def _tracked(row: dict) -> dict[str, float]:
-    """The scalars of a row, and the weights as p/<source>, for a tracker."""
+    """The scalars of a row, and its per-source values (the weights p, the losses of w and u)
+    as <key>/<source>, for a tracker."""
     out = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
-    if isinstance(row.get("p"), dict):
-        out.update({f"p/{n}": v for n, v in row["p"].items()})
+    for key in ("p", "loss_w", "loss_u"):
+        if isinstance(row.get(key), dict):
+            out.update({f"{key}/{n}": v for n, v in row[key].items()})
     return out
 
 
@@ -286,7 +298,7 @@ def run_loop(
     traj, timing = runs.JsonlLog(run_dir / runs.TRAJECTORY), runs.JsonlLog(run_dir / runs.TIMING)
     tracking = cfg.tracker != "none"
     if tracking:
-        dist.accelerator.init_trackers(Path(cfg.out_dir).name, config=cfg.to_dict())
+        dist.accelerator.init_trackers(Path(cfg.out_dir).name, config=_tracker_config(cfg))
     shown = progress and dist.is_main
     plain = shown and not sys.stderr.isatty()  # a log file or a pipe: lines, not a redrawn bar
     every, began, last = max(1, method.total // PLAIN_LINES), time.perf_counter(), 0.0
@@ -298,36 +310,39 @@ def run_loop(
         desc=method.desc,
         dynamic_ncols=True,
     )
-    for t in bar:
-        t0 = time.perf_counter()
-        try:
-            row, tokens = method.step(t)
-        except NonFiniteLossError as e:
-            method.save(run_dir, method.weights())  # the state is untouched: the last good one
-            raise TrainingStopped(_stopped(e, t, run_dir, method)) from e
-        seconds = time.perf_counter() - t0
-        if dist.is_main:
-            traj.append(row)
-            timing.append(
-                {"step": t, "seconds": seconds, "tokens": tokens, "world_size": dist.world}
-            )
+    try:
+        for t in bar:
+            t0 = time.perf_counter()
+            try:
+                row, tokens = method.step(t)
+            except NonFiniteLossError as e:
+                method.save(run_dir, method.weights())  # the state is untouched: the last good one
+                raise TrainingStopped(_stopped(e, t, run_dir, method)) from e
+            seconds = time.perf_counter() - t0
+            if dist.is_main:
+                traj.append(row)
+                timing.append(
+                    {"step": t, "seconds": seconds, "tokens": tokens, "world_size": dist.world}
+                )
+            if tracking:
+                dist.accelerator.log(_tracked(row), step=t)
+            if (t + 1) % cfg.checkpoint_every == 0 or t + 1 == method.total:
+                method.save(run_dir, method.weights())
+            if progress and not plain:
+                bar.set_postfix_str(method.postfix(row))
+            now = time.perf_counter() - began
+            due = (t + 1) % every == 0 or t + 1 == method.total or now - last >= PLAIN_SECONDS
+            if plain and due:
+                last, done = now, t + 1 - start
+                eta = now / done * (method.total - t - 1)
+                print(
+                    f"{method.desc}: step {t + 1}/{method.total}, {method.postfix(row)} "
+                    f"({now:.0f} s, about {eta:.0f} s to go)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if callback is not None:
+                callback(row, method.setup)
+    finally:  # a stopped run keeps what the tracker received
         if tracking:
-            dist.accelerator.log(_tracked(row), step=t)
-        if (t + 1) % cfg.checkpoint_every == 0 or t + 1 == method.total:
-            method.save(run_dir, method.weights())
-        if progress and not plain:
-            bar.set_postfix_str(method.postfix(row))
-        now = time.perf_counter() - began
-        if plain and ((t + 1) % every == 0 or t + 1 == method.total or now - last >= PLAIN_SECONDS):
-            last, done = now, t + 1 - start
-            eta = now / done * (method.total - t - 1)
-            print(
-                f"{method.desc}: step {t + 1}/{method.total}, {method.postfix(row)} "
-                f"({now:.0f} s, about {eta:.0f} s to go)",
-                file=sys.stderr,
-                flush=True,
-            )
-        if callback is not None:
-            callback(row, method.setup)
-    if tracking:
-        dist.accelerator.end_training()
+            dist.accelerator.end_training()

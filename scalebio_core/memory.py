@@ -375,6 +375,11 @@ def setup_of(cfg: TrainConfig, gpus: int) -> MemorySetup:
     moves weights and gradients, which the model still counts on the GPU (an upper bound).
     """
     check_plan(cfg, gpus)
+    if cfg.max_length == "auto":
+        raise ConfigError(
+            "max_length is 'auto' (chosen from the data as a run starts; its start table says "
+            "the number): give max_length (--max-length N) to predict memory."
+        )
     if cfg.lisa_active > 0 and cfg.lora_rank > 0:
         raise ConfigError("the memory model predicts LISA (lisa_active) or LoRA, not both.")
     if cfg.fsdp:

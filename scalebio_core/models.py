@@ -428,10 +428,15 @@ def model_config(name_or_path: str) -> Any:
     return _from_pretrained(AutoConfig.from_pretrained, name_or_path, "config", ("config.json",))
 
 
+def context_limit(name_or_path: str) -> int | None:
+    """The positions the model can embed (None where its config does not say)."""
+    text = model_config(name_or_path).get_text_config()
+    return getattr(text, "n_positions", None) or getattr(text, "max_position_embeddings", None)
+
+
 def check_context(name_or_path: str, max_length: int) -> None:
     """Refuse a max_length beyond the positions the model can embed, before anything runs."""
-    text = model_config(name_or_path).get_text_config()
-    limit = getattr(text, "n_positions", None) or getattr(text, "max_position_embeddings", None)
+    limit = context_limit(name_or_path)
     if limit is not None and max_length > limit:
         raise ConfigError(
             f"max_length = {max_length} but {name_or_path} embeds at most {limit} positions: set "

@@ -26,12 +26,12 @@ import torch
 
 from . import runs
 from .baselines import VALIDATION, plain_step
-from .build import Setup, count_tokens, data_specs, setup, train_batch
+from .build import Setup, count_tokens, data_rules, data_specs, heldout_spec, setup, train_batch
 from .config import TrainConfig
 from .corpora import build_corpus, extract_answer
 from .data import SourceSpec, load_records, load_sources, tokenize
 from .engines import make_accelerator
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .loop import Callback, run_loop
 from .losses import per_sample_loss
 from .sampling import collate
@@ -146,14 +146,17 @@ def _key(r: dict) -> tuple[str, str]:
 
 
 def heldout_records(cfg) -> list[dict]:
-    """The held-out target set: `cfg.test`, or a fresh draw of an embedded corpus's validation
-    distribution without any record of the training sources or the validation set."""
-    if cfg.test:
-        return load_records(SourceSpec(**{"name": "test", **cfg.test}))
+    """The held-out target set: `cfg.test` or the data folder's test file, or a fresh draw of
+    an embedded corpus's validation distribution without any record of the training sources or
+    the validation set."""
+    spec = heldout_spec(cfg)
+    if spec is not None:
+        return load_records(spec)
     if cfg.sources or cfg.data_dir:
         raise ConfigError(
-            "no held-out test set: set test: {path: …} (or hf_name: …) in the config; the "
-            "validation set steered the weights and cannot measure them."
+            "no held-out test set: set test: {path: …} (or hf_name: …) in the config, or add "
+            "test.jsonl to the data folder; the validation set steered the weights and cannot "
+            "measure them."
         )
     args = dict(cfg.corpus_args)
     args["seed"] = int(args.get("seed", 0)) + TEST_SEED_OFFSET
@@ -168,6 +171,23 @@ def heldout_records(cfg) -> list[dict]:
             kept.add(_key(r))
     if not out:
         raise ConfigError("the held-out draw repeats the training data entirely; raise n_val.")
+    return out
+
+
+def write_example_folder(
+    path: str | os.PathLike[str], corpus: str = "noisy", **corpus_args: Any
+) -> Path:
+    """A data folder as a user brings one, from an embedded corpus: one JSON Lines file per
+    source, validation.jsonl without any record of the sources, test.jsonl (a fresh draw of the
+    validation distribution without any record of the others, `heldout_records`) and
+    manifest.json (what the corpus is)."""
+    out = build_corpus(corpus, **corpus_args).write(path)
+    cfg = TrainConfig(corpus=corpus, corpus_args=corpus_args)
+    specs, val_spec = data_specs(cfg)
+    seen = {_key(r) for recs in load_sources(specs).values() for r in recs}
+    val = [r for r in load_records(val_spec) if _key(r) not in seen]
+    write_jsonl(out / "validation.jsonl", val)  # a templated corpus repeats some records
+    write_jsonl(out / "test.jsonl", heldout_records(cfg))
     return out
 
 
@@ -236,9 +256,27 @@ def greedy_answers(model, tokenizer, data, max_new_tokens: int, batch_size: int 
     return out
 
 
-def evaluate(model, tokenizer, records: list[dict], max_length: int, exact_match: bool) -> dict:
-    """Target loss on `records`; exact-match accuracy of greedy answers when `exact_match`."""
-    data = tokenize({"test": records}, tokenizer, max_length)
+def evaluate(
+    model,
+    tokenizer,
+    records: list[dict],
+    max_length: int,
+    exact_match: bool,
+    rules: dict | None = None,
+) -> dict:
+    """Target loss on `records`; exact-match accuracy of greedy answers when `exact_match`.
+
+    `rules` (strict, max_drop_share, truncate_prompts) as the run's data: records without
+    response tokens are dropped, counted in "dropped", or refused; by default each must count.
+    """
+    records = [r for r in records if r["response"].strip() or not rules or rules.get("strict")]
+    data = tokenize({"test": records}, tokenizer, max_length, **(rules or {}))
+    if exact_match and len(data.input_ids) != len(records):
+        raise DataError(
+            f"the test set: {len(records) - len(data.input_ids)} prompts fill max_length = "
+            f"{max_length}, so their answers cannot be graded; raise max_length or set "
+            "truncate_prompts: true."
+        )
     out: dict[str, Any] = {
         "n_test": len(records),
         "target_loss": target_loss(model, data, tokenizer.pad_token_id),
@@ -357,7 +395,8 @@ def sft(
         runs.write_yaml(out / runs.CONFIG, {**run_cfg.to_dict(), "token_budget": token_budget})
         (out / runs.TRAJECTORY).write_text("")
     run_loop(method, run_cfg, out, 0, progress, callback)
-    result = evaluate(s.state.w, s.tokenizer, tests, run_cfg.max_length, checkable(cfg))
+    rules = data_rules(cfg)
+    result = evaluate(s.state.w, s.tokenizer, tests, s.cfg.max_length, checkable(cfg), rules)
     result.update({"steps": steps, "tokens": method.seen, "data": str(data), "seed": run_cfg.seed})
     if method.dist.is_main:
         runs.write_json(out / EVAL, result)

@@ -198,7 +198,7 @@ def load_trajectory(run_dir: str | Path) -> dict[str, Any]:
 
 
 VERDICT = "verdict.json"
-SETTLED_SHARE, UNMOVED, MIN_STEPS = 0.1, 0.01, 40
+SETTLED_SHARE, UNMOVED, MIN_STEPS, DRIFT_Z = 0.1, 0.01, 40, 3.0
 
 
 def convergence(rows: list[dict], tail: float = 0.25) -> dict[str, Any]:
@@ -209,7 +209,9 @@ def convergence(rows: list[dict], tail: float = 0.25) -> dict[str, Any]:
     gradient α·(diag(p) − p pᵀ)(l̄(w) − l̄(u)) there (ScaleBiO rows; None otherwise). The verdict:
     "too short" under 40 steps; "not moved" when p never moved more than 0.01 (λ learned
     nothing yet); "moving" when the last quarter carries more than a tenth of the whole move (a
-    steady trend carries a quarter), else "settled".
+    steady trend carries a quarter); "drifting" when p barely moves there but λ's gradient still
+    points one way (for some source its mean over the tail is more than DRIFT_Z standard errors
+    from 0: a decayed lr_lam, not a stationary point, holds p still); else "settled".
     """
     names = list(rows[0]["p"])
     p = np.array([[r["p"][n] for n in names] for r in rows])
@@ -217,7 +219,7 @@ def convergence(rows: list[dict], tail: float = 0.25) -> dict[str, Any]:
     total = float(np.abs(p - p[0]).max())
     recent = float(np.abs(p[-1] - p[-k]).max())
     rate = recent / max(k - 1, 1) * 100
-    grads = []
+    grads: list[np.ndarray] = []
     for r, q in zip(rows[-k:], p[-k:]):
         if "loss_w" in r and "loss_u" in r:
             w, u = (
@@ -225,8 +227,13 @@ def convergence(rows: list[dict], tail: float = 0.25) -> dict[str, Any]:
                 for key in ("loss_w", "loss_u")
             )
             d = np.asarray(w, float) - np.asarray(u, float)
-            grads.append(float(np.linalg.norm(r["alpha"] * q * (d - q @ d))))
-    grad = float(np.mean(grads)) if grads else None
+            grads.append(r["alpha"] * q * (d - q @ d))
+    grad = float(np.mean([np.linalg.norm(g) for g in grads])) if grads else None
+    drift = None  # the largest |mean| / standard error of one source's λ-gradient over the tail
+    if len(grads) >= 3:
+        g = np.asarray(grads)
+        se = g.std(0, ddof=1) / np.sqrt(len(g))
+        drift = float(np.max(np.abs(g.mean(0)) / np.maximum(se, 1e-30)))
     span = f"over the last {k} of {len(rows)} steps"
     if len(rows) < MIN_STEPS:
         state = "too short"
@@ -243,11 +250,25 @@ def convergence(rows: list[dict], tail: float = 0.25) -> dict[str, Any]:
             f"not converged: p still moving {rate:.2g} per 100 steps {span} ({recent / total:.0%} "
             "of its whole move); run longer or raise lr_lam"
         )
+    elif drift is not None and drift > DRIFT_Z:
+        state = "drifting"
+        lrs = [r["lr_lam"] for r in rows if "lr_lam" in r]
+        fell = (
+            f" (lr_lam fell to {lrs[-1] / max(lrs):.1%} of its peak)"
+            if lrs and max(lrs) > 0 and lrs[-1] < 0.5 * max(lrs)
+            else ""
+        )
+        text = (
+            f"not converged: p moved only {recent:.2g} {span}{fell}, but λ's gradient still "
+            f"points one way ({drift:.1f} standard errors from 0); run longer or raise lr_lam"
+        )
     else:
         state = "settled"
         text = f"converged: p moved {recent:.2g} {span} ({recent / total:.0%} of its whole move)"
     if grads:
         text += f"; λ-gradient norm {grad:.2g}"
+        if drift is not None and state == "settled":
+            text += f", no steady direction ({drift:.1f} standard errors at most)"
     return {
         "verdict": state,
         "text": text,
@@ -257,6 +278,7 @@ def convergence(rows: list[dict], tail: float = 0.25) -> dict[str, Any]:
         "moved_total": total,
         "per_100_steps": rate,
         "lam_grad_norm": grad,
+        "lam_grad_drift": drift,
     }
 
 

@@ -285,9 +285,42 @@ def test_bf16_autocast_step(tmp_path):
     assert all(math.isfinite(x) for x in load_trajectory(tmp_path / "run")["L1"])
 
 
-def test_unknown_tracker_and_missing_tracker_package():
+def test_unknown_tracker_and_missing_tracker_package(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="tracker must be one of"):
         TrainConfig(tracker="mlflow")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"tracker='wandb' needs the wandb package: pip install"):
+        train(smoke(tmp_path, tracker="wandb"), progress=False)
+    assert not (tmp_path / "run" / "trajectory.jsonl").exists()
+
+
+def test_a_tensorboard_run_holds_p_per_source_and_the_losses_per_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(smoke(tmp_path, tracker="tensorboard", steps=4), progress=False)
+    run = tmp_path / "run"
+    events = sorted(run.rglob("events.out.tfevents.*"))
+    assert events, sorted(p.name for p in run.rglob("*"))
+    scalars: dict[str, list] = {}
+    for folder in {e.parent for e in events}:
+        acc = EventAccumulator(str(folder))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    t = load_trajectory(run)
+    for name in t["names"]:
+        got = scalars[f"p/{name}"]
+        assert [s for s, _ in got] == [0, 1, 2, 3]
+        want = [row[t["names"].index(name)] for row in t["p"]]
+        assert [v for _, v in got] == pytest.approx(want, rel=1e-6)
+        assert len(scalars[f"loss_w/{name}"]) == len(scalars[f"loss_u/{name}"]) == 4
+    for key in ("L1", "L2_w", "L2_u"):
+        assert [v for _, v in scalars[key]] == pytest.approx(t[key], rel=1e-6), key
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "qwen2", "gemma2"])
