@@ -29,7 +29,7 @@ from .baselines import VALIDATION, plain_step
 from .build import Setup, count_tokens, data_rules, data_specs, heldout_spec, setup, train_batch
 from .config import TrainConfig
 from .corpora import build_corpus, extract_answer
-from .data import SourceSpec, load_records, load_sources, tokenize
+from .data import DROP_REASONS, SourceSpec, load_records, load_sources, tokenize
 from .engines import make_accelerator
 from .errors import ConfigError, DataError
 from .loop import Callback, run_loop
@@ -267,18 +267,22 @@ def evaluate(
     """Target loss on `records`; exact-match accuracy of greedy answers when `exact_match`.
 
     `rules` (strict, max_drop_share, truncate_prompts) as the run's data: records without
-    response tokens are dropped, counted in "dropped", or refused; by default each must count.
+    response tokens are dropped and counted in "dropped", or refused (`data.tokenize`); by
+    default each must count.
     """
-    records = [r for r in records if r["response"].strip() or not rules or rules.get("strict")]
     data = tokenize({"test": records}, tokenizer, max_length, **(rules or {}))
-    if exact_match and len(data.input_ids) != len(records):
+    counts = data.dropped.get("test", {})
+    dropped = sum(counts.get(k, 0) for k in DROP_REASONS)
+    if exact_match and counts.get("prompt that fills max_length", 0):
         raise DataError(
-            f"the test set: {len(records) - len(data.input_ids)} prompts fill max_length = "
+            f"the test set: {counts['prompt that fills max_length']} prompts fill max_length = "
             f"{max_length}, so their answers cannot be graded; raise max_length or set "
             "truncate_prompts: true."
         )
+    records = [r for r in records if r["response"].strip()]  # those tokenize kept
     out: dict[str, Any] = {
         "n_test": len(records),
+        "dropped": dropped,
         "target_loss": target_loss(model, data, tokenizer.pad_token_id),
     }
     if exact_match:

@@ -293,4 +293,9 @@ def test_the_test_set_follows_the_runs_rules_for_records_without_response_tokens
     with pytest.raises(DataError, match="strict_data is on"):
         evaluate(model, tok, records, 32, False, {"strict": True, "max_drop_share": 0.05})
     lenient = {"strict": False, "max_drop_share": 0.05, "truncate_prompts": False}
-    assert evaluate(model, tok, records, 32, False, lenient)["n_test"] == 29
+    result = evaluate(model, tok, records, 32, False, lenient)
+    assert (result["n_test"], result["dropped"]) == (29, 1)
+    for r in records[:3]:  # 4 of 30 is more than the 5% a run may drop
+        r["response"] = ""
+    with pytest.raises(DataError, match="more than max_drop_share = 5%"):
+        evaluate(model, tok, records, 32, False, lenient)
