@@ -15,11 +15,11 @@ export MPLBACKEND ?= Agg
 
 .PHONY: setup reproduce test lab lint clean browser
 
-$(STAMP): pyproject.toml Makefile
+# torch first (from TORCH_INDEX when given), then the package with the exact tested versions
+$(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "$(TORCH)" > $(VENV)/constraints.txt
 	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (scalebio)" >/dev/null
 	@touch $(STAMP)
 

@@ -1,36 +1,90 @@
-"""The pins agree across pyproject.toml, environment.yml and the Makefile; notebooks are clean."""
+"""pyproject.toml states ranges; constraints.txt, environment.yml and the Makefile the tested pins;
+the ranges keep a user's own torch; notebooks are clean."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
+import pip
 import yaml
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _pyproject_pins() -> set[str]:
+def _requirements() -> list[str]:
+    """pyproject.toml's requirements: the package's and its test extra's."""
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    deps = data["project"]["dependencies"] + data["project"]["optional-dependencies"]["test"]
-    return set(deps)
+    return data["project"]["dependencies"] + data["project"]["optional-dependencies"]["test"]
 
 
-def test_environment_yml_matches_pyproject():
+def _pins() -> set[str]:
+    """constraints.txt: the exact versions tested here."""
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    return {x.strip() for x in lines if x.strip() and not x.startswith("#")}
+
+
+def test_environment_yml_matches_the_constraints():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     pins = {p for p in pip if not p.startswith("-e")}
-    assert pins == _pyproject_pins()
+    assert pins == _pins()
     assert "python=3.11" in env["dependencies"]
 
 
-def test_every_dependency_is_pinned_and_makefile_torch_matches():
-    pins = _pyproject_pins()
-    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][\w.]*", p) for p in pins), pins
-    torch_pin = re.search(r"^TORCH\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
-    assert torch_pin in pins
+def test_pyproject_states_ranges_the_pins_satisfy_and_the_makefile_installs_the_pins():
+    pins = {Requirement(p).name: Requirement(p) for p in _pins()}
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][\w.]*", str(p)) for p in pins.values())
+    for text in _requirements():
+        req = Requirement(text)
+        assert not any(s.operator == "==" for s in req.specifier), f"{text}: a range, not a pin"
+        version = next(iter(pins[req.name].specifier)).version
+        assert req.specifier.contains(version), f"{text} excludes the tested {version}"
+    assert set(pins) == {Requirement(t).name for t in _requirements()}
+    make = (ROOT / "Makefile").read_text()
+    torch_pin = re.search(r"^TORCH\s*:=\s*(\S+)", make, re.M).group(1)
+    assert torch_pin in _pins() and "-c constraints.txt" in make
+
+
+def _dry_run(venv: Path, requirements: list[str], tmp: Path) -> tuple[int, list]:
+    """pip's resolver on `requirements` in `venv`, offline: (exit code, what it would install)."""
+    (tmp / "req.txt").write_text("\n".join(requirements) + "\n")
+    report = tmp / "report.json"
+    report.unlink(missing_ok=True)
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "--isolated", "install", "--dry-run",
+         "--no-index", "--report", str(report), "-r", str(tmp / "req.txt")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    installs = json.loads(report.read_text())["install"] if report.exists() else []
+    return out.returncode, [(i["metadata"]["name"], i["metadata"]["version"]) for i in installs]
+
+
+def test_installing_into_an_environment_with_another_allowed_torch_keeps_it(tmp_path):
+    """An environment with its own torch (2.14.0 here) and the other packages at their tested
+    versions, as installed metadata: pip's resolver, offline, installs nothing for the package's
+    requirements. The old exact pin, as a control, would have to replace that torch."""
+    venv = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    for pin in sorted(_pins() - {p for p in _pins() if p.startswith("torch==")}) + [
+        "torch==2.14.0"
+    ]:
+        name, version = pin.split("==")
+        info = site / f"{re.sub(r'[-_.]+', '_', name)}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        (info / "RECORD").write_text("")
+    (site / "_pip.pth").write_text(str(Path(pip.__file__).parent.parent) + "\n")  # pip, not a dist
+    code, installs = _dry_run(venv, _requirements(), tmp_path)
+    assert code == 0 and installs == [], installs
+    code, installs = _dry_run(venv, ["torch==2.13.0"], tmp_path)
+    assert code != 0 or ("torch", "2.13.0") in installs
 
 
 def test_ci_calls_make_test():
