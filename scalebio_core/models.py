@@ -460,8 +460,10 @@ def save_tiny_model(
     vocab_size: int | None = None,
     seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
+    config_overrides: dict | None = None,
 ) -> Path:
-    """Save a tiny random-init `arch` model (2 layers) and a fitting tokenizer to `path`.
+    """Save a tiny random-init `arch` model (2 layers) and a fitting tokenizer to `path`;
+    `config_overrides` change fields of its config (a context length, say).
 
     `arch` is a key of `TINY_ARCHS` (a transformers model type). The tokenizer is the embedded BPE
     of size min(`vocab_size`, 2048) (default 2048; at least 258), so ``load_model(path)`` and
@@ -478,7 +480,7 @@ def save_tiny_model(
     tok = get_tokenizer(min(vocab_size, DEFAULT_VOCAB), cache_dir=cache_dir)
     config = AutoConfig.for_model(
         arch,
-        **TINY_ARCHS[arch],
+        **{**TINY_ARCHS[arch], **(config_overrides or {})},
         vocab_size=vocab_size,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
