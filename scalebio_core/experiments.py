@@ -192,12 +192,22 @@ def comparison_spec(preset: str, name: str = "baselines") -> dict:
     return load_preset(name, preset)
 
 
-def method_run(name: str, preset: str, method: str, progress: bool = False) -> Path:
-    """The run of `method` (ScaleBiO or a baseline) on a corpus preset: reused when finished."""
+def method_run(
+    name: str,
+    preset: str,
+    method: str,
+    progress: bool = False,
+    overrides: dict | None = None,
+) -> Path:
+    """The run of `method` (ScaleBiO or a baseline) on a corpus preset: reused when finished;
+    `overrides` are run-config fields over the preset's (a notebook's OVERRIDES)."""
+    overrides = dict(overrides or {})
     if method == "scalebio":
-        return run_preset(name, preset, progress=progress)
+        return run_preset(name, preset, progress=progress, **overrides)
     out = str(runs_root() / f"{name}_{preset}_{method}")
-    return run_preset(name, preset, progress=progress, method=method, out_dir=out)
+    return run_preset(
+        name, preset, progress=progress, **{**overrides, "method": method, "out_dir": out}
+    )
 
 
 def compare_methods(
@@ -208,13 +218,15 @@ def compare_methods(
     methods: list[str] | None = None,
     seeds: list[int] | None = None,
     tag: str = "",
+    overrides: dict | None = None,
 ) -> list[dict]:
     """Weights of each method on corpus `name`, then fine-tuning on each resampled mixture.
 
     One row per (method, seed): target loss and accuracy on the held-out target set, the steps
     and tokens of the fine-tuning, and the method's weights. Every step is cached in the runs
     folder (a finished fine-tuning with the same settings is read back, never redone); `tag`
-    keeps the fine-tunings of another protocol (e.g. another budget) apart.
+    keeps the fine-tunings of another protocol (e.g. another budget) apart. `overrides` are
+    run-config fields over every run's and fine-tuning's preset (a notebook's OVERRIDES).
     """
     spec = spec or comparison_spec(preset)
     methods = methods or list(spec["methods"])
@@ -222,7 +234,7 @@ def compare_methods(
     rows = []
     jobs = [(m, seed) for m in methods for seed in seeds]
     for method, seed in tqdm(jobs, desc=f"{name}: methods × seeds", disable=not progress):
-        run_dir = method_run(name, preset, method)
+        run_dir = method_run(name, preset, method, overrides=overrides)
         weights = json.loads((run_dir / runs.WEIGHTS).read_text())
         folder = f"sft_{name}_{preset}" + (f"_{tag}" if tag else "")
         out = runs_root() / folder / f"{method}_seed{seed}"
@@ -234,6 +246,7 @@ def compare_methods(
             "sft": spec["sft"],
             "seed": seed,
             "add_validation": add_val,
+            "overrides": overrides or {},
         }
         key_file = out / "key.json"
         done = (out / EVAL).exists() and key_file.exists()
@@ -245,7 +258,7 @@ def compare_methods(
             data = resample_run(
                 run_dir, spec["n"], out / "data" / "train.jsonl", seed=seed, add_validation=add_val
             )
-            cfg = preset_config(name, preset, **spec["sft"], seed=seed)
+            cfg = preset_config(name, preset, **{**(overrides or {}), **spec["sft"], "seed": seed})
             result = sft(cfg, data, out, token_budget=spec["token_budget"], progress=False)
             runs.write_json(key_file, key)
         rows.append(

@@ -127,6 +127,7 @@ def build(home: str | os.PathLike[str], data_root: str | os.PathLike[str] | None
     for k, (rel, size) in enumerate(sorted(files.items())):
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [{c: r[c] for c in ("instruction", "input", "output")} for r in _alpaca_rows(size, 100 + k)]
+        keep = ("instruction", "input", "output")
+        rows = [{c: r[c] for c in keep} for r in _alpaca_rows(size, 100 + k)]
         path.write_text(json.dumps(rows))
     return home
