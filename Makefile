@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: setup reproduce test lab lint clean browser
+.PHONY: setup reproduce test lab lint clean browser peers
 
 # torch first (from TORCH_INDEX when given), then the package with the exact tested versions
 $(STAMP): pyproject.toml constraints.txt Makefile
@@ -24,6 +24,16 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	@touch $(STAMP)
 
 setup: $(STAMP)
+
+# the optional peers of benchmarks/peers.py (Betty, BOAT): see the `peers` extra in pyproject.toml
+PEERS_STAMP := $(VENV)/.peers
+$(PEERS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[peers]"
+	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python -c constraints.txt \
+		betty-ml boat-torch
+	@touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
 
 # the notebooks' training runs go to build/runs, made afresh each time (regenerable)
 reproduce: setup
@@ -45,7 +55,7 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is missing and cannot be installed here: the browser test will be skipped"; fi; }
 
-test: setup browser
+test: setup peers browser
 	$(BIN)/python -m ruff check scalebio_core tests benchmarks
 	$(BIN)/python -m ruff format --check scalebio_core tests benchmarks
 	$(BIN)/python -m pytest

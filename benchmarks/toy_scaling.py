@@ -285,11 +285,14 @@ def child(method: str, d: int, s: Settings, p_star: list[float]) -> dict:
     }
 
 
-def run_child(method: str, d: int, s: Settings, p_star: np.ndarray) -> dict:
-    """Run `child` in a fresh interpreter (clean memory accounting); returns its result."""
+def run_child(
+    method: str, d: int, s: Settings, p_star: np.ndarray, script: Path | None = None
+) -> dict:
+    """Run `child` in a fresh interpreter (clean memory accounting); returns its result.
+    `script`: another benchmark whose `--child` runs this one's `child` (benchmarks/peers.py)."""
     cmd = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        str(script or Path(__file__).resolve()),
         "--child",
         method,
         str(d),

@@ -19,7 +19,7 @@ import json
 import random
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -401,6 +401,112 @@ def informative_sources(
     )
 
 
+# ---------------------------------------------------------------- a planted mixture
+PLANTED_STYLES: dict[str, dict[str, Callable[[str], str]]] = {
+    # one label token before the same answer: the sources differ in nothing else
+    "labels": {f"label_{c}": (lambda a, c=c: f"{c.upper()}: {a}") for c in "abcd"},
+    # four answer formats of different lengths
+    "formats": {
+        "bare": lambda a: a,
+        "sentence": lambda a: f"The answer is {a}.",
+        "tagged": lambda a: f"Answer: {a}",
+        "json": lambda a: json.dumps({"answer": a}, ensure_ascii=False),
+    },
+}
+"""The answer styles of `planted_mixture`, one training source each, in the order of its
+`mixture`: "labels" writes "A: 42", "B: 42", "C: 42", "D: 42" (one token of the embedded
+tokenizer each, then the same answer), "formats" writes "42", "The answer is 42.", "Answer: 42"
+and '{"answer": "42"}'."""
+
+
+def _planted_styles(r: random.Random, n: int, names: list[str], mixture: tuple) -> list[str]:
+    """`n` style names in exact proportions `mixture` (largest remainders), shuffled."""
+    raw = [q * n for q in mixture]
+    counts = [int(x) for x in raw]
+    for i in sorted(range(len(raw)), key=lambda i: counts[i] - raw[i])[: n - sum(counts)]:
+        counts[i] += 1
+    styles = [name for name, c in zip(names, counts, strict=True) for _ in range(c)]
+    r.shuffle(styles)
+    return styles
+
+
+def planted_mixture(
+    mixture: tuple[float, ...] = (0.5, 0.3, 0.2, 0.0),
+    n_per_source: int = 500,
+    n_val: int = 200,
+    seed: int = 0,
+    styles: str = "labels",
+    shared_prompts: bool = True,
+) -> Corpus:
+    """Four sources that answer the same instruction records in four styles (`PLANTED_STYLES`);
+    the validation set is drawn from the *known* mixture `mixture` of the styles (in their
+    order), in exact proportions.
+
+    The prompt never says which style to use, so a model trained on the mixture p answers in
+    style s with probability p_s, and the target loss is lowest when p is the planted mixture:
+    the right weights are known and, for a mixture such as the default, interior, with a fourth
+    source the target does not contain. No validation prompt is a prompt of the sources.
+
+    `shared_prompts`: every source answers the same records, so a model cannot tell the sources
+    apart by the prompt. With a set of prompts per source (False) a model learns, within a few
+    epochs, which prompt carries which style; its answers then no longer follow p, and the
+    weights lose their signal (notebook 10 shows it).
+    """
+    _check_sizes(n_per_source=n_per_source, n_val=n_val)
+    if styles not in PLANTED_STYLES:
+        raise ValueError(f"styles must be one of {sorted(PLANTED_STYLES)}, got {styles!r}")
+    table = PLANTED_STYLES[styles]
+    mix = tuple(float(x) for x in mixture)
+    if len(mix) != len(table) or min(mix) < 0 or abs(sum(mix) - 1) > 1e-9:
+        raise ValueError(
+            f"mixture must give {len(table)} weights >= 0 summing to 1, in the order "
+            f"{', '.join(table)}; got {mixture}"
+        )
+    src = {}
+    for name, style in table.items():
+        # shared: the same records in every source (`shared_prompts`, see the docstring)
+        stream = "planted" if shared_prompts else f"planted_{name}"
+        recs = _mixed(_rng(seed, stream), n_per_source)
+        src[name] = [{**x, "output": style(x["output"])} for x in recs]
+    rv = _rng(seed, "validation")
+    seen = {(x["instruction"], x["input"]) for recs in src.values() for x in recs}
+    val: list[Record] = []
+    for _ in range(50 * n_val):  # prompts the sources do not hold (no record reaches training)
+        x = _draw(rv, rv.choice(sorted(TASKS)))
+        if (x["instruction"], x["input"]) not in seen:
+            seen.add((x["instruction"], x["input"]))
+            val.append(x)
+            if len(val) == n_val:
+                break
+    if len(val) < n_val:
+        raise ValueError(f"cannot draw {n_val} validation prompts apart from the sources'")
+    drawn = _planted_styles(rv, n_val, list(table), mix)
+    val = [{**x, "output": table[s](x["output"])} for x, s in zip(val, drawn, strict=True)]
+    return Corpus(
+        src,
+        val,
+        "The same instruction tasks answered in four styles, one source per style; validation "
+        "drawn from a known mixture of the styles "
+        + ", ".join(f"{n} {q:g}" for n, q in zip(table, mix, strict=True))
+        + ".",
+        _PROV_TASKS,
+        "planted",
+        {
+            "mixture": list(mix),
+            "n_per_source": n_per_source,
+            "n_val": n_val,
+            "seed": seed,
+            "styles": styles,
+            "shared_prompts": shared_prompts,
+        },
+    )
+
+
+def planted_weights(mixture: Sequence[float], styles: str = "labels") -> dict[str, float]:
+    """The planted mixture as weights by source name (the right answer of `planted_mixture`)."""
+    return dict(zip(PLANTED_STYLES[styles], (float(x) for x in mixture), strict=True))
+
+
 # ---------------------------------------------------------------- math word problems
 def _math_problem(r: random.Random, steps: int) -> Record:
     n, it, have = r.choice(NAMES), r.choice(ITEMS), r.randint(3, 30)
@@ -725,6 +831,7 @@ CORPORA: dict[str, Callable[..., Corpus]] = {
     "multilingual": multilingual_sources,
     "informative": informative_sources,
     "math": math_word_problems,
+    "planted": planted_mixture,
 }
 
 

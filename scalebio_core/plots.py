@@ -300,3 +300,55 @@ def plot_method_losses(
     label = "target loss (held out)" if key == "loss" else "exact-match accuracy"
     ax.set(ylabel=label, title=title)
     return ax
+
+
+METHOD_COLORS = {"scalebio": "tab:blue", "doremi": "tab:orange", "uniform": "tab:gray"}
+
+
+def plot_planted_distance(
+    ax: plt.Axes, rows: Sequence[Mapping], x: str = "steps", tolerance: float | None = None,
+    title: str = "",
+) -> plt.Axes:  # fmt: skip
+    """‖p − p_planted‖ of each method against `x` ("steps" or "seconds"): one faint line per
+    seed, the mean over seeds in full (against seconds, at each step's mean time); uniform is a
+    dashed level from zero cost; a dotted line at `tolerance`."""
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == method]
+        c = METHOD_COLORS.get(method, "tab:purple")
+        if method == "uniform":
+            ax.axhline(sel[0]["distance"][0], color=c, ls="--", lw=1.5, label="uniform")
+            continue
+        for r in sel:
+            ax.plot(r[x], r["distance"], color=c, alpha=0.25, lw=0.8)
+        n = min(len(r["distance"]) for r in sel)
+        mean_x = np.mean([r[x][:n] for r in sel], axis=0)
+        ax.plot(mean_x, np.mean([r["distance"][:n] for r in sel], axis=0), color=c, lw=2,
+                label=f"{method} (mean of {len(sel)})")  # fmt: skip
+    if tolerance is not None:
+        ax.axhline(tolerance, color="black", ls=":", lw=1, label=f"within {tolerance:g}")
+    xlabel = "step" if x == "steps" else "seconds of training (2 CPU cores)"
+    ax.set(xlabel=xlabel, ylabel="‖p − p_planted‖", title=title, ylim=(0, None))
+    ax.legend(loc="center right")  # clear of the curves: near 0 (right) and up at uniform
+    return ax
+
+
+def plot_planted_weights(ax: plt.Axes, rows: Sequence[Mapping], title: str = "") -> plt.Axes:
+    """Final weight of each source by method (dots: mean over seeds, bars: min to max), with the
+    planted weights as black bars."""
+    names = list(rows[0]["final"])
+    planted = rows[0]["planted"]
+    x = np.arange(len(names))
+    ax.bar(x, [planted[n] for n in names], width=0.7, color="none", edgecolor="black",
+           label="planted")  # fmt: skip
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for i, method in enumerate(methods):
+        w = np.array([[r["final"][n] for n in names] for r in rows if r["method"] == method])
+        dx = (i - (len(methods) - 1) / 2) * 0.2
+        mean = w.mean(axis=0)
+        err = np.vstack([mean - w.min(axis=0), w.max(axis=0) - mean])
+        ax.errorbar(x + dx, mean, yerr=err, fmt="o", ms=6, capsize=3, label=method,
+                    color=METHOD_COLORS.get(method, "tab:purple"))  # fmt: skip
+    ax.set_xticks(x, names)
+    ax.set(ylabel="final weight p_s", title=title, ylim=(0, 1))
+    ax.legend(loc="upper right")
+    return ax

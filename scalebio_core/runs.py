@@ -235,6 +235,7 @@ def convergence(rows: list[dict], tail: float = 0.25) -> dict[str, Any]:
         se = g.std(0, ddof=1) / np.sqrt(len(g))
         drift = float(np.max(np.abs(g.mean(0)) / np.maximum(se, 1e-30)))
     span = f"over the last {k} of {len(rows)} steps"
+    knob = "doremi_eta" if "phase" in rows[0] else "lr_lam"  # DoReMi's weights step, or λ's
     if len(rows) < MIN_STEPS:
         state = "too short"
         text = f"too few steps ({len(rows)}) to judge convergence: run at least {MIN_STEPS}"
@@ -242,13 +243,13 @@ def convergence(rows: list[dict], tail: float = 0.25) -> dict[str, Any]:
         state = "not moved"
         text = (
             f"not converged: p has not moved (at most {total:.2g} from its start in "
-            f"{len(rows)} steps); raise lr_lam or run longer"
+            f"{len(rows)} steps); raise {knob} or run longer"
         )
     elif recent > SETTLED_SHARE * total:
         state = "moving"
         text = (
             f"not converged: p still moving {rate:.2g} per 100 steps {span} ({recent / total:.0%} "
-            "of its whole move); run longer or raise lr_lam"
+            f"of its whole move); run longer or raise {knob}"
         )
     elif drift is not None and drift > DRIFT_Z:
         state = "drifting"

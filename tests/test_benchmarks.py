@@ -90,13 +90,14 @@ def test_memory_benchmark_tiny_on_cpu(tmp_path, capsys):
         row = next(r for r in rows if r.startswith(f"| {name} |"))
         measured, predicted = (float(c.split()[0]) for c in row.split("|")[3:5])
         assert math.isfinite(measured) and measured > 0 and math.isfinite(predicted)
-    for name, *_ in module.SCALE_CONFIGS:  # checkpointing, bf16-weights (issue 13): 2nd table
+    for name, *_ in (*module.SCALE_CONFIGS, *module.DEEP_CONFIGS):  # issue 13: tables 2 and 3
         row = [r for r in rows if r.startswith(f"| {name} |")][-1]
         measured, predicted = (float(c.split()[0]) for c in (row.split("|")[2], row.split("|")[4]))
         assert math.isfinite(measured) and measured > 0 and math.isfinite(predicted)
     text = out.read_text()
     assert text.startswith("# Other\n\nkept\n") and text.count("## Memory\n") == 1
     assert text.count("## Memory of the scale-out options\n") == 1
+    assert text.count("## Memory of 16-bit weights on a deep model\n") == 1
     assert re.search(r"- command: `", text)
     module.write_section(out, "Memory", ["again"])  # replaces the section, does not append
     assert out.read_text().count("## Memory\n") == 1 and "kept" in out.read_text()
@@ -112,3 +113,35 @@ def test_quality_smoke(tmp_path, capsys):
         loss = float(row.split("|")[4].split("±")[0])  # the target-loss cell: mean ± std
         assert 0 < loss < 20
     assert "## Quality" in out.read_text()
+
+
+def test_peers_tiny_runs_every_method_side_by_side(tmp_path, capsys):
+    """`benchmarks/peers.py --tiny` (issue 17): Betty's three hypergradients and BOAT's two
+    first-order methods beside ScaleBiO, on the exact toy and on the planted mixture, from the
+    `peers` extra that `make test` installs; a peer that fails would print "failed: …"."""
+    out = tmp_path / "results.md"
+    assert _load("peers").main(["--tiny", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = [r for r in printed.splitlines() if r.startswith("| ") and "---" not in r]
+    module = _load("peers")
+    for method in [*module.METHODS, *module.LM_METHODS]:
+        mine = [r for r in rows if r.startswith(f"| {method} |")]
+        assert mine and not any("failed" in r for r in mine), (method, mine)
+    lm = [r for r in rows if r.startswith("| ScaleBiO |")][-1]  # the table of (b)
+    distance, heldout = (float(c) for c in lm.split("|")[5:7])
+    assert 0 <= distance <= 1 and 0 < heldout < 20
+    assert "## Peers: Betty and BOAT beside ScaleBiO" in out.read_text()
+
+
+def test_quality_planted_reports_the_time_to_the_planted_mixture(tmp_path, capsys):
+    out = tmp_path / "results.md"
+    args = ["--planted", "--preset", "smoke", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    assert _load("quality").main(args) == 0
+    table = capsys.readouterr().out
+    for method in ("scalebio", "doremi", "uniform"):
+        row = next(
+            r for r in table.splitlines() if r.startswith(f"| 50 / 30 / 20 / 0 | {method} |")
+        )
+        final = float(row.split("|")[4].split("±")[0])
+        assert 0 <= final < 1 and ("never" in row or " s (" in row)
+    assert "## Quality: time to reach a planted mixture" in out.read_text()

@@ -31,6 +31,10 @@ PARAMETERS = {
         "OVERRIDES": {**SMALL, "lisa_active": 1},
         "SPEC": {"seeds": [0], "n": 40, "equal_tokens": None, "sft": {**SFT, "steps": 2}},
     },
+    "10_planted_mixture": {
+        "OVERRIDES": {**SMALL, "corpus_args": {"n_per_source": 40, "n_val": 40}},
+        "SPEC": {"seeds": [0], "mixtures": [[0.5, 0.3, 0.2, 0.0]]},
+    },
 }
 
 
