@@ -28,12 +28,20 @@ SMALL = {
     "multilingual": {"n_per_source": 6, "n_val": 7},
     "informative": {"n_terse": 18, "n_detailed": 2, "n_val": 7},
     "math": {"n": 5, "n_val": 7},
+    "planted": {"n_per_source": 6, "n_val": 7},
 }
 ALPACA = {"instruction", "input", "output"}
 
 
 def test_registry_names_and_unknown() -> None:
-    assert set(CORPORA) == {"instruction", "noisy", "multilingual", "informative", "math"}
+    assert set(CORPORA) == {
+        "instruction",
+        "noisy",
+        "multilingual",
+        "informative",
+        "math",
+        "planted",
+    }
     with pytest.raises(ValueError, match="known: informative, instruction, math"):
         build_corpus("alpaca")
 
