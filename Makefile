@@ -25,12 +25,13 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 setup: $(STAMP)
 
-# the optional peers of benchmarks/peers.py (Betty, BOAT): see the `peers` extra in pyproject.toml
+# the optional peers of benchmarks/peers.py (Betty, BOAT) at the versions tested: see the
+# `peers` extra in pyproject.toml for why two of them come without their declared dependencies
 PEERS_STAMP := $(VENV)/.peers
 $(PEERS_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[peers]"
-	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python -c constraints.txt \
-		betty-ml boat-torch
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[peers]" higher==0.2.1
+	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python \
+		betty-ml==0.1.1 boat-torch==1.1.1
 	@touch $(PEERS_STAMP)
 
 peers: $(PEERS_STAMP)
