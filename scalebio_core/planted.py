@@ -31,8 +31,6 @@ from .config import load_preset
 from .corpora import PLANTED_STYLES, planted_weights
 from .experiments import run_preset, runs_root
 
-METHODS = ("scalebio", "doremi", "uniform")
-
 
 def comparison(preset: str) -> dict[str, Any]:
     """The `preset` section of configs/planted_comparison.yaml (mixtures, seeds, methods,
