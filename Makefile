@@ -37,15 +37,20 @@ $(PEERS_STAMP): $(STAMP)
 peers: $(PEERS_STAMP)
 
 # the notebooks' training runs go to build/runs, made afresh each time (regenerable)
+# each notebook's result sentence and runtime go to build/results; at quick they rewrite the
+# README table's last two columns (scalebio_core/results.py)
 reproduce: setup
-	@rm -rf build/runs && mkdir -p build/notebooks build/runs figures
-	@set -e; export SCALEBIO_RUNS=$(CURDIR)/build/runs; for nb in $(NOTEBOOKS); do \
+	@rm -rf build/runs build/results && mkdir -p build/notebooks build/runs build/results figures
+	@set -e; export SCALEBIO_RUNS=$(CURDIR)/build/runs SCALEBIO_RESULTS=$(CURDIR)/build/results; \
+	for nb in $(NOTEBOOKS); do \
 		name=$$(basename $$nb); start=$$(date +%s); \
 		echo "== $$name (PRESET=$(PRESET))"; \
 		(cd notebooks && ../$(BIN)/papermill --log-level WARNING --no-progress-bar \
 			$$name ../build/notebooks/$$name -p PRESET $(PRESET)); \
-		echo "   done in $$(( $$(date +%s) - start )) s"; \
+		secs=$$(( $$(date +%s) - start )); echo $$secs > build/results/$${name%.ipynb}.seconds; \
+		echo "   done in $$secs s"; \
 	done
+	@if [ "$(PRESET)" = quick ]; then $(BIN)/python -m scalebio_core.results README.md build/results; fi
 	@echo "figures written to figures/; executed notebooks in build/notebooks/"
 
 # Debian's chromium for the browser test, where it is missing and this user may install it

@@ -186,36 +186,37 @@ def figure(by_size: list[dict], by_k: list[dict], slopes: dict) -> Path:
 
     from scalebio_core.plots import plot_loglog, save_figure
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, rows, key, xlabel, title in (
-        (axes[0], by_size, "params", "parameters per model copy", "against model size"),
-        (axes[1], by_k, "k", "number of sources K", f"against K ({by_k[0]['name']} model)"),
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))  # one unit per axis: seconds, then GiB
+    for col, rows, key, xlabel, title in (
+        (0, by_size, "params", "parameters per model copy", "against model size"),
+        (1, by_k, "k", "number of sources K", f"against K ({by_k[0]['name']} model)"),
     ):
         x = [r[key] for r in rows]
-        t = [r["seconds"] for r in rows]
-        m = [r["peak_mib"] / 1024 for r in rows]
-        s = [r["state_mib"] / 1024 for r in rows]
         plot_loglog(
-            ax,
+            axes[0, col],
+            {"step time": (x, [r["seconds"] for r in rows])},
+            xlabel,
+            "seconds per step",
+            f"ScaleBiO step time {title}",
+            slopes={"step time": slopes[key]["time"]},
+        )
+        plot_loglog(
+            axes[1, col],
             {
-                "step time (s)": (x, t),
-                "peak memory (GiB)": (x, m),
-                "u, w state (GiB, exact)": (x, s),
+                "peak memory": (x, [r["peak_mib"] / 1024 for r in rows]),
+                "u, w state (exact)": (x, [r["state_mib"] / 1024 for r in rows]),
             },
             xlabel,
-            "seconds per step / GiB",
-            f"ScaleBiO step cost {title}",
-            slopes={
-                "step time (s)": slopes[key]["time"],
-                "peak memory (GiB)": slopes[key]["peak"],
-                "u, w state (GiB, exact)": slopes[key]["state"],
-            },
+            "GiB",
+            f"ScaleBiO memory {title}",
+            slopes={"peak memory": slopes[key]["peak"], "u, w state (exact)": slopes[key]["state"]},
         )
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    axes[1].set_xticks([r["k"] for r in by_k])
-    axes[1].xaxis.set_major_formatter(ScalarFormatter())
-    axes[1].xaxis.set_minor_formatter(NullFormatter())
+    for ax in axes[:, 1]:
+        ax.set_xticks([r["k"] for r in by_k])
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     return save_figure(fig, "cost_scaling")
 
 

@@ -324,43 +324,71 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else "n/a"
 
 
-def benchmark(sizes: list[int], s: Settings) -> tuple[list[str], list[str]]:
-    """Run every (d, method); return (header lines, markdown table lines)."""
-    notes, rows, memory = [], [], set()
+def measure(sizes: list[int], s: Settings) -> list[dict]:
+    """Run every (d, method) in a fresh process; one dict per run with the exact solution's
+    p*, F* and surrogate bias beside the method's final error, gap, time and memory."""
+    out = []
     for d in sizes:
         torch.set_num_threads(s.threads)
         toy = DiagonalBilevel(d, s)
         p_star, f_star, p_alpha = exact(toy, s.alpha)
         bias = float(np.abs(p_alpha - p_star).max())
-        notes.append(
-            f"- d={d:,}: p* = {fmt_p(p_star)}, F* = {f_star:.6g}; surrogate bias "
-            f"max|p_α − p*| = {bias:.2e} at α = {s.alpha:g}"
-        )
-        res = {m: run_child(m, d, s, p_star) for m in METHODS}
-        base = res["ScaleBiO"]
-        for m, r in res.items():
-            memory.add(r["memory"])
+        for m in METHODS:
+            r = run_child(m, d, s, p_star)
             p = np.asarray(r["p"])
-            err = float(np.abs(p - p_star).max())
             with torch.no_grad():
                 gap = (float(toy.objective(torch.tensor(p, dtype=DT))) - f_star) / abs(f_star)
             hit = r["hit"] or (None, None)
+            out.append(
+                {
+                    **r,
+                    "d": d,
+                    "method": m,
+                    "error": float(np.abs(p - p_star).max()),
+                    "gap": gap,
+                    "hit_updates": hit[0],
+                    "hit_seconds": hit[1],
+                    "p_star": p_star.tolist(),
+                    "f_star": f_star,
+                    "bias": bias,
+                }
+            )
+            print(
+                f"  d={d:,} {m}: error {out[-1]['error']:.2e}, {r['seconds']:.1f} s",
+                file=sys.stderr,
+            )
+    return out
+
+
+def benchmark(sizes: list[int], s: Settings) -> tuple[list[str], list[str]]:
+    """Run every (d, method) (`measure`); return (header lines, markdown table lines)."""
+    runs = measure(sizes, s)
+    notes, rows, memory = [], [], set()
+    for d in sizes:
+        res = {r["method"]: r for r in runs if r["d"] == d}
+        first = next(iter(res.values()))
+        notes.append(
+            f"- d={d:,}: p* = {fmt_p(np.asarray(first['p_star']))}, F* = {first['f_star']:.6g}; "
+            f"surrogate bias max|p_α − p*| = {first['bias']:.2e} at α = {s.alpha:g}"
+        )
+        base = res["ScaleBiO"]
+        for m, r in res.items():
+            memory.add(r["memory"])
+            hit = (r["hit_updates"], r["hit_seconds"])
             to_tol = f"{hit[0]} / {hit[1]:.2f}" if hit[0] else "not reached"
             if m == "ScaleBiO":
                 ratios = "1 | 1 | 1"
             else:
-                base_hit = base["hit"] or (None, None)
                 ratios = (
                     f"{_ratio(r['seconds'], base['seconds'])} | "
-                    f"{_ratio(hit[1], base_hit[1])} | "
+                    f"{_ratio(hit[1], base['hit_seconds'])} | "
                     f"{_ratio(r['peak_mib'], base['peak_mib'])}"
                 )
-            gap_s = f"{gap:.2e}" if abs(gap) >= 1e-15 else "< 1e-15"
+            gap_s = f"{r['gap']:.2e}" if abs(r["gap"]) >= 1e-15 else "< 1e-15"
             rows.append(
-                f"| {d:,} | {m} | {r['updates']} | {err:.2e} | {gap_s} | {to_tol} "
+                f"| {d:,} | {m} | {r['updates']} | {r['error']:.2e} | {gap_s} | {to_tol} "
                 f"| {r['seconds']:.2f} | {r['peak_mib']:.2f} | {ratios} |"
             )
-            print(f"  d={d:,} {m}: error {err:.2e}, {r['seconds']:.1f} s", file=sys.stderr)
     mem_note = (
         "peak RSS increase over the loop (VmHWM reset via /proc/self/clear_refs)"
         if memory == {"VmHWM reset"}

@@ -32,6 +32,7 @@ PRESETS = ("smoke", "quick", "paper")
 """The preset sections a file of configs/ may hold beside `defaults`."""
 
 TRACKERS = ("none", "tensorboard", "wandb")
+GRADERS = ("exact", "math-verify")
 SAMPLERS = ("balanced", "union")
 ESTIMATORS = ("auto", "expected", "realized")
 PRECISIONS = {
@@ -91,6 +92,10 @@ class TrainConfig:
     default to a fresh draw of the validation distribution."""
     exact_match: str = "auto"
     """Exact-match accuracy of the test answers: 'on', 'off', 'auto' (templated corpora)."""
+    grader: str = "exact"
+    """How an answer is checked: 'exact' (the text after "The answer is", else the whole answer,
+    must equal the expected one) or 'math-verify' (the `math-verify` package parses both answers,
+    \\boxed{} and LaTeX included, and compares them as mathematical expressions)."""
     max_length: int | str = field(default="auto", metadata={"kinds": (int, str)})
     """Tokens per sample (prompt + response), truncated from the right; 'auto': the 95th
     percentile of the sources' token lengths, rounded up to a multiple of 16, at most the model's
@@ -252,6 +257,7 @@ class TrainConfig:
                     self.exact_match in ("auto", "on", "off"),
                     "exact_match must be auto, on or off",
                 ),
+                (self.grader in GRADERS, f"grader must be one of {GRADERS}"),
             ],
         )
 

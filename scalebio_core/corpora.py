@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import datetime
+import functools
 import inspect
 import io
 import json
@@ -40,6 +41,9 @@ class Corpus:
     provenance: str
     name: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    test: list[Record] = field(default_factory=list)
+    """A held-out test split, where the corpus cannot draw a fresh validation set (its text is
+    finite); empty: `pipeline.heldout_records` draws one with another seed."""
 
     def __post_init__(self) -> None:
         self.sources = {k: self.sources[k] for k in sorted(self.sources)}
@@ -769,10 +773,13 @@ def _pair_record(first: str, second: str, fmt: str, sep: str = " ") -> Record:
     return {"instruction": "Continue the text.", "input": first, "output": second}
 
 
-def multilingual_sources(
+def multilingual_templates(
     n_per_source: int = 500, n_val: int = 200, seed: int = 0, fmt: str = "instruction"
 ) -> Corpus:
-    """Real English prose beside CLDR-templated French, German, Spanish, Italian and Chinese.
+    """Real English prose beside CLDR-templated French, German, Spanish, Italian and Chinese: the
+    multilingual training text of the embedded tokenizer (`tokenizer.TRAINING_CORPORA`), kept so
+    that the tokenizer stays the same. Its languages also differ in domain (English is Python
+    documentation, the rest template sentences); notebook 04 uses `multilingual_sources`.
 
     ``fmt="instruction"`` gives "Continue the text." records (input = first part, output = the
     continuation); ``fmt="text"`` gives ``{"text"}`` records. Validation: English sentence pairs
@@ -820,8 +827,160 @@ def multilingual_sources(
         [_pair_record(a, b, fmt) for a, b in val],
         "Text continuation in six languages; the target (validation) is held-out real English.",
         prov,
-        "multilingual",
+        "multilingual_templates",
         {"n_per_source": n_per_source, "n_val": n_val, "seed": seed, "fmt": fmt},
+    )
+
+
+# ---------------------------------------------------------------- parallel text: message catalogs
+# The languages of the multilingual corpus and their gettext codes in Django's catalogs.
+CATALOG_LANGUAGES = {
+    "french": "fr",
+    "german": "de",
+    "spanish": "es",
+    "italian": "it",
+    "chinese": "zh_Hans",
+}
+NO_SPACES = ("chinese",)  # split by characters, joined without a space
+MIN_WORDS = 2  # of the English message: a message of one word cannot be continued
+
+
+def _django_root() -> Path:
+    import importlib.util  # lazy: only this corpus needs the package's location
+
+    spec = importlib.util.find_spec("django")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "the multilingual corpus reads the translated message catalogs that Django ships "
+            "(django/**/locale/*/LC_MESSAGES/django.po); install it: pip install django==5.2.19"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@functools.lru_cache(maxsize=4)
+def catalog_messages(languages: tuple[str, ...]) -> tuple[dict[str, str], ...]:
+    """The interface messages that Django's catalogs translate into every one of `languages`
+    (keys of `CATALOG_LANGUAGES`): one dict per message, {"english": msgid, language: msgstr}.
+
+    Only non-fuzzy translations (the singular form of a plural message) that differ from the
+    English, where the English and the translation both have `MIN_WORDS` words (characters in
+    Chinese) so that each can be split into a start and a continuation; a message that several
+    catalogs hold is kept once (by its English text), so no string is both trained on and
+    validated. Sorted by the English text.
+    """
+    from babel.messages.pofile import read_po  # lazy: only this corpus parses catalogs
+
+    root = _django_root()
+    found: dict[str, dict[str, dict[str, str]]] = {}  # english -> catalog -> {language: text}
+    for lang in languages:
+        code = CATALOG_LANGUAGES[lang]
+        for path in sorted(root.glob(f"**/locale/{code}/LC_MESSAGES/django.po")):
+            where = str(path.relative_to(root)).split("/locale/")[0]
+            with path.open("rb") as f, contextlib.redirect_stdout(io.StringIO()):
+                catalog = read_po(f)  # babel prints warnings about some catalogs' plural forms
+            for m in catalog:
+                if m.fuzzy or not m.id:
+                    continue
+                # a plural message: its singular form, e.g. "%(count)s item was changed"
+                english, text = (
+                    (m.id[0], m.string[0]) if isinstance(m.id, tuple) else (m.id, m.string)
+                )
+                text = " ".join((text or "").split())
+                if _splittable(english, "english") and _splittable(text, lang) and text != english:
+                    found.setdefault(english, {}).setdefault(f"{where}|{m.context}", {})[lang] = (
+                        text
+                    )
+    out = []
+    for english in sorted(found):
+        for texts in found[english].values():  # the first catalog that has every language
+            if set(texts) == set(languages):
+                out.append({"english": " ".join(english.split()), **texts})
+                break
+    return tuple(out)
+
+
+def _splittable(text: str, language: str) -> bool:
+    """Whether a message has `MIN_WORDS` words (characters, in a language without spaces)."""
+    return len(text if language in NO_SPACES else text.split()) >= MIN_WORDS
+
+
+def _split_message(text: str, language: str) -> tuple[str, str]:
+    """The first third of a message (words, or characters where words have no spaces) and the
+    rest."""
+    if language in NO_SPACES:
+        k = max(1, len(text) // 3)
+        return text[:k], text[k:]
+    words = text.split()
+    k = max(1, len(words) // 3)
+    return " ".join(words[:k]), " ".join(words[k:])
+
+
+def multilingual_sources(
+    n_per_source: int = 400,
+    n_val: int = 120,
+    seed: int = 0,
+    fmt: str = "instruction",
+    languages: Sequence[str] = tuple(CATALOG_LANGUAGES),
+    n_test: int | None = None,
+) -> Corpus:
+    """Parallel text: the same interface messages in English and in `languages`, one source per
+    language, from the translated message catalogs that Django ships (read at build time).
+
+    Every record continues a message: input = its first third, output = the rest
+    (``fmt="text"``: the whole message). Every source holds the same draw of messages, each in
+    its own language, so the sources differ in language only. Validation, and a test split of
+    `n_test` (default `n_val`) more: English messages that no source holds in any language.
+    Draws are without replacement while the pool lasts, with replacement beyond.
+    """
+    if fmt not in ("instruction", "text"):
+        raise ValueError(f"fmt must be 'instruction' or 'text', got {fmt!r}")
+    n_test = n_val if n_test is None else n_test
+    _check_sizes(n_per_source=n_per_source, n_val=n_val, n_test=n_test)
+    unknown = sorted(set(languages) - set(CATALOG_LANGUAGES))
+    if unknown:
+        raise ValueError(f"unknown languages {unknown}; known: {sorted(CATALOG_LANGUAGES)}")
+    messages = list(catalog_messages(tuple(languages)))
+    _rng(seed, "catalog-split").shuffle(messages)
+    val, test = messages[:n_val], messages[n_val : n_val + n_test]
+    pool = messages[n_val + n_test :]
+    if not pool:
+        raise ValueError(
+            f"n_val={n_val}, n_test={n_test}: the catalogs hold {len(messages)} messages in every "
+            f"language asked for, so n_val + n_test must stay below {len(messages)}"
+        )
+    r = _rng(seed, "catalog-draw")
+    many = n_per_source > len(pool)
+    picks = r.choices(pool, k=n_per_source) if many else r.sample(pool, n_per_source)
+
+    def record(text: str, language: str) -> Record:
+        sep = "" if language in NO_SPACES else " "
+        return _pair_record(*_split_message(text, language), fmt, sep)
+
+    src = {lang: [record(m[lang], lang) for m in picks] for lang in ("english", *languages)}
+    from importlib.metadata import version  # lazy: only for the provenance
+
+    prov = (
+        f"Django {version('django')} message catalogs (django/**/locale/<language>/LC_MESSAGES/"
+        f"django.po), read from the installed package: {len(messages)} messages translated into "
+        f"every language: {len(pool)} for training, {len(val)} held out for validation, "
+        f"{len(test)} for the test"
+    )
+    return Corpus(
+        src,
+        [record(m["english"], "english") for m in val],
+        "The same interface messages in six languages (parallel text); the target is held-out "
+        "English messages.",
+        prov,
+        "multilingual",
+        {
+            "n_per_source": n_per_source,
+            "n_val": n_val,
+            "n_test": n_test,
+            "seed": seed,
+            "fmt": fmt,
+            "languages": list(languages),
+        },
+        [record(m["english"], "english") for m in test],
     )
 
 
@@ -829,6 +988,7 @@ CORPORA: dict[str, Callable[..., Corpus]] = {
     "instruction": instruction_tasks,
     "noisy": noisy_sources,
     "multilingual": multilingual_sources,
+    "multilingual_templates": multilingual_templates,
     "informative": informative_sources,
     "math": math_word_problems,
     "planted": planted_mixture,

@@ -146,9 +146,9 @@ def _key(r: dict) -> tuple[str, str]:
 
 
 def heldout_records(cfg) -> list[dict]:
-    """The held-out target set: `cfg.test` or the data folder's test file, or a fresh draw of
-    an embedded corpus's validation distribution without any record of the training sources or
-    the validation set."""
+    """The held-out target set: `cfg.test` or the data folder's test file, or an embedded
+    corpus's test split, or else a fresh draw of its validation distribution; without any record
+    of the training sources or the validation set."""
     spec = heldout_spec(cfg)
     if spec is not None:
         return load_records(spec)
@@ -158,9 +158,11 @@ def heldout_records(cfg) -> list[dict]:
             "test.jsonl to the data folder; the validation set steered the weights and cannot "
             "measure them."
         )
-    args = dict(cfg.corpus_args)
-    args["seed"] = int(args.get("seed", 0)) + TEST_SEED_OFFSET
-    fresh = build_corpus(cfg.corpus, **args).validation
+    fresh = build_corpus(cfg.corpus, **cfg.corpus_args).test  # a corpus of finite text
+    if not fresh:
+        args = dict(cfg.corpus_args)
+        args["seed"] = int(args.get("seed", 0)) + TEST_SEED_OFFSET
+        fresh = build_corpus(cfg.corpus, **args).validation
     specs, val_spec = data_specs(cfg)
     seen = {_key(r) for recs in load_sources(specs).values() for r in recs}
     seen |= {_key(r) for r in load_records(val_spec)}
@@ -256,6 +258,30 @@ def greedy_answers(model, tokenizer, data, max_new_tokens: int, batch_size: int 
     return out
 
 
+def grade(answer: str, expected: str, grader: str = "exact") -> bool:
+    """Whether a generated answer matches the expected one.
+
+    "exact": the final answers (`extract_answer`: the text after "The answer is", else the whole
+    stripped text) are equal strings. "math-verify": the `math-verify` package extracts the final
+    answer of each (\\boxed{}, LaTeX or a plain expression) and compares them as sympy
+    expressions, so "72", "$72$" and "\\boxed{72.0}" agree; the expected answer is parsed first
+    and an answer it cannot parse counts as wrong.
+    """
+    if grader == "exact":
+        return extract_answer(answer) == extract_answer(expected)
+    if grader != "math-verify":
+        raise ConfigError(f"unknown grader {grader!r}: use 'exact' or 'math-verify'")
+    from math_verify import parse, verify  # lazy: sympy and antlr load in seconds
+
+    gold = parse(extract_answer(expected))
+    if not gold:
+        raise DataError(
+            f"math-verify cannot parse the expected answer {expected[-80:]!r}: the test set's "
+            "answers must end in a number or expression (e.g. 'The answer is 72.' or \\boxed{72})"
+        )
+    return bool(verify(gold, parse(answer)))
+
+
 def evaluate(
     model,
     tokenizer,
@@ -263,8 +289,10 @@ def evaluate(
     max_length: int,
     exact_match: bool,
     rules: dict | None = None,
+    grader: str = "exact",
 ) -> dict:
-    """Target loss on `records`; exact-match accuracy of greedy answers when `exact_match`.
+    """Target loss on `records`; accuracy of greedy answers when `exact_match`, checked by
+    `grade(answer, expected, grader)`.
 
     `rules` (strict, max_drop_share, truncate_prompts) as the run's data: records without
     response tokens are dropped and counted in "dropped", or refused (`data.tokenize`); by
@@ -288,11 +316,9 @@ def evaluate(
     if exact_match:
         longest = max(int((lab != -100).sum()) for lab in data.labels)
         answers = greedy_answers(model, tokenizer, data, max_new_tokens=longest + 4)
-        hits = [
-            extract_answer(a) == extract_answer(r["response"])
-            for a, r in zip(answers, records, strict=True)
-        ]
+        hits = [grade(a, r["response"], grader) for a, r in zip(answers, records, strict=True)]
         out["accuracy"] = float(np.mean(hits))
+        out["grader"] = grader
         out["examples"] = [
             {"prompt": r["prompt"][-80:], "expected": r["response"], "answer": a}
             for a, r in list(zip(answers, records))[:5]
@@ -400,7 +426,9 @@ def sft(
         (out / runs.TRAJECTORY).write_text("")
     run_loop(method, run_cfg, out, 0, progress, callback)
     rules = data_rules(cfg)
-    result = evaluate(s.state.w, s.tokenizer, tests, s.cfg.max_length, checkable(cfg), rules)
+    result = evaluate(
+        s.state.w, s.tokenizer, tests, s.cfg.max_length, checkable(cfg), rules, cfg.grader
+    )
     result.update({"steps": steps, "tokens": method.seen, "data": str(data), "seed": run_cfg.seed})
     if method.dist.is_main:
         runs.write_json(out / EVAL, result)

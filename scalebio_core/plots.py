@@ -74,6 +74,7 @@ def plot_weights(
     p_star: np.ndarray | None = None,
     steps: np.ndarray | None = None,
     title: str = "Source weights p during training",
+    legend_loc: str = "best",
 ) -> plt.Axes:
     """Weight of each source against steps; dashed lines at the exact optimum when given."""
     p = np.asarray(p)
@@ -82,8 +83,8 @@ def plot_weights(
         ax.plot(x, p[:, i], color=c, label=name)
         if p_star is not None:
             ax.axhline(p_star[i], color=c, ls="--", lw=1)
-    ax.set(xlabel="step", ylabel="weight p_s", title=title, ylim=(0, None))
-    ax.legend(loc="best")
+    ax.set(xlabel="step", ylabel="weight $p_s$", title=title, ylim=(0, None))
+    ax.legend(loc=legend_loc)
     return ax
 
 
@@ -108,6 +109,46 @@ def plot_loglog(
     return ax
 
 
+def simplex_xy(p: np.ndarray) -> np.ndarray:
+    """Points of the 3-simplex (rows p1, p2, p3) in the plane: an equilateral triangle with the
+    three sources at its corners (1, 0, 0) → (0, 0), (0, 1, 0) → (1, 0), (0, 0, 1) → (½, √3/2)."""
+    p = np.atleast_2d(np.asarray(p, float))
+    return np.stack([p[:, 1] + 0.5 * p[:, 2], p[:, 2] * np.sqrt(3) / 2], axis=1)
+
+
+def simplex_grid(n: int) -> np.ndarray:
+    """All points (i, j, n − i − j)/n of the 3-simplex, boundary included (rows)."""
+    return np.array([(i, j, n - i - j) for i in range(n + 1) for j in range(n + 1 - i)]) / n
+
+
+def plot_simplex(
+    ax: plt.Axes,
+    grid: np.ndarray,
+    values: np.ndarray,
+    names: Sequence[str],
+    title: str,
+    levels: int = 14,
+) -> plt.Axes:
+    """Filled contours of a function on the 3-simplex (values at `simplex_grid` points; log
+    spaced above its minimum, so the basin shows), its outline and the corner labels."""
+    xy = simplex_xy(grid)
+    v = np.asarray(values, float)
+    span = v - v.min()
+    lv = np.log10(span + 1e-3 * span.max() + 1e-12)
+    ax.tricontourf(xy[:, 0], xy[:, 1], lv, levels=levels, cmap="viridis_r", alpha=0.85)
+    ax.tricontour(xy[:, 0], xy[:, 1], lv, levels=levels, colors="w", linewidths=0.4, alpha=0.6)
+    corners = simplex_xy(np.eye(3))
+    ax.plot(*np.vstack([corners, corners[:1]]).T, color="k", lw=1)
+    for (x, y), name, (dx, dy, ha) in zip(
+        corners, names, ((0, -0.05, "center"), (0, -0.05, "center"), (0.04, 0, "left"))
+    ):
+        ax.text(x + dx, y + dy, name, ha=ha, va="center", fontsize=9)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    ax.set_title(title)
+    return ax
+
+
 def plot_weight_bars(
     ax: plt.Axes,
     weights: Mapping[str, float],
@@ -115,23 +156,26 @@ def plot_weight_bars(
     title: str = "Learned source weights",
     ref_label: str = "exact",
 ) -> plt.Axes:
-    """Bar chart of weights by source, with optional reference markers."""
+    """Bar chart of weights by source (one colour: the legend's), with optional reference
+    markers drawn over the bars; the legend sits above the data, in a band over weight 1."""
     names = list(weights)
     x = np.arange(len(names))
-    ax.bar(x, [weights[n] for n in names], color=colors(len(names)), label="learned")
+    ax.bar(x, [weights[n] for n in names], color="C0", label="learned")
     if reference is not None:
         ax.scatter(
             x,
             [reference[n] for n in names],
             color="k",
             marker="_",
-            s=400,
+            s=500,
+            linewidths=2.5,
             zorder=3,
             label=ref_label,
         )
-        ax.legend(loc="best")
     ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set(ylabel="weight p_s", title=title, ylim=(0, 1))
+    ax.set(ylabel="weight $p_s$", title=title, ylim=(0, 1.15))
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.legend(loc="upper center", ncol=2)
     return ax
 
 
@@ -205,8 +249,12 @@ def plot_lisa_raster(
     rows: Sequence[Mapping],
     n_blocks: int,
     title: str = "Which decoder blocks train when",
+    cursor: int | None = None,
 ) -> plt.Axes:
-    """Raster of the active LISA blocks of w (blue) and u (orange) at each step of a trajectory."""
+    """Raster of the active LISA blocks of w (blue) and u (orange) at each step of a trajectory.
+
+    The legend sits under the axes, off the raster; `cursor` marks one step with a line.
+    """
     steps = [r["step"] for r in rows]
     grid = np.zeros((n_blocks, len(rows), 3)) + 1.0
     for j, r in enumerate(rows):
@@ -228,8 +276,50 @@ def plot_lisa_raster(
             Patch(color=(1.0, 0.5, 0.05), label="u only"),
             Patch(color=(0.3, 0.3, 0.3), label="both"),
         ],
-        loc="upper right",
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.16),
+        ncol=3,
     )
+    if cursor is not None:
+        ax.axvline(cursor, color="k", lw=1.5)
+    return ax
+
+
+def smooth(y: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average over `window` points (fewer at the ends), same length as y: it
+    does not lag the raw curve, as a trailing average would."""
+    y = np.asarray(y, float)
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    i = np.arange(len(y))
+    lo, hi = np.maximum(i - window // 2, 0), np.minimum(i + (window - 1) // 2 + 1, len(y))
+    return (c[hi] - c[lo]) / (hi - lo)
+
+
+def plot_smoothed(
+    ax: plt.Axes,
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    window: int,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> plt.Axes:
+    """Per label, the mean over seeds (rows of Y) raw and faint, and its moving average solid.
+
+    `curves` maps a label to (x, Y) with Y of shape seeds × len(x); labels keep their order.
+    """
+    for (label, (x, ys)), color in zip(curves.items(), colors(len(curves))):
+        mean = np.asarray(ys, float).reshape(-1, len(x)).mean(axis=0)
+        ax.plot(x, mean, color=color, lw=0.8, alpha=0.3)
+        n = np.asarray(ys).reshape(-1, len(x)).shape[0]
+        ax.plot(
+            x,
+            smooth(mean, window),
+            color=color,
+            lw=2,
+            label=f"{label} ({n} seed{'s' if n > 1 else ''})",
+        )
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend()
     return ax
 
 
@@ -247,17 +337,19 @@ def plot_memory_vs_size(
     for g in gpu_lines:
         ax.axhline(g, color="gray", ls=":", lw=1)
         ax.text(x[0], g * 1.05, f"{g} GiB per GPU", color="gray", fontsize=8)
-    for name, v in sizes.items():
+    for i, (name, v) in enumerate(sizes.items()):  # above the highest marker of each model
+        top = max(ys[i] for ys in per_mode.values())
         ax.annotate(
             name.split("/")[-1],
-            (v, ax.get_ylim()[0]),
-            fontsize=7,
-            rotation=90,
-            xytext=(2, 4),
+            (v, top),
+            fontsize=8,
+            ha="center",
+            xytext=(0, 9),
             textcoords="offset points",
         )
+    ax.set_xlim(x.min() / 1.6, x.max() * 1.6)
     ax.set(xlabel="parameters", ylabel="GiB per GPU", title=title)
-    ax.legend(loc="center left")  # clear of the curves (right) and the model names (bottom)
+    ax.legend(loc="lower right")  # under the curves, clear of the names above them
     return ax
 
 
@@ -285,20 +377,39 @@ def plot_method_weights(
 
 
 def plot_method_losses(
-    ax: plt.Axes, summary: Sequence[Mapping], title: str = "", key: str = "loss"
+    ax: plt.Axes,
+    summary: Sequence[Mapping],
+    title: str = "",
+    key: str = "loss",
+    label: str | None = None,
+    offset: float = 0.0,
+    marker: str = "o",
 ) -> plt.Axes:
-    """Mean ± standard deviation over seeds of `key` ("loss" or "acc") for each method."""
+    """Mean ± standard deviation over seeds of `key` ("loss" or "acc") for each method, as dots
+    with error bars in the methods' colours: no bars, so an axis that does not start at zero
+    cuts nothing off. Call again with another `offset`, `marker` and `label` to draw a second
+    protocol beside the first; `label` names the protocol in the legend."""
     methods = [r["method"] for r in summary]
-    mean = [r[f"{key}_mean"] for r in summary]
-    std = [r[f"{key}_std"] for r in summary]
-    x = np.arange(len(methods))
-    ax.bar(x, mean, yerr=std, capsize=4, color=colors(len(methods)))
-    lo, hi = min(m - s for m, s in zip(mean, std)), max(m + s for m, s in zip(mean, std))
-    pad = 0.15 * (hi - lo) + 1e-3
-    ax.set_ylim(max(0.0, lo - pad), hi + pad)
-    ax.set_xticks(x, methods, rotation=30, ha="right")
-    label = "target loss (held out)" if key == "loss" else "exact-match accuracy"
-    ax.set(ylabel=label, title=title)
+    for i, (r, c) in enumerate(zip(summary, colors(len(methods)))):
+        ax.errorbar(
+            i + offset,
+            r[f"{key}_mean"],
+            yerr=r[f"{key}_std"],
+            fmt=marker,
+            ms=8,
+            capsize=5,
+            color=c,
+            mec="k",
+            mew=0.6,
+        )
+    if label is not None:
+        ax.plot([], [], marker, color="0.6", mec="k", ms=8, label=label)
+        ax.legend(loc="best")
+    ax.set_xticks(np.arange(len(methods)), methods, rotation=30, ha="right")
+    ax.set_xlim(-0.5, len(methods) - 0.5)
+    ax.margins(y=0.2)
+    ylabel = "target loss (held out)" if key == "loss" else "accuracy on held-out answers"
+    ax.set(ylabel=ylabel, title=title)
     return ax
 
 

@@ -68,6 +68,12 @@ def hub_snapshot(home: Path, repo_id: str, kind: str = "model") -> Path:
     return snapshot
 
 
+def _math_rows(n: int, seed: int) -> list[dict]:
+    """`n` word problems with worked answers ending "The answer is N." (the embedded math
+    corpus's validation draw), in Alpaca format."""
+    return build_corpus("math", n=1, n_val=n, seed=seed).validation
+
+
 def _alpaca_rows(n: int, seed: int) -> list[dict]:
     """`n` Alpaca-format records (with Alpaca's `text` column) from the embedded corpus."""
     corpus = build_corpus("instruction", n_per_task=max(1, n // 6 + 1), n_val=4, seed=seed)
@@ -124,10 +130,13 @@ def build(home: str | os.PathLike[str], data_root: str | os.PathLike[str] | None
     files = {f"data/alpaca_translations/{lang}.json": 40 for lang in TRANSLATIONS}
     files.update({f"data/math_sources/{s}.json": 40 for s in MATH_SOURCES})
     files.update({"data/math_sources/validation.json": 30, "data/math_sources/gsm8k_test.json": 30})
+    # GSM8K's converted records and the release's validation set: worked word problems ending
+    # "The answer is N.", as the math preset's grader (math-verify) expects of them
+    worded = {"data/math_sources/validation.json", "data/math_sources/gsm8k_test.json"}
     for k, (rel, size) in enumerate(sorted(files.items())):
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         keep = ("instruction", "input", "output")
-        rows = [{c: r[c] for c in keep} for r in _alpaca_rows(size, 100 + k)]
-        path.write_text(json.dumps(rows))
+        made = _math_rows(size, 100 + k) if rel in worded else _alpaca_rows(size, 100 + k)
+        path.write_text(json.dumps([{c: r[c] for c in keep} for r in made]))
     return home

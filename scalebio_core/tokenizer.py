@@ -28,7 +28,7 @@ FORMAT_VERSION = 1  # bump when the training recipe changes
 TRAINING_CORPORA: dict[str, dict[str, int]] = {
     "instruction": {"n_per_task": 100, "n_val": 100},
     "noisy": {"n_per_source": 200, "n_val": 0},
-    "multilingual": {"n_per_source": 1000, "n_val": 200},
+    "multilingual_templates": {"n_per_source": 1000, "n_val": 200},
     "informative": {"n_terse": 300, "n_detailed": 300, "n_val": 0},
     "math": {"n": 200, "n_val": 0},
 }

@@ -202,6 +202,29 @@ def _names(k: int, labels: list[str] | None = None) -> tuple[str, ...]:
     return tuple(labels) if labels else tuple(f"s{i}" for i in range(k))
 
 
+def least_squares_samples(
+    k: int = 4,
+    d: int = 6,
+    n: int = 400,
+    n_val: int = 1000,
+    shift: tuple[float, ...] = (0.25, 0.5, 1.0, 0.5),
+    noise: tuple[float, ...] = (0.1, 0.1, 0.1, 1.0),
+    seed: int = 0,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+    """The samples behind `least_squares`: [(X_s, y_s)] per source and the validation (X, y)
+    (minibatches of them give the stochastic version of toy (a))."""
+    rng = np.random.default_rng(seed)
+    beta = rng.normal(size=d)
+    v = np.linalg.qr(rng.normal(size=(d, k)))[0].T
+    delta = v - v.mean(0)
+    sources = []
+    for s in range(k):
+        x = rng.normal(size=(n, d))
+        sources.append((x, x @ (beta + shift[s] * delta[s]) + noise[s] * rng.normal(size=n)))
+    xv = rng.normal(size=(n_val, d))
+    return sources, (xv, xv @ beta + 0.1 * rng.normal(size=n_val))
+
+
 def least_squares(
     k: int = 4,
     d: int = 6,
@@ -232,19 +255,12 @@ def least_squares(
             f"least_squares: a source with no samples (n={n}, n_val={n_val}); "
             "give every source and the validation set at least one sample."
         )
-    rng = np.random.default_rng(seed)
-    beta = rng.normal(size=d)
-    v = np.linalg.qr(rng.normal(size=(d, k)))[0].T
-    delta = v - v.mean(0)
+    sources, (xv, yv) = least_squares_samples(k, d, n, n_val, shift, noise, seed)
     A, b, c = [], [], []
-    for s in range(k):
-        x = rng.normal(size=(n, d))
-        y = x @ (beta + shift[s] * delta[s]) + noise[s] * rng.normal(size=n)
+    for x, y in sources:
         A.append(x.T @ x / n + ridge * np.eye(d))
         b.append(x.T @ y / n)
         c.append(y @ y / (2 * n))
-    xv = rng.normal(size=(n_val, d))
-    yv = xv @ beta + 0.1 * rng.normal(size=n_val)
     labels = [f"shift{shift[s]:g}_noise{noise[s]:g}" for s in range(k)]
     return QuadraticBilevel(
         A=torch.tensor(np.array(A), dtype=DT),

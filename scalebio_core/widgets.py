@@ -15,13 +15,14 @@ from .experiments import run_preset, runs_root
 from .memory import PAPER_MODELS, model_shape, plan
 from .plots import (
     fig_to_png,
+    plot_lisa_raster,
     plot_loglog,
     plot_noise_weights,
     plot_run_step,
     plot_weight_trajectories,
     plot_weights,
 )
-from .runs import VERDICT, load_trajectory
+from .runs import TRAJECTORY, VERDICT, load_trajectory, read_jsonl
 from .scaleout import emit, plan_command, plan_config
 from .toy import least_squares
 from .toy_runs import run_toy
@@ -148,6 +149,70 @@ def run_comparer(run_dirs) -> W.VBox:
     pick.observe(redraw, names="value")
     redraw()
     return W.VBox([pick, image])
+
+
+def lisa_viewer(
+    runs: dict, n_blocks: int, block_params: int | None = None, total_params: int | None = None
+) -> W.VBox:
+    """Pick a LISA run and a step: which blocks of w and u train then, and what share of w.
+
+    `runs` maps labels to run directories; `block_params` (one decoder block) and `total_params`
+    (the whole model) turn the active blocks into the share of parameters that gets gradients:
+    the active blocks plus everything outside the blocks (embeddings, head, final norm).
+    """
+    rows = {label: read_jsonl(Path(d) / TRAJECTORY) for label, d in runs.items()}
+    pick = W.Dropdown(options=list(rows), description="run", layout=W.Layout(width="320px"))
+    first = rows[pick.value]
+    slider = W.IntSlider(
+        value=first[0]["step"],
+        min=first[0]["step"],
+        max=first[-1]["step"],
+        description="step",
+        continuous_update=False,
+        layout=W.Layout(width="420px"),
+    )
+    label, image = W.HTML(), W.Image(format="png")
+
+    def share(active) -> str:
+        if block_params is None or total_params is None:
+            return ""
+        n = len(active) if active is not None else n_blocks
+        trained = total_params - (n_blocks - n) * block_params
+        return f" ({trained:,} of {total_params:,} parameters, {trained / total_params:.0%})"
+
+    def redraw(*_):
+        rs = rows[pick.value]
+        slider.min, slider.max = rs[0]["step"], rs[-1]["step"]
+        row = min(rs, key=lambda r: abs(r["step"] - slider.value))
+        w, u = row.get("lisa_w"), row.get("lisa_u")
+        label.value = (
+            f"<b>step {row['step']}</b>: w trains "
+            + (f"blocks {sorted(w)}" if w is not None else f"all {n_blocks} blocks")
+            + share(w)
+            + "; u trains "
+            + (f"blocks {sorted(u)}" if u is not None else f"all {n_blocks} blocks")
+            + ". Embeddings, head and final norm always train."
+        )
+        fig, ax = plt.subplots(figsize=(9, 3.4))
+        if w is None and u is None:
+            ax.text(
+                0.5,
+                0.5,
+                "LISA off: every block trains at every step",
+                ha="center",
+                transform=ax.transAxes,
+            )
+            ax.set_axis_off()
+        else:
+            plot_lisa_raster(
+                ax, rs, n_blocks, title=f"{pick.value}: blocks training", cursor=row["step"]
+            )
+        image.value = fig_to_png(fig)
+
+    pick.observe(redraw, names="value")
+    slider.observe(redraw, names="value")
+    redraw()
+    return W.VBox([W.HBox([pick, slider]), label, image])
 
 
 class LivePlot:

@@ -58,6 +58,7 @@ def lab(tmp_path):
         **os.environ,
         "SCALEBIO_RUNS": str(tmp_path / "runs"),
         "SCALEBIO_FIGURES": str(tmp_path / "figures"),
+        "SCALEBIO_RESULTS": str(tmp_path / "results"),
         "JUPYTER_CONFIG_DIR": str(tmp_path),
     }
     log = open(tmp_path / "lab.log", "w")

@@ -9,15 +9,18 @@ import re
 import pytest
 
 from scalebio_core.corpora import (
+    CATALOG_LANGUAGES,
     CORPORA,
     Corpus,
     build_corpus,
+    catalog_messages,
     corpus_stats,
     extract_answer,
     informative_sources,
     instruction_tasks,
     math_word_problems,
     multilingual_sources,
+    multilingual_templates,
     noisy_sources,
     reference_answer,
 )
@@ -29,6 +32,7 @@ SMALL = {
     "informative": {"n_terse": 18, "n_detailed": 2, "n_val": 7},
     "math": {"n": 5, "n_val": 7},
     "planted": {"n_per_source": 6, "n_val": 7},
+    "multilingual_templates": {"n_per_source": 6, "n_val": 7},
 }
 ALPACA = {"instruction", "input", "output"}
 
@@ -41,6 +45,7 @@ def test_registry_names_and_unknown() -> None:
         "informative",
         "math",
         "planted",
+        "multilingual_templates",
     }
     with pytest.raises(ValueError, match="known: informative, instruction, math"):
         build_corpus("alpaca")
@@ -146,24 +151,37 @@ def test_math_chain_of_thought_is_correct() -> None:
         assert int(extract_answer(r["output"])) >= 0
 
 
-def test_multilingual_sources_and_heldout_english() -> None:
+def test_multilingual_sources_are_parallel_text_with_held_out_english() -> None:
     c = multilingual_sources(n_per_source=40, n_val=30, seed=0)
     assert list(c.sources) == ["chinese", "english", "french", "german", "italian", "spanish"]
-    assert all(len(v) == 40 for v in c.sources.values()) and len(c.validation) == 30
+    assert all(len(v) == 40 for v in c.sources.values()) and len(c.validation) == len(c.test) == 30
     assert all(r["instruction"] == "Continue the text." and r["output"] for r in c.validation)
-    train_sents = {
-        s
-        for r in multilingual_sources(n_per_source=2000, n_val=30).sources["english"]
-        for s in (r["input"], r["output"])
-    }
-    assert not train_sents & {s for r in c.validation for s in (r["input"], r["output"])}
-    english = [r["input"] + " " + r["output"] for r in c.sources["english"]]
-    assert sum(t.isascii() for t in english) > 0.8 * len(english)
-    assert all(re.search(r"[\u4e00-\u9fff]", r["output"]) for r in c.sources["chinese"])
-    for lang in ("french", "german", "italian", "spanish"):
-        text = " ".join(r["input"] + " " + r["output"] for r in c.sources[lang])
-        assert not text.isascii(), lang  # accents, €, non-breaking spaces
-    assert "CLDR" in c.provenance and "pydoc_data" in c.provenance
+    # parallel: the i-th record of every source is the same catalog message, in its language
+    messages = {m["english"]: m for m in catalog_messages(tuple(CATALOG_LANGUAGES))}
+    for i, r in enumerate(c.sources["english"]):
+        m = messages[r["input"] + " " + r["output"]]
+        for lang in CATALOG_LANGUAGES:
+            x = c.sources[lang][i]
+            assert x["input"] + ("" if lang == "chinese" else " ") + x["output"] == m[lang]
+    # held out: no validation or test message is in any source (the sources being parallel, the
+    # English of every trained message is in the English source), nor any English string at all
+    big = multilingual_sources(n_per_source=2000, n_val=30)
+    trained_english = {r["input"] + " " + r["output"] for r in big.sources["english"]}
+    trained = {r["input"] + " " + r["output"] for recs in big.sources.values() for r in recs}
+    for split in (c.validation, c.test):
+        english = {r["input"] + " " + r["output"] for r in split}
+        assert english <= set(messages)
+        assert not english & trained_english and not english & trained
+    whole = [{r["input"] + " " + r["output"] for r in split} for split in (c.validation, c.test)]
+    assert not whole[0] & whole[1]
+    assert all(
+        re.search(r"[\u4e00-\u9fff]", r["input"] + r["output"]) for r in c.sources["chinese"]
+    )
+    assert "Django" in c.provenance and "message catalogs" in c.provenance
+    with pytest.raises(ValueError, match="n_val \\+ n_test must stay below"):
+        multilingual_sources(n_val=400, n_test=400)
+    with pytest.raises(ValueError, match="unknown languages"):
+        multilingual_sources(languages=("klingon",))
 
 
 def test_multilingual_text_variant() -> None:
@@ -174,6 +192,12 @@ def test_multilingual_text_variant() -> None:
     assert t0 == r0["input"] + " " + r0["output"]
     with pytest.raises(ValueError, match="fmt"):
         multilingual_sources(fmt="markdown")
+
+
+def test_multilingual_templates_keep_the_tokenizer_text() -> None:
+    c = multilingual_templates(n_per_source=5, n_val=4, seed=0)
+    assert list(c.sources) == ["chinese", "english", "french", "german", "italian", "spanish"]
+    assert "CLDR" in c.provenance and "pydoc_data" in c.provenance
 
 
 @pytest.mark.parametrize(

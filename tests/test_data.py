@@ -281,7 +281,7 @@ def test_collate_right_pads(tok) -> None:
     [
         ("instruction", {"n_per_task": 3, "n_val": 5}, 64),
         ("noisy", {"n_per_source": 20, "n_val": 10}, 64),
-        ("multilingual", {"n_per_source": 5, "n_val": 5}, 128),  # English prompts: ~80 tokens
+        ("multilingual", {"n_per_source": 5, "n_val": 5}, 64),  # short interface messages
         ("multilingual", {"n_per_source": 5, "n_val": 5, "fmt": "text"}, 64),
         ("informative", {"n_terse": 10, "n_detailed": 5, "n_val": 5}, 64),
         ("math", {"n": 10, "n_val": 5}, 128),  # prompts: 69-81 tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import papermill as pm
@@ -20,6 +21,7 @@ def test_notebook_runs_at_smoke(path: Path, tmp_path: Path, monkeypatch):
         pytest.skip(EXCLUDED[path.name])
     monkeypatch.setenv("SCALEBIO_FIGURES", str(tmp_path / "figures"))
     monkeypatch.setenv("SCALEBIO_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("SCALEBIO_RESULTS", str(tmp_path / "results"))
     pm.execute_notebook(
         str(path),
         str(tmp_path / path.name),
@@ -30,3 +32,5 @@ def test_notebook_runs_at_smoke(path: Path, tmp_path: Path, monkeypatch):
         execution_timeout=600,
     )
     assert list((tmp_path / "figures").glob(f"{path.stem}*.png")), "no figure was saved"
+    record = json.loads((tmp_path / "results" / f"{path.stem}.json").read_text())
+    assert record["preset"] == "smoke" and record["sentence"], record

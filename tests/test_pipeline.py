@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from scalebio_core.config import TrainConfig
-from scalebio_core.errors import ConfigError
-from scalebio_core.pipeline import heldout_records, resample, resample_run, sft
+from scalebio_core.errors import ConfigError, DataError
+from scalebio_core.pipeline import grade, heldout_records, resample, resample_run, sft
 from scalebio_core.runs import read_jsonl
 from scalebio_core.trainer import train
 
@@ -207,3 +207,22 @@ def test_paper_presets_declare_a_held_out_test_set(name):
     cfg = preset_config(name, "paper")
     assert cfg.test and (cfg.test.get("path") or cfg.test.get("hf_name"))
     assert cfg.test != cfg.validation
+
+
+def test_grade_exact_and_math_verify():
+    expected = "48 in April and 24 in May. The answer is 72."
+    assert grade("So 72 in all. The answer is 72.", expected)
+    assert not grade("The answer is 72.0.", expected)  # exact: the strings differ
+    assert not grade("\\boxed{72}", expected)
+    # math-verify compares the final answers as expressions, in any of the usual notations
+    for said in ("The answer is 72.0.", "so the total is \\boxed{72}", "$72$"):
+        assert grade(said, expected, "math-verify"), said
+    assert grade("\\boxed{0.5}", "The answer is \\frac{1}{2}.", "math-verify")
+    for said in ("The answer is 71.", "\\boxed{7}", "no idea"):
+        assert not grade(said, expected, "math-verify"), said
+    with pytest.raises(DataError, match="cannot parse the expected answer"):
+        grade("72", "The answer is many.", "math-verify")
+    with pytest.raises(ConfigError, match="unknown grader"):
+        grade("72", expected, "fuzzy")
+    with pytest.raises(ConfigError, match="grader must be one of"):
+        TrainConfig(grader="fuzzy")

@@ -57,6 +57,7 @@ def test_the_paper_preset_runs_offline_against_the_rehearsal_cache(
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("SCALEBIO_FIGURES", str(tmp_path / "figures"))
     monkeypatch.setenv("SCALEBIO_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("SCALEBIO_RESULTS", str(tmp_path / "results"))
     out = tmp_path / f"{name}.ipynb"
     try:
         pm.execute_notebook(
