@@ -89,7 +89,7 @@ class TrainConfig:
     """Validation file; default: <data_dir>/validation.jsonl."""
     test: dict | None = None
     """Held-out target set to evaluate fine-tuned models (SourceSpec fields); embedded corpora
-    default to a fresh draw of the validation distribution."""
+    default to their test split (multilingual) or a fresh draw of the validation distribution."""
     exact_match: str = "auto"
     """Exact-match accuracy of the test answers: 'on', 'off', 'auto' (templated corpora)."""
     grader: str = "exact"

@@ -40,16 +40,21 @@ STYLE = {
 plt.rcParams.update(STYLE)
 
 
-def figures_dir() -> Path:
-    """`$SCALEBIO_FIGURES` if set, else `figures/` at the repository root (found upwards)."""
-    env = os.environ.get("SCALEBIO_FIGURES")
-    if env:
-        return Path(env)
+def project_dir(env: str, *parts: str) -> Path:
+    """`$env` if set, else `parts` under the repository root (found upwards from the working
+    directory: a notebook runs in notebooks/), else under the working directory."""
+    if os.environ.get(env):
+        return Path(os.environ[env])
     here = Path.cwd().resolve()
     for d in (here, *here.parents):
         if (d / "pyproject.toml").exists() and (d / "scalebio_core").is_dir():
-            return d / "figures"
-    return here / "figures"
+            return d.joinpath(*parts)
+    return here.joinpath(*parts)
+
+
+def figures_dir() -> Path:
+    """`$SCALEBIO_FIGURES` if set, else `figures/` at the repository root."""
+    return project_dir("SCALEBIO_FIGURES", "figures")
 
 
 def save_figure(fig: plt.Figure, name: str) -> Path:

@@ -11,11 +11,12 @@ the files of this run. The README's numbers then come from a command, not from a
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
 from pathlib import Path
+
+from .plots import project_dir
 
 BEGIN = "<!-- results: begin (make reproduce rewrites the last two columns) -->"
 END = "<!-- results: end -->"
@@ -23,15 +24,8 @@ README_PRESET = "quick"
 
 
 def results_dir() -> Path:
-    """`$SCALEBIO_RESULTS` if set, else `build/results/` at the repository root (found upwards)."""
-    env = os.environ.get("SCALEBIO_RESULTS")
-    if env:
-        return Path(env)
-    here = Path.cwd().resolve()
-    for d in (here, *here.parents):
-        if (d / "pyproject.toml").exists() and (d / "scalebio_core").is_dir():
-            return d / "build" / "results"
-    return here / "build" / "results"
+    """`$SCALEBIO_RESULTS` if set, else `build/results/` at the repository root."""
+    return project_dir("SCALEBIO_RESULTS", "build", "results")
 
 
 def report(name: str, preset: str, sentence: str) -> None:
