@@ -160,12 +160,13 @@ def plot_weight_bars(
     reference: Mapping[str, float] | None = None,
     title: str = "Learned source weights",
     ref_label: str = "exact",
+    label: str = "learned",
 ) -> plt.Axes:
-    """Bar chart of weights by source (one colour: the legend's), with optional reference
-    markers drawn over the bars; the legend sits above the data, in a band over weight 1."""
+    """Bar chart of weights by source (one colour, named `label` in the legend), with optional
+    reference markers drawn over the bars; the legend sits above the data, over weight 1."""
     names = list(weights)
     x = np.arange(len(names))
-    ax.bar(x, [weights[n] for n in names], color="C0", label="learned")
+    ax.bar(x, [weights[n] for n in names], color="C0", label=label)
     if reference is not None:
         ax.scatter(
             x,
