@@ -186,7 +186,9 @@ def figure(by_size: list[dict], by_k: list[dict], slopes: dict) -> Path:
 
     from scalebio_core.plots import plot_loglog, save_figure
 
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))  # one unit per axis: seconds, then GiB
+    # one unit per axis (seconds, then GiB); a row shares its y range, so the flat K sweep reads
+    # as flat beside the size sweep
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5), sharey="row")
     for col, rows, key, xlabel, title in (
         (0, by_size, "params", "parameters per model copy", "against model size"),
         (1, by_k, "k", "number of sources K", f"against K ({by_k[0]['name']} model)"),
@@ -214,6 +216,7 @@ def figure(by_size: list[dict], by_k: list[dict], slopes: dict) -> Path:
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     for ax in axes[:, 1]:
+        ax.yaxis.set_tick_params(labelleft=True)
         ax.set_xticks([r["k"] for r in by_k])
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())

@@ -153,11 +153,15 @@ def predicted(model_dir: Path, overrides: dict, m: dict, batch: int = 2) -> dict
     return {"shape": shape, **predict(shape, setup)}
 
 
-def run(shape: dict, steps: int, workdir: Path, with_keep: bool = True) -> list[dict]:
+def run(
+    shape: dict, steps: int, workdir: Path, with_keep: bool = True, configs: tuple = CONFIGS
+) -> list[dict]:
+    """Measure and predict each of `configs` (name, overrides, target) on a GPT-2 of `shape`
+    (notebook 06 calls this too)."""
     model_dir = save_model(workdir / "model", shape)
     data_dir = save_data(workdir / "data", prompt="Continue:", prompt_words=8)
     rows = []
-    for name, overrides, target in CONFIGS:
+    for name, overrides, target in configs:
         t0 = time.perf_counter()
         m = measure(model_dir, data_dir, overrides, steps)
         keep = (

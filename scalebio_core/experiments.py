@@ -7,6 +7,7 @@ config is refused (nothing is overwritten). `$SCALEBIO_RUNS` moves the runs fold
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -35,6 +37,28 @@ from .trainer import expected_rows, lm_fns, run_step, train
 def runs_root() -> Path:
     env = os.environ.get("SCALEBIO_RUNS")
     return Path(env) if env else CONFIG_DIR.parent / "runs"
+
+
+def benchmark(name: str) -> ModuleType:
+    """The script `benchmarks/<name>.py` of the repository as a module (the notebooks show what a
+    benchmark measures by calling it, so the two cannot drift apart)."""
+    path = CONFIG_DIR.parent / "benchmarks" / f"{name}.py"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: the benchmarks ship with the repository, not with the installed "
+            "package. Run the notebook from a clone of the repository (`pip install -e .` there)."
+        )
+    module_name = f"scalebio_benchmark_{name}"
+    if module_name not in sys.modules:  # dataclasses look their module up while being defined
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]  # no half-loaded module for the next call
+            raise
+    return sys.modules[module_name]
 
 
 def preset_config(name: str, preset: str, **overrides: Any) -> TrainConfig:

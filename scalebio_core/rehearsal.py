@@ -38,7 +38,7 @@ MODELS = {
 ALPACA_COLUMNS = ("instruction", "input", "output", "text")
 DATASETS = {"tatsu-lab/alpaca": ALPACA_COLUMNS, "vicgalle/alpaca-gpt4": ALPACA_COLUMNS}
 """The paper's hub datasets and their columns."""
-TRANSLATIONS = ("chinese", "french", "german", "spanish")
+TRANSLATIONS = ("chinese", "french", "german", "italian", "spanish")
 MATH_SOURCES = (
     "MathInstruct",
     "GPT4-LLM",

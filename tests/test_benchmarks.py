@@ -2,29 +2,37 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import sys
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
+
+from scalebio_core import experiments
+from scalebio_core.experiments import benchmark
+
+
+def test_benchmark_loads_a_script_once_and_names_a_missing_one(tmp_path, monkeypatch):
+    module = benchmark("memory")
+    assert benchmark("memory") is module and module.TOLERANCE == 0.10  # the script itself
+    with pytest.raises(FileNotFoundError, match="ship with the repository"):
+        benchmark("no_such_benchmark")
+    monkeypatch.setattr(experiments, "CONFIG_DIR", tmp_path / "configs")  # a repository in tmp
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "broken.py").write_text("raise RuntimeError('broken script')\n")
+    with pytest.raises(RuntimeError, match="broken script"):
+        benchmark("broken")
+    (tmp_path / "benchmarks" / "broken.py").write_text("VALUE = 1\n")
+    assert benchmark("broken").VALUE == 1  # the failed load left nothing behind
+    del sys.modules["scalebio_benchmark_broken"]
 
 
 def test_gpu_check_tiny_on_cpu(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks/gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark("gpu_check")
     out = tmp_path / "gpu.md"
     assert module.main(["--device", "cpu", "--tiny", "--out", str(out)]) == 0
     table = capsys.readouterr().out
     for mode in module.MODES:  # plain, full and LISA, with checkpointing and bf16-weights
         assert table.count(f"| {mode} |") == 2, mode
     assert "## GPU check" in out.read_text()
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"benchmarks/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _numbers(row: str) -> list[float]:
@@ -41,7 +49,7 @@ def test_step_cost_tiny(tmp_path, capsys):
 
     out = tmp_path / "RESULTS.md"
     out.write_text("# Other benchmark\n\nkept\n")
-    assert _load("step_cost").main(["--tiny", "--out", str(out)]) == 0
+    assert benchmark("step_cost").main(["--tiny", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     labels = ("ScaleBiO full", "ScaleBiO full + gradient checkpointing", "ScaleBiO + LISA 2/12")
     for label in (*labels, "plain fine-tuning"):
@@ -60,7 +68,7 @@ def test_cost_scaling_tiny(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setenv("SCALEBIO_FIGURES", str(tmp_path / "figures"))
     out = tmp_path / "RESULTS.md"
-    assert _load("cost_scaling").main(["--tiny", "--out", str(out)]) == 0
+    assert benchmark("cost_scaling").main(["--tiny", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     size_rows = [r for r in printed.splitlines() if r.startswith("| 0.") and "vocab 512" in r]
     k_rows = [r for r in printed.splitlines() if r.startswith(("| 2 |", "| 4 |"))]
@@ -78,9 +86,7 @@ def test_memory_benchmark_tiny_on_cpu(tmp_path, capsys):
     import math
     import re
 
-    spec = importlib.util.spec_from_file_location("memory_bench", ROOT / "benchmarks/memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark("memory")
     out = tmp_path / "results.md"
     out.write_text("# Other\n\nkept\n")
     assert module.main(["--tiny", "--steps", "1", "--out", str(out)]) == 0
@@ -106,7 +112,7 @@ def test_memory_benchmark_tiny_on_cpu(tmp_path, capsys):
 def test_quality_smoke(tmp_path, capsys):
     out = tmp_path / "results.md"
     args = ["--preset", "smoke", "--seeds", "0", "--runs", str(tmp_path / "runs")]
-    assert _load("quality").main([*args, "--out", str(out)]) == 0
+    assert benchmark("quality").main([*args, "--out", str(out)]) == 0
     table = capsys.readouterr().out
     for method in ("scalebio", "uniform", "natural", "validation", "doremi"):
         row = next(r for r in table.splitlines() if r.startswith(f"| noisy | {method} |"))
@@ -120,10 +126,10 @@ def test_peers_tiny_runs_every_method_side_by_side(tmp_path, capsys):
     first-order methods beside ScaleBiO, on the exact toy and on the planted mixture, from the
     `peers` extra that `make test` installs; a peer that fails would print "failed: …"."""
     out = tmp_path / "results.md"
-    assert _load("peers").main(["--tiny", "--out", str(out)]) == 0
+    assert benchmark("peers").main(["--tiny", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     rows = [r for r in printed.splitlines() if r.startswith("| ") and "---" not in r]
-    module = _load("peers")
+    module = benchmark("peers")
     for method in [*module.METHODS, *module.LM_METHODS]:
         mine = [r for r in rows if r.startswith(f"| {method} |")]
         assert mine and not any("failed" in r for r in mine), (method, mine)
@@ -136,7 +142,7 @@ def test_peers_tiny_runs_every_method_side_by_side(tmp_path, capsys):
 def test_quality_planted_reports_the_time_to_the_planted_mixture(tmp_path, capsys):
     out = tmp_path / "results.md"
     args = ["--planted", "--preset", "smoke", "--runs", str(tmp_path / "runs"), "--out", str(out)]
-    assert _load("quality").main(args) == 0
+    assert benchmark("quality").main(args) == 0
     table = capsys.readouterr().out
     for method in ("scalebio", "doremi", "uniform"):
         row = next(

@@ -146,14 +146,9 @@ def test_memory_cli_prints_the_four_paper_models_offline():
 
 
 def _benchmark_module():
-    import importlib.util
-    from pathlib import Path
+    from scalebio_core.experiments import benchmark
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "memory.py"
-    spec = importlib.util.spec_from_file_location("memory_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("memory")
 
 
 @pytest.mark.parametrize(

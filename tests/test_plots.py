@@ -7,7 +7,15 @@ import json
 import matplotlib.pyplot as plt
 import numpy as np
 
-from scalebio_core.plots import plot_simplex, simplex_grid, simplex_xy, smooth
+from scalebio_core.plots import (
+    plot_memory_check,
+    plot_memory_vs_size,
+    plot_method_losses,
+    plot_simplex,
+    simplex_grid,
+    simplex_xy,
+    smooth,
+)
 from scalebio_core.widgets import lisa_viewer
 
 
@@ -45,3 +53,45 @@ def test_lisa_viewer_names_the_blocks_and_the_trained_share(tmp_path):
         "<b>step 5</b>: w trains blocks [1]" in label.value and "u trains blocks [3]" in label.value
     )
     assert image.value[:4] == b"\x89PNG"
+
+
+def test_memory_check_pairs_each_prediction_with_its_measurements_in_one_colour():
+    fig, ax = plt.subplots(1, 2)
+    sizes = {"a/small": 1e8, "b/large": 1e10}
+    plot_memory_vs_size(ax[0], sizes, {"full": [1.0, 20.0], "LISA": [0.8, 12.0]})
+    plot_memory_check(
+        ax[1],
+        [1e6, 1e7],
+        {"full": [60, 500], "LISA": [50, 370]},
+        {"full": [25, 480], "LISA": [20, 335]},
+    )
+    lines = {ln.get_label(): ln for ln in ax[1].get_lines()}
+    assert list(lines) == ["full: predicted", "full: measured", "LISA: predicted", "LISA: measured"]
+    assert list(lines["full: measured"].get_ydata()) == [60, 500]
+    assert lines["full: measured"].get_linestyle() == "None"  # markers only, on the line
+    for mode, left in zip(("full", "LISA"), ax[0].get_lines()):  # the panels share colours
+        assert lines[f"{mode}: predicted"].get_color() == left.get_color()
+        assert lines[f"{mode}: measured"].get_markeredgecolor() == left.get_color()
+    plt.close(fig)
+
+
+def test_method_dots_keep_an_accuracy_bar_inside_zero_and_one():
+    fig, ax = plt.subplots()
+    summary = [
+        {
+            "method": "scalebio",
+            "acc_mean": 0.01,
+            "acc_std": 0.03,
+            "loss_mean": 2.0,
+            "loss_std": 0.5,
+        },
+        {"method": "uniform", "acc_mean": 0.99, "acc_std": 0.05, "loss_mean": 2.5, "loss_std": 0.1},
+    ]
+    plot_method_losses(ax, summary, key="acc")
+    bars = [c.get_segments()[0] for c in ax.collections]  # one vertical bar a method
+    assert np.allclose([b[:, 1] for b in bars], [[0.0, 0.04], [0.94, 1.0]])
+    ax.clear()
+    plot_method_losses(ax, summary, key="loss")  # a loss bar is the plain ± std
+    bars = [c.get_segments()[0] for c in ax.collections]
+    assert np.allclose([b[:, 1] for b in bars], [[1.5, 2.5], [2.4, 2.6]])
+    plt.close(fig)
