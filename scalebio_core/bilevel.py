@@ -31,6 +31,10 @@ from .errors import ConfigError, NonFiniteLossError, check_all, check_types
 from .masters import MasterOptimizer
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+MAX_LR = 1e6
+"""The largest learning rate a config accepts (lr_w, lr_u, lr_lam): far above any that trains,
+well below what overflows a float32 step."""
+LRS = ("lr_w", "lr_u", "lr_lam")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class BilevelConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
+        bad_lr = next((k for k in LRS if not 0 < getattr(self, k) <= MAX_LR), None)
         betas = tuple(self.betas) if isinstance(self.betas, list | tuple) else ()
         object.__setattr__(self, "betas", betas)  # YAML gives a list
         check_all(
@@ -85,7 +90,12 @@ class BilevelConfig:
                 (self.tau >= 1, "tau must be >= 1 (alpha may only grow; use 1 for constant alpha)"),
                 (self.tau_every >= 1, "tau_every must be a whole number >= 1"),
                 (self.alpha_max >= self.alpha, "alpha_max must be >= alpha"),
-                (self.lr_w > 0 and self.lr_u > 0 and self.lr_lam > 0, "learning rates must be > 0"),
+                (
+                    bad_lr is None,
+                    f"learning rates must be > 0 and at most {MAX_LR:g} (a finite number); got "
+                    f"{bad_lr} = {getattr(self, bad_lr or 'lr_w')!r}. Set {bad_lr} to a usual "
+                    f"rate, e.g. {getattr(BilevelConfig, bad_lr or 'lr_w'):g}",
+                ),
                 (self.optimizer in OPTIMIZERS, f"optimizer must be one of {sorted(OPTIMIZERS)}"),
                 (
                     self.lam_optimizer in OPTIMIZERS,

@@ -8,6 +8,7 @@ copies, w and u; plain fine-tuning one, `copies=1`, with u = w). Nothing here ru
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import warnings
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from .data import (
 from .distributed import Distribution
 from .engines import choose, make_accelerator
 from .errors import ConfigError
+from .identity import data_fingerprint, run_identity, tokenized_sha
 from .lisa import Lisa, make_lisa_pair
 from .lora import add_lora, add_shared_lora, shared_views
 from .malloc import keep_freed_memory
@@ -70,6 +72,12 @@ class Setup:
     lisa: tuple[Lisa, Lisa] | None
     table: str = ""
     """The sources and held-out sets read (`data.source_table`), printed as a run starts."""
+    fingerprint: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The data's fingerprint (`Data.fingerprint`), part of the run's identity."""
+
+    def identity(self) -> dict[str, Any]:
+        """The run's identity (`identity.run_identity`): what its checkpoints carry."""
+        return run_identity(self.cfg.to_dict(), self.state.w, self.fingerprint)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -84,17 +92,19 @@ class Setup:
 
 
 def data_specs(cfg: TrainConfig) -> tuple[list[SourceSpec], SourceSpec]:
-    """The training sources' SourceSpecs and the validation set's, as the config gives them."""
+    """The training sources' SourceSpecs and the validation set's, as the config gives them
+    (each with the config's max_record_bytes, unless a source of `sources` sets its own)."""
+    most = {"max_record_bytes": cfg.max_record_bytes}
     if cfg.sources:
         if not cfg.validation:
             raise ConfigError(
                 "sources are given without a validation set: add validation: "
                 "{name: validation, path: …} (or hf_name: …)."
             )
-        specs = [SourceSpec(**d) for d in cfg.sources]
-        return specs, SourceSpec(**{"name": "validation", **cfg.validation})
+        specs = [SourceSpec(**{**most, **d}) for d in cfg.sources]
+        return specs, SourceSpec(**{"name": "validation", **most, **cfg.validation})
     if cfg.data_dir:
-        specs = specs_from_dir(cfg.data_dir)
+        specs = [dataclasses.replace(s, **most) for s in specs_from_dir(cfg.data_dir)]
         found = held_out_files(cfg.data_dir).get("validation")
         if cfg.val_path is None and found is None:
             raise ConfigError(
@@ -102,18 +112,19 @@ def data_specs(cfg: TrainConfig) -> tuple[list[SourceSpec], SourceSpec]:
                 "dev.jsonl) beside the sources, or set val_path."
             )
         val_path = Path(cfg.val_path or found)
-        return specs, SourceSpec(name="validation", path=str(val_path))
+        return specs, SourceSpec(name="validation", path=str(val_path), **most)
     corpus = build_corpus(cfg.corpus, **cfg.corpus_args)
-    specs = [SourceSpec(name=n, records=tuple(r)) for n, r in corpus.sources.items()]
-    return specs, SourceSpec(name="validation", records=tuple(corpus.validation))
+    specs = [SourceSpec(name=n, records=tuple(r), **most) for n, r in corpus.sources.items()]
+    return specs, SourceSpec(name="validation", records=tuple(corpus.validation), **most)
 
 
 def heldout_spec(cfg: TrainConfig) -> SourceSpec | None:
     """The held-out test set: the config's `test`, else a data folder's test file, else None."""
+    most = {"max_record_bytes": cfg.max_record_bytes}
     if cfg.test:
-        return SourceSpec(**{"name": "test", **cfg.test})
+        return SourceSpec(**{"name": "test", **most, **cfg.test})
     found = held_out_files(cfg.data_dir).get("test") if cfg.data_dir else None
-    return SourceSpec(name="test", path=str(found)) if found else None
+    return SourceSpec(name="test", path=str(found), **most) if found else None
 
 
 def data_rules(cfg: TrainConfig) -> dict[str, Any]:
@@ -135,6 +146,9 @@ class Data:
     train: TokenizedData
     val: TokenizedData
     table: str
+    fingerprint: dict[str, Any]
+    """What the run reads (`identity`): {"files": SHA-256 per data file (or per source without
+    files), "tokenized": SHA-256 of the tokenized training and validation sets}."""
 
 
 def build_data(cfg: TrainConfig, tokenizer: Any) -> Data:
@@ -170,7 +184,14 @@ def build_data(cfg: TrainConfig, tokenizer: Any) -> Data:
     for data in (train, val):
         say_dropped(data, cfg.max_length)
     table = source_table([*specs, val_spec, *([tests] if tests else [])], shown, cfg.max_length)
-    return Data(cfg, train, val, table + (f"\n{how}" if how else ""))
+    fingerprint = {
+        "files": {
+            **data_fingerprint(specs, records),
+            **data_fingerprint([val_spec], {val_spec.name: val_records}),
+        },
+        "tokenized": {"train": tokenized_sha(train), "validation": tokenized_sha(val)},
+    }
+    return Data(cfg, train, val, table + (f"\n{how}" if how else ""), fingerprint)
 
 
 def tokenizer_name(cfg: TrainConfig) -> str:
@@ -291,6 +312,7 @@ def setup(cfg: TrainConfig, accelerator: Any = None, copies: int = 2) -> Setup:
         state=state,
         lisa=lisa,
         table=data.table,
+        fingerprint=data.fingerprint,
     )
 
 

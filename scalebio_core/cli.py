@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,21 +21,40 @@ from .config import (
     load_preset,
     parse_overrides,
 )
-from .errors import ConfigError, DataError, NonFiniteLossError, TrainingStopped
-from .memory import PAPER_MODELS, PLAN_FIELDS, Plan, plan
-from .pipeline import resample_run, sft
-from .scaleout import cheapest, emit, plan_command, plan_config
+from .distributed import end_processes, terminate_raises
+from .errors import ConfigError, DataError, Interrupted, NonFiniteLossError, TrainingStopped
+from .memory import HEADROOM, PAPER_MODELS, PLAN_FIELDS, check_machine
+from .pipeline import read_weights, resample_run, sft
+from .rehearsal import rehearse_plan
+from .runs import DiskFullError
+from .scaleout import (
+    GPU_GIB,
+    GPUS,
+    Planned,
+    absolute_paths,
+    data_summary,
+    emit,
+    plan_command,
+    plan_config,
+    plan_run,
+)
 from .trainer import train
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser: train, resample, sft, memory."""
     parser = argparse.ArgumentParser(prog="python -m scalebio_core", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Intermixed)
     t = sub.add_parser("train", help="run ScaleBiO and write a run directory")
     t.add_argument("--config", help="YAML config (a run's config.yaml, or a preset file)")
     t.add_argument("--preset", help="preset section of the config file: smoke, quick, paper")
     t.add_argument("--resume", action="store_true", help="continue the run in out_dir")
+    t.add_argument(
+        "--accept-changed-data",
+        action="store_true",
+        help="with --resume: go on although data files changed since the checkpoint (else "
+        "refused, naming them); the change is recorded in changes.jsonl",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100")
     r = sub.add_parser("resample", help="draw N examples from a run's sources by its weights")
@@ -41,17 +63,43 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--weights", help="weights.json to use instead of the run's")
     r.add_argument("--add-validation", action="store_true", help="append the validation set")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--out", help="JSON Lines file (default: <run>/resampled.jsonl)")
+    r.add_argument(
+        "--out",
+        help="JSON Lines file (default: <run>/resampled.jsonl). An existing file is never "
+        "replaced, unless --overwrite is given and it is an earlier output of resample (every "
+        "line a record of exactly prompt, response and source)",
+    )
+    r.add_argument(
+        "--overwrite", action="store_true", help="replace resample's own earlier --out file"
+    )
     f = sub.add_parser("sft", help="fine-tune a fresh model on resampled data and evaluate it")
     f.add_argument("--config", help="YAML config of the sources, model and hyperparameters")
     f.add_argument("--preset", help="preset section of the config file")
     f.add_argument("--data", required=True, help="resampled JSON Lines file")
-    f.add_argument("--out", required=True, help="output folder (config, trajectory, eval.json)")
+    f.add_argument(
+        "--out",
+        required=True,
+        help="output folder (config.yaml, trajectory.jsonl, timing.jsonl, data/validation.jsonl, "
+        "eval.json): new or empty (the --data file may lie in it), or, with --overwrite, an "
+        "earlier output of sft; a folder of other files is refused",
+    )
+    f.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace sft's own earlier output in --out (its other files are kept)",
+    )
     f.add_argument(
         "--token-budget", type=_positive(int), help="train for this many tokens (sets steps)"
     )
     f.add_argument("--no-progress", action="store_true")
     f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr_w=1e-3 seed=1")
+    _memory_parser(sub)
+    return parser
+
+
+def _memory_parser(sub: Any) -> None:
+    """The `memory` subcommand's options: the machine, what it writes or rehearses, and the
+    run-config fields the memory model reads (`memory.PLAN_FIELDS`)."""
     m = sub.add_parser(
         "memory",
         help="predict per-GPU memory of a run config; --emit writes what launches it",
@@ -66,22 +114,75 @@ def build_parser() -> argparse.ArgumentParser:
         help="hub name, local folder or config.json (repeatable; default: the config's, else "
         "the paper's four models, from configs/models/)",
     )
-    m.add_argument("--gpus", type=int, default=8, help="GPUs (processes) of the launch")
-    m.add_argument("--gpu-mem", type=float, default=48.0, help="GiB per GPU")
-    m.add_argument("--emit", help="write config.yaml, accelerate.yaml and launch.sh here")
+    m.add_argument("--gpus", type=int, default=GPUS, help="GPUs (processes) of the launch")
+    m.add_argument("--gpu-mem", type=float, default=GPU_GIB, help="GiB per GPU")
+    m.add_argument(
+        "--host-mem",
+        type=float,
+        help="GiB of host (CPU) memory per node; default: not limited (the verdict says so). "
+        "Building the copies and CPU offload need host memory: give it to have it checked",
+    )
+    m.add_argument(
+        "--headroom",
+        type=float,
+        default=HEADROOM,
+        help=f"share of each GPU's and each node's memory kept free (default {HEADROOM:g}): "
+        "what the model does not count (CUDA context, allocator slack, other processes)",
+    )
+    m.add_argument(
+        "--emit",
+        metavar="DIR",
+        help="write config.yaml (absolute paths), accelerate.yaml and launch.sh (this "
+        "environment's python; runs from any directory) into this folder",
+    )
+    m.add_argument(
+        "--demo-data",
+        action="store_true",
+        help="with --emit: allow a plan without data (no --config, data_dir or sources), which "
+        "trains on the embedded demo corpus",
+    )
+    m.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --emit: replace files in the folder that differ from the plan's",
+    )
+    m.add_argument(
+        "--rehearse",
+        metavar="DIR",
+        help="run the plan emitted in DIR at smoke size on this CPU: a tiny random model of "
+        "the same architecture, 2 gloo processes (1 for a one-GPU plan), stand-ins for hub "
+        "data; key=value overrides the rehearsal's run config (steps=6, out_dir=…)",
+    )
     m.add_argument(
         "--search",
         action="store_true",
-        help="the cheapest configuration the trainer runs that fits: searches sharding, offload "
-        "and, unless given, precision and gradient checkpointing",
+        help="the cheapest configuration the trainer runs that fits within the headroom (GPU, "
+        "and host with --host-mem): searches sharding, offload and, unless given, precision "
+        "and gradient checkpointing",
     )
     for name in PLAN_FIELDS[1:]:
         _field_option(m, name)
     m.add_argument("overrides", nargs="*", help="key=value for any other run-config field")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; its status: 0, 2 for an error (its message says the fix), 128 + N for
+    signal N (SIGINT: 130, SIGTERM: 143). On every path the process group (of a launched rank)
+    ends before the interpreter does."""
+    try:
+        with terminate_raises():  # SIGTERM: a message and status 143, not silence
+            return _command(argv)
+    except Interrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: stopped by SIGINT (Ctrl-C)", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        end_processes()
+
+
+def _command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
 
     if args.command == "memory":
@@ -90,11 +191,19 @@ def main(argv: list[str] | None = None) -> int:
         return _pipeline(args)
     try:
         cfg = TrainConfig.from_dict(_train_config(args))
-        weights = train(cfg, resume=args.resume, progress=not args.no_progress)
-    except (ConfigError, TrainingStopped, ValueError) as e:
+        weights = train(
+            cfg,
+            resume=args.resume,
+            progress=not args.no_progress,
+            accept_data_change=args.accept_changed_data,
+        )
+    except Interrupted:
+        raise
+    except (ConfigError, TrainingStopped, ValueError, DiskFullError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(weights, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:  # a launch's ranks hold the same weights
+        print(json.dumps(weights, indent=2))
     return 0
 
 
@@ -120,18 +229,25 @@ def _read_weights(path: str | None) -> dict | None:
     """A weights.json given to resample, or None; its errors name the file."""
     if path is None:
         return None
-    try:
-        weights = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); a weights.json "
-            "is written by a run; give a complete one, or leave out --weights."
-        ) from e
-    if not isinstance(weights, dict) or not all(
-        isinstance(v, int | float) for v in weights.values()
-    ):
-        raise DataError(f"{path}: a weights.json maps each source name to its weight.")
-    return weights
+    return read_weights(
+        path, "a weights.json is written by a run; give a complete one, or leave out --weights."
+    )
+
+
+class _Intermixed(argparse.ArgumentParser):
+    """A subcommand's parser whose key=value overrides may stand before, between and after its
+    options (`train steps=3 --resume out_dir=X`): argparse's intermixed parsing."""
+
+    _inner = False  # parse_known_intermixed_args calls parse_known_args twice itself
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        if self._inner:
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
 
 
 def _positive(kind: type) -> Callable[[str], Any]:
@@ -154,7 +270,13 @@ def _pipeline(args: argparse.Namespace) -> int:
         if args.command == "resample":
             weights = _read_weights(args.weights)
             out = resample_run(
-                args.run, args.n, args.out, args.seed, args.add_validation, weights=weights
+                args.run,
+                args.n,
+                args.out,
+                args.seed,
+                args.add_validation,
+                weights=weights,
+                overwrite=args.overwrite,
             )
             counts: dict[str, int] = {}
             for line in out.read_text().splitlines():
@@ -163,7 +285,14 @@ def _pipeline(args: argparse.Namespace) -> int:
             print(json.dumps({"out": str(out), "counts": dict(sorted(counts.items()))}, indent=2))
             return 0
         cfg = TrainConfig.from_dict(load_preset(args.config, args.preset, args.overrides))
-        result = sft(cfg, args.data, args.out, args.token_budget, progress=not args.no_progress)
+        result = sft(
+            cfg,
+            args.data,
+            args.out,
+            args.token_budget,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
     except (
         ConfigError,
         DataError,
@@ -208,40 +337,58 @@ def memory_config(args: argparse.Namespace, model: str | None) -> TrainConfig:
     return plan_config(base, _memory_fields(args, model), args.gpus)
 
 
-def _search(args: argparse.Namespace, model: str) -> Plan | None:
+def _search(args: argparse.Namespace, model: str) -> Planned:
+    """The answer of `memory` for one model: `scaleout.plan_run`, which the planner widget
+    calls too (a search with --search, else the prediction of the run config)."""
     base = load_preset(args.config, args.preset) if args.config else None
-    found, fits, accepted = cheapest(base, _memory_fields(args, model), args.gpus, args.gpu_mem)
-    print(
-        f"{model}: {fits} of the {accepted} configurations the trainer accepts fit on "
-        f"{args.gpus} × {args.gpu_mem:g} GiB; the cheapest"
-        + (":" if found else ": none (fewer blocks, LoRA, more or larger GPUs)")
+    fields = _memory_fields(args, model)
+    return plan_run(
+        model, args.gpus, args.gpu_mem, base, fields, args.search, args.host_mem, args.headroom
     )
-    return found
+
+
+def _rehearse(args: argparse.Namespace) -> int:
+    """`memory --rehearse DIR`: the plan emitted in DIR at smoke size on this CPU."""
+    given = {"--emit": args.emit, "--search": args.search, "--model": args.model}
+    given["--config"] = args.config
+    used = [flag for flag, value in given.items() if value]
+    if used:
+        raise ConfigError(
+            f"--rehearse DIR runs the plan already emitted in DIR: leave out {', '.join(used)} "
+            "(emit first with memory … --emit DIR; key=value here overrides the rehearsal's run "
+            "config, e.g. steps=6 out_dir=/tmp/rehearsal)."
+        )
+    rehearse_plan(args.rehearse, parse_overrides(args.overrides))
+    return 0
 
 
 def _memory(args: argparse.Namespace) -> int:
     try:
-        if args.gpus < 1 or not args.gpu_mem > 0:
-            raise ConfigError(
-                f"--gpus must be >= 1 and --gpu-mem > 0 GiB (got {args.gpus}, {args.gpu_mem})."
-            )
+        if args.rehearse:
+            return _rehearse(args)
+        check_machine(args.gpus, args.gpu_mem, args.host_mem, args.headroom)
         base_model = load_preset(args.config, args.preset).get("model") if args.config else None
         models = args.model or ([base_model] if base_model else list(PAPER_MODELS))
         if args.emit and len(models) != 1:
             raise ConfigError("--emit writes one run: pass exactly one --model.")
         for name in models:
-            p = (
-                _search(args, name)
-                if args.search
-                else plan(memory_config(args, name), args.gpus, args.gpu_mem)
-            )
-            if p is None:
+            planned = _search(args, name)
+            print(planned.text())
+            p = planned.plan
+            if p is None or not args.emit:
                 continue
-            print(p.text())
-            if args.emit:
-                files = emit(p, args.emit)
-                print("\n".join(f"  wrote {f}" for f in files.values()))
-                print(f"  launch: {plan_command(p, args.emit)}")
+            # a config names its data, even the embedded corpus (its smoke presets)
+            named = args.config is not None or "corpus" in parse_overrides(args.overrides)
+            files = emit(p, args.emit, args.demo_data or named, args.overwrite)
+            print("\n".join(f"  wrote {f}" for f in files.values()))
+            data = data_summary(TrainConfig.from_dict(absolute_paths(p.cfg.to_dict())))
+            print(f"  data: trains on {data}")
+            if not p.fits:
+                print("  note: this plan does NOT fit (verdict above); written as asked")
+            print(f"  launch: {plan_command(p, args.emit)}")
+            folder = str(files["launch"].parent)
+            rehearse = shlex.join([sys.executable, "-m", "scalebio_core", "memory"])
+            print(f"  rehearse on this CPU first: {rehearse} --rehearse {shlex.quote(folder)}")
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

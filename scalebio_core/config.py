@@ -24,6 +24,7 @@ from typing import Any
 
 from .baselines import FLAT_PREFIX, METHODS, DoReMiConfig
 from .bilevel import BilevelConfig
+from .data import MAX_RECORD_BYTES
 from .errors import ConfigError, check_all, check_types
 from .runs import load_yaml
 
@@ -108,6 +109,11 @@ class TrainConfig:
     max_length); by default they are dropped and counted, up to max_drop_share."""
     max_drop_share: float = 0.05
     """The largest share of a source, or of the validation set, that may be dropped."""
+    max_record_bytes: int = MAX_RECORD_BYTES
+    """The largest record of a data file, in bytes of its text (a JSON Lines line, an element of
+    a .json array, a .txt paragraph; default 1 MiB, `data.MAX_RECORD_BYTES`): a longer one is
+    refused as it is read, in bounded memory, naming the file and line. Raise it for long texts
+    that must stay whole; a source of `sources` may set its own."""
     sampler: str = "balanced"
     """'balanced' (every batch holds every source) or 'union' (uniform over all samples, paper)."""
     estimator: str = "auto"
@@ -244,6 +250,11 @@ class TrainConfig:
                     "max_length must be a whole number >= 2 or 'auto' (from the data)",
                 ),
                 (0 <= self.max_drop_share < 1, "max_drop_share must lie in [0, 1)"),
+                (
+                    self.max_record_bytes >= 1,
+                    "max_record_bytes must be a whole number >= 1 (bytes per record; default "
+                    f"{MAX_RECORD_BYTES})",
+                ),
                 (
                     self.lisa_active >= 0 and self.lisa_interval >= 1,
                     "lisa_active must be >= 0 and lisa_interval >= 1",

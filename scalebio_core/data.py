@@ -18,23 +18,29 @@ A source is a named list of normalised records ``{"prompt": str, "response": str
 * ``auto``: ``.txt`` files are text; otherwise the keys of the first record decide.
 
 Files: ``.json`` (an array of objects, or JSON Lines), ``.jsonl``, ``.txt``; a directory source
-concatenates its files in name order. `tokenize` appends the eos token to every response (as an id:
-records stay tokenizer-independent) and prepends the special tokens the tokenizer puts at the start
-of a text (Llama-3's bos; nothing for GPT-2).
+concatenates its files in name order. A record (a JSON Lines line, an element of a ``.json``
+array, a ``.txt`` paragraph) may hold at most ``max_record_bytes`` bytes (`MAX_RECORD_BYTES`,
+1 MiB): a longer one is refused as it is read, JSON Lines and ``.txt`` files in bounded memory.
+`tokenize` appends the eos token to every response (as an id: records stay
+tokenizer-independent) and prepends the special tokens the tokenizer puts at the start of a text
+(Llama-3's bos; nothing for GPT-2).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
+import pickle
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import datasets
 import torch
@@ -59,6 +65,12 @@ EXPECTED_KEYS = {
     "text": "text",
 }
 CACHE_VERSION = 2  # bump when tokenization or the cached fields change
+MAX_RECORD_BYTES = 1 << 20
+"""The largest record a source may hold by default, in bytes of its text in the file (1 MiB: a
+JSON Lines line, an element of a .json array, a .txt paragraph; a record given in memory or by
+`datasets`: its prompt and response). A longer one is refused as it is read, before it is held
+whole or tokenized (one 50 MB record took minutes and gigabytes to tokenize). A run config's
+`max_record_bytes`, or a source's, raises it."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,8 @@ class SourceSpec:
     """Fraction of responses replaced by another record's response (exactly round(rate·n))."""
     seed: int = 0
     """Seed of the corruption draw."""
+    max_record_bytes: int = MAX_RECORD_BYTES
+    """The largest record of the source, in bytes (`MAX_RECORD_BYTES`)."""
 
 
 def corrupt_responses(records: list[dict], rate: float, seed: int) -> list[dict]:
@@ -131,40 +145,154 @@ def read_utf8(path: Path) -> str:
         ) from None
 
 
-def _read_json(path: Path) -> Raw:
-    text = read_utf8(path)
-    if path.suffix == ".json" and text.lstrip()[:1] == "[":  # else: JSON Lines in a .json file
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}: line {e.lineno}: malformed JSON ({e.msg}, column "
-                f"{e.colno}); fix the file (a JSON array of objects)."
-            ) from e
-        return [(f"{path}: record {i}", r) for i, r in enumerate(data)]
-    out: Raw = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+BOM = b"\xef\xbb\xbf"
+CHUNK = 1 << 16
+
+
+def read_lines(f: BinaryIO, limit: int) -> Iterator[tuple[int, int, bytes | int]]:
+    """(line number from 1, byte offset, the line without its end) of a binary file, in bounded
+    memory: a line of more than `limit` bytes is never held whole; its size in bytes (an int)
+    comes in its place. A UTF-8 byte order mark at the start is dropped (offsets count it)."""
+    n, offset = 0, 0
+    while line := f.readline(limit + 2):  # room for the line's end, \r\n
+        n, start = n + 1, offset
+        offset += len(line)
+        if len(line) == limit + 2 and not line.endswith(b"\n"):  # over-long: count the rest
+            size, tail = len(line), line
+            while more := f.readline(CHUNK):
+                offset, size, tail = offset + len(more), size + len(more), more
+                if more.endswith(b"\n"):
+                    break
+            yield n, start, size - (len(tail) - len(tail.rstrip(b"\r\n")))
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}: line {n}: malformed JSON ({e.msg}, column {e.colno}); fix "
-                "or delete that line (JSON Lines: one object per line)."
-            ) from e
-        out.append((f"{path}: record {len(out)} (line {n})", rec))
+        line = line.removesuffix(b"\n").removesuffix(b"\r")
+        if n == 1 and line.startswith(BOM):
+            line, start = line[len(BOM) :], start + len(BOM)
+        yield n, start, (len(line) if len(line) > limit else line)
+
+
+def _decode(path: Path, n: int, start: int, line: bytes) -> str:
+    """A line's bytes as text; bytes that are not UTF-8 are refused naming the line (as
+    `read_utf8`)."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}: line {n}: not UTF-8 text (byte 0x{line[e.start]:02x} at offset "
+            f"{start + e.start}). Convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or "
+            "remove it if it is not a data file."
+        ) from None
+
+
+def too_long(where: str, size: int, limit: int) -> DataError:
+    """The error of a record over `limit` bytes at `where` (file and line)."""
+    more = max(2 * limit, -(-size // (1 << 20)) << 20)  # whole MiB, at least the size
+    return DataError(
+        f"{where}: a record of {size:,} bytes, over the limit of {limit:,} bytes per record "
+        "(max_record_bytes); nothing was tokenized. Split it into smaller records (a long text: "
+        "a .txt file split into paragraphs at blank lines, or several text records), or raise "
+        f"the limit if it must stay whole: max_record_bytes={more} in the run config (or in "
+        "that source's entry of sources)."
+    )
+
+
+def _first_byte(path: Path) -> bytes:
+    """The file's first byte that is not whitespace (after a byte order mark), or b""."""
+    with open(path, "rb") as f:
+        head = f.read(len(BOM))
+        if head != BOM:
+            f.seek(0)
+        while chunk := f.read(CHUNK):
+            if chunk := chunk.lstrip():
+                return chunk[:1]
+    return b""
+
+
+def _read_json(path: Path, limit: int = MAX_RECORD_BYTES) -> Raw:
+    if path.suffix == ".json" and _first_byte(path) == b"[":  # else: JSON Lines in a .json file
+        return _read_json_array(path, limit)
+    out: Raw = []
+    with open(path, "rb") as f:
+        for n, start, raw in read_lines(f, limit):
+            where = f"{path}: record {len(out)} (line {n})"
+            if isinstance(raw, int):
+                raise too_long(where, raw, limit)
+            line = _decode(path, n, start, raw)
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}: line {n}: malformed JSON ({e.msg}, column {e.colno}); fix "
+                    "or delete that line (JSON Lines: one object per line)."
+                ) from e
+            out.append((where, rec))
     return out
 
 
-def _read_txt(path: Path) -> Raw:
-    text = read_utf8(path).replace("\r\n", "\n")
-    paras = [p.strip() for p in text.split("\n\n")]
-    return [(f"{path}: paragraph {i}", {"text": p}) for i, p in enumerate(x for x in paras if x)]
+def _read_json_array(path: Path, limit: int) -> Raw:
+    """The elements of a .json file that holds one array. The file is read whole (its size is
+    the user's); each element's text is measured before the next is parsed."""
+    text = read_utf8(path)
+    try:
+        if os.path.getsize(path) <= limit:  # no element can be over the limit
+            data = json.loads(text)
+            return [(f"{path}: record {i}", r) for i, r in enumerate(data)]
+        out: Raw = []
+        decoder, space = json.JSONDecoder(), re.compile(r"\s*")
+        i = space.match(text, text.index("[") + 1).end()
+        while text[i : i + 1] != "]" or out:
+            rec, end = decoder.raw_decode(text, i)
+            chars = end - i
+            size = chars if chars > limit else len(text[i:end].encode())
+            if size > limit:
+                line = text.count("\n", 0, i) + 1
+                raise too_long(f"{path}: record {len(out)} (line {line})", size, limit)
+            out.append((f"{path}: record {len(out)}", rec))
+            i = space.match(text, end).end()
+            if text[i : i + 1] == "]":
+                break
+            if text[i : i + 1] != ",":
+                json.loads(text)  # the syntax error, as the whole file's parser words it
+            i = space.match(text, i + 1).end()
+        if text[i + 1 :].strip():
+            json.loads(text)
+        return out
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}: line {e.lineno}: malformed JSON ({e.msg}, column "
+            f"{e.colno}); fix the file (a JSON array of objects)."
+        ) from e
 
 
-def _read_path(spec: SourceSpec) -> list[tuple[Raw, str]]:
-    """[(raw records, format)] per file of the spec's path."""
+def _read_txt(path: Path, limit: int = MAX_RECORD_BYTES) -> Raw:
+    """The paragraphs of a text file (split at empty lines), each at most `limit` bytes, read
+    line by line in bounded memory."""
+    out: Raw = []
+    lines: list[str] = []
+    size, first = 0, 0  # the paragraph's bytes so far, its first line
+    with open(path, "rb") as f:
+        for n, start, raw in itertools.chain(read_lines(f, limit), [(0, 0, b"")]):  # b"": its end
+            if raw == b"":
+                if size > limit:
+                    raise too_long(f"{path}: paragraph {len(out)} (line {first})", size, limit)
+                para = "\n".join(lines).strip()
+                if para:
+                    out.append((f"{path}: paragraph {len(out)}", {"text": para}))
+                lines, size = [], 0
+                continue
+            first = n if not size else first
+            size += (raw if isinstance(raw, int) else len(raw)) + (1 if size else 0)
+            if size > limit:
+                lines = []  # counted on to the paragraph's end, not held
+            else:
+                lines.append(_decode(path, n, start, raw))  # type: ignore[arg-type]
+    return out
+
+
+def source_files(spec: SourceSpec) -> list[Path]:
+    """The files a spec's path reads: the file itself, or the data files of its folder."""
     path = Path(spec.path)
     if not path.exists():
         raise DataError(f"source {spec.name!r}: path {path} does not exist; check the path.")
@@ -177,12 +305,18 @@ def _read_path(spec: SourceSpec) -> list[tuple[Raw, str]]:
         )
     if not files:
         raise DataError(f"source {spec.name!r}: no {'/'.join(SUFFIXES)} files in {path}.")
+    return files
+
+
+def _read_path(spec: SourceSpec) -> list[tuple[Raw, str]]:
+    """[(raw records, format)] per file of the spec's path."""
     out = []
-    for f in files:
+    for f in source_files(spec):
         if f.suffix not in SUFFIXES:
             raise DataError(f"source {spec.name!r}: {f} is not a {'/'.join(SUFFIXES)} file.")
         fmt = "text" if f.suffix == ".txt" and spec.format == "auto" else spec.format
-        out.append((_read_txt(f) if f.suffix == ".txt" else _read_json(f), fmt))
+        limit = spec.max_record_bytes
+        out.append((_read_txt(f, limit) if f.suffix == ".txt" else _read_json(f, limit), fmt))
     return out
 
 
@@ -299,6 +433,9 @@ def load_records(spec: SourceSpec) -> list[dict]:
         )
     if spec.limit is not None and (not isinstance(spec.limit, int) or spec.limit < 1):
         raise DataError(f"{where}: limit must be a whole number >= 1 or None, got {spec.limit!r}.")
+    most = spec.max_record_bytes
+    if not isinstance(most, int) or isinstance(most, bool) or most < 1:
+        raise DataError(f"{where}: max_record_bytes must be a whole number >= 1, got {most!r}.")
     given = [x for x in ("path", "records", "hf_name") if getattr(spec, x) is not None]
     if spec.format == "hf" or spec.hf_name is not None:
         if spec.hf_name is None or spec.records is not None:
@@ -316,12 +453,25 @@ def load_records(spec: SourceSpec) -> list[dict]:
         if raw:
             fmt = _detect(raw[0][0], raw[0][1]) if fmt in ("auto", "hf") else fmt
             out.extend(_normalise(loc, rec, fmt) for loc, rec in raw)
+            if spec.records is not None or spec.hf_name is not None:  # a file's: measured
+                _check_sizes(raw, out[len(out) - len(raw) :], most)
     if spec.shard is not None:
         out = _shard(out, spec.shard, where)
     if not out:
         src = f" ({spec.path or spec.hf_name})" if (spec.path or spec.hf_name) else ""
         raise DataError(f"{where}{src} has no records: add records or remove the source.")
     return corrupt_responses(out, spec.corrupt, spec.seed) if spec.corrupt else out
+
+
+def _check_sizes(raw: Raw, records: list[dict], limit: int) -> None:
+    """Refuse a record (in memory, or from `datasets`) whose prompt and response hold more than
+    `limit` bytes of UTF-8 text."""
+    for (where, _), r in zip(raw, records):
+        chars = len(r["prompt"]) + len(r["response"])
+        if 4 * chars > limit:  # else it fits whatever its characters
+            size = len(r["prompt"].encode()) + len(r["response"].encode())
+            if size > limit:
+                raise too_long(where, size, limit)
 
 
 def load_sources(specs: Sequence[SourceSpec]) -> dict[str, list[dict]]:
@@ -755,9 +905,8 @@ def tokenize(
             records_by_source, names, tokenizer, max_length, prefix, truncate_prompts
         )
         path = Path(cache_dir) / f"tokenized-{key}.pt"
-    if path is not None and path.is_file():
-        data = _load_cache(path)
-    else:
+    data = _load_cache(path, names) if path is not None and path.is_file() else None
+    if data is None:
         ids, labels, src, dropped = [], [], [], {}
         for s, name in enumerate(names):
             if name in records_by_source:
@@ -795,13 +944,42 @@ def _save_cache(data: TokenizedData, path: Path) -> None:
     save_torch(path, blob)  # atomic: readers see the old state or the whole file
 
 
-def _load_cache(path: Path) -> TokenizedData:
-    blob = torch.load(path, weights_only=True)
-    lengths = blob["lengths"].tolist()
-    return TokenizedData(
-        names=tuple(blob["names"]),
-        input_ids=list(torch.split(blob["input_ids"], lengths)),
-        labels=list(torch.split(blob["labels"], lengths)),
-        source_ids=blob["source_ids"],
-        dropped=blob.get("dropped", {}),
-    )
+CACHE_ERRORS = (
+    RuntimeError,
+    EOFError,
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+)
+"""What `torch.load` and the unpacking raise on a torn or foreign cache file."""
+
+
+def _load_cache(path: Path, names: Sequence[str]) -> TokenizedData | None:
+    """A cached tokenization, or None when the file cannot be read whole (torn by a crash or a
+    full disk, or not ours): it is deleted, with a warning naming it, and its caller tokenizes
+    again and rewrites that entry alone."""
+    try:
+        blob = torch.load(path, weights_only=True)
+        lengths = blob["lengths"].tolist()
+        data = TokenizedData(
+            names=tuple(blob["names"]),
+            input_ids=list(torch.split(blob["input_ids"], lengths)),
+            labels=list(torch.split(blob["labels"], lengths)),
+            source_ids=blob["source_ids"],
+            dropped=blob.get("dropped", {}),
+        )
+        if data.names != tuple(names) or len(data.source_ids) != len(lengths):
+            raise ValueError(f"it holds sources {list(data.names)}, not {list(names)}")
+        return data
+    except CACHE_ERRORS as e:
+        why = (str(e).split(". ")[0] or type(e).__name__)[:120]
+        warnings.warn(
+            f"{path}: a tokenized-cache file that cannot be read ({why}); deleted, tokenizing "
+            "again and rewriting it.",
+            stacklevel=3,
+        )
+        path.unlink(missing_ok=True)
+        return None

@@ -19,14 +19,22 @@ autocast, and the per-rank parts of a checkpoint.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
-from collections.abc import Callable
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from .errors import Interrupted
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> float:
@@ -141,3 +149,104 @@ class Local:
 
 LOCAL = Local()
 """The distribution of a single process without accelerate (the toys' default)."""
+
+
+# ------------------------------------------------------------------ processes: start and end
+
+
+def end_processes() -> None:
+    """Destroy this process's process group, if it has one (idempotent).
+
+    Every exit path must call it while the interpreter is still whole: gloo's worker threads may
+    still hold tensors of finished operations, and if the group is left to the interpreter's own
+    teardown, freeing them there can abort the process ("terminate called without an active
+    exception", SIGABRT) after its work is done. `ended_at_exit` makes it the last thing a
+    process does on a normal exit; the command line also calls it in its `finally`."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_AT_EXIT: list[bool] = []
+
+
+def ended_at_exit() -> None:
+    """Register `end_processes` to run at interpreter exit (once per process)."""
+    if not _AT_EXIT:
+        atexit.register(end_processes)
+        _AT_EXIT.append(True)
+
+
+def run_group(
+    cmd: Sequence[str],
+    timeout: float | None = None,
+    cwd: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    capture: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run `cmd` in a session of its own and wait for it (as `subprocess.run`, text output).
+
+    Whatever happens (it ends, times out, this process is interrupted or fails), nothing it
+    started outlives the call: a launcher's ranks are in its session, and the whole session is
+    stopped (SIGTERM, then SIGKILL after 5 s) before this returns or raises. A timeout raises
+    `subprocess.TimeoutExpired` as `subprocess.run` does."""
+    pipe = subprocess.PIPE if capture else None
+    proc = subprocess.Popen(
+        list(cmd), cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=True, start_new_session=True
+    )
+    try:
+        with terminate_raises():
+            out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop_group(proc)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(proc.args, timeout, out, err) from None
+    finally:
+        _stop_group(proc)  # on every path; after a normal end: ranks a launcher left behind
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@contextlib.contextmanager
+def terminate_raises() -> Iterator[None]:
+    """Where SIGTERM would end this process at once (its default action: a batch scheduler's
+    stop, silent, status -15), it raises `Interrupted` inside the block instead, as Ctrl-C
+    raises KeyboardInterrupt: every `finally` runs (a session is stopped, a message said). In
+    the main thread only (signals are caught there); a handler already set is left alone."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """Stop the session of `proc` (its own process group): SIGTERM, then SIGKILL to whatever is
+    left after `grace` seconds; `proc` is reaped."""
+    if _signal_group(proc.pid, signal.SIGTERM):
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader, or the group never empties
+            if not _signal_group(proc.pid, 0):
+                break
+            time.sleep(0.05)
+        _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to process group `pgid`; whether any process of it was left to receive it."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True

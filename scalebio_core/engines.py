@@ -25,7 +25,7 @@ from accelerate.state import AcceleratorState
 from torch import nn
 
 from . import sharding, zero
-from .distributed import Local
+from .distributed import Local, ended_at_exit
 from .errors import ConfigError
 
 
@@ -142,10 +142,12 @@ def make_accelerator(cfg: Any) -> Accelerator:
         cpu=not torch.cuda.is_available(),
     )
     try:
-        return Accelerator(**kwargs)
+        accelerator = Accelerator(**kwargs)
     except ValueError:  # an earlier run in this process (a notebook) chose another precision
         AcceleratorState._reset_state()
-        return Accelerator(**kwargs)
+        accelerator = Accelerator(**kwargs)
+    ended_at_exit()  # a launched rank's process group ends before the interpreter does
+    return accelerator
 
 
 def _offload_on_gpus(kind: str, offload: bool, device: torch.device) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import signal
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,6 +41,24 @@ class NonFiniteLossError(FloatingPointError):
 
 class TrainingStopped(RuntimeError):
     """Training stopped on a problem (e.g. a NaN loss); the run directory says where it stopped."""
+
+
+class Interrupted(TrainingStopped):
+    """A signal (SIGINT, SIGTERM) stopped the work; the message says what was kept and how to go
+    on. `final`: the message is complete (else a raw one, from the signal handler)."""
+
+    def __init__(self, message: str, signum: int, final: bool = True):
+        super().__init__(message)
+        self.signum, self.final = signum, final
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """The conventional status of a process stopped by the signal: 128 + its number."""
+        return 128 + self.signum
 
 
 _KINDS = {bool: bool, int: numbers.Integral, float: numbers.Real, str: str}

@@ -10,10 +10,13 @@ the identical trajectory.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,7 +27,8 @@ from . import runs
 from .config import TrainConfig
 from .distributed import Local
 from .engines import make_accelerator
-from .errors import ConfigError, NonFiniteLossError, TrainingStopped
+from .errors import ConfigError, Interrupted, NonFiniteLossError, TrainingStopped
+from .identity import IDENTITY, RESUME_CHANGEABLE, RESUME_IGNORED
 
 Callback = Callable[[dict, Any], None]
 """callback(row, setup): after every step, with the trajectory row and the method's `Setup`."""
@@ -60,17 +64,12 @@ class Method(Protocol):
     def save(self, run_dir: Path, weights: dict[str, float]) -> None:
         """Checkpoint (every rank calls it)."""
 
-    def load(self, run_dir: Path) -> int:
-        """Load the checkpoint; returns the step to continue from."""
+    def load(self, run_dir: Path, accept_data_change: bool = False) -> tuple[int, dict]:
+        """Load the checkpoint (refusing one of another run): (the step to continue from, the
+        data changes accepted, {file: [SHA-256 then, now]})."""
 
 
 # ------------------------------------------------------------------ the run folder
-
-RESUME_IGNORED = ("out_dir", "tracker", "cpu_malloc", "fsdp_offload", "zero_offload")
-"""Config keys a resume may change: where and how the run is written or held, not what it does."""
-RESUME_CHANGEABLE = ("lr_w", "lr_u", "lr_lam", "alpha")
-"""Config keys a resume may change with a record (changes.jsonl, and each row's lr_w, lr_u,
-alpha): the learning rates and α, what a stop on a non-finite loss advises lowering."""
 
 
 def _agree(ok: bool, dist_ready: bool, device: torch.device) -> bool:
@@ -138,10 +137,14 @@ def _say(dist: Local, text: str) -> None:
 
 
 def open_run(
-    cfg: TrainConfig, resume: bool, build: Callable[[TrainConfig, Any], Method]
+    cfg: TrainConfig,
+    resume: bool,
+    build: Callable[[TrainConfig, Any], Method],
+    accept_data_change: bool = False,
 ) -> tuple[Method, Path, int, runs.RunLock | None]:
     """Lock and check the folder, build the method (`build(cfg, accelerator)`), then start or
-    resume the run folder. Returns (method, run folder, first step, the lock to release)."""
+    resume the run folder. Returns (method, run folder, first step, the lock to release).
+    A resume refuses a checkpoint of another run and damaged logs before it changes a file."""
     accelerator = make_accelerator(cfg)
     ready = torch.distributed.is_available() and torch.distributed.is_initialized()
     run_dir, mode, changed = prepare_run_dir(cfg, resume)  # every rank reads the same …
@@ -169,38 +172,69 @@ def open_run(
     try:
         torch.manual_seed(cfg.seed)
         method = build(cfg, accelerator)
-        dist = method.dist
         if mode == "resume":
-            start = method.load(run_dir)
-            dist.barrier()
-            if dist.is_main:
-                for log in (runs.TRAJECTORY, runs.TIMING):
-                    runs.JsonlLog(run_dir / log).truncate_to(start)
-                runs.clean_temporary(run_dir)
-                if changed:
-                    runs.write_yaml(run_dir / runs.CONFIG, cfg.to_dict())
-                    runs.JsonlLog(run_dir / runs.CHANGES).append({"step": start, **changed})
-            what = "; ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-            _say(dist, f"resuming {run_dir} at step {start}" + (f" ({what})" if what else ""))
+            start = _resume_folder(method, cfg, run_dir, changed, accept_data_change)
             return method, run_dir, start, lock
-        if mode == "restart":
-            _say(
-                dist,
-                f"{run_dir} holds a run stopped before its first checkpoint: starting it again "
-                "at step 0.",
-            )
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            runs.clean_temporary(run_dir)
-            runs.write_yaml(run_dir / runs.CONFIG, cfg.to_dict())
-            (run_dir / runs.TRAJECTORY).write_text("")
-            (run_dir / runs.TIMING).unlink(missing_ok=True)
-        method.save(run_dir, method.weights())
+        _start_folder(method, cfg, run_dir, mode)
         return method, run_dir, 0, lock
     except BaseException:
         if lock is not None:
             lock.release()
         raise
+
+
+def _resume_folder(
+    method: Method, cfg: TrainConfig, run_dir: Path, changed: dict, accept_data_change: bool
+) -> int:
+    """Load the checkpoint (refusing one of another run) and cut the logs to the steps it
+    covers (refusing damage inside them), then record what the resume changed; the step to
+    continue from."""
+    dist = method.dist
+    start, data_changed = method.load(run_dir, accept_data_change)
+    kept = {  # checked on every rank before any is cut: all refuse, or none
+        log: runs.covered_rows(run_dir / log, start)
+        for log in (runs.TRAJECTORY, runs.TIMING)
+        if log == runs.TRAJECTORY or (run_dir / log).exists()
+    }
+    dist.barrier()
+    if dist.is_main:
+        for log, rows in kept.items():  # the steps after the checkpoint run again
+            runs.JsonlLog(run_dir / log).rewrite(rows)
+        runs.clean_temporary(run_dir)
+        if changed:
+            runs.write_yaml(run_dir / runs.CONFIG, cfg.to_dict())
+        record = {"step": start, **changed}
+        if data_changed:
+            record["data"] = data_changed
+            runs.write_json(run_dir / IDENTITY, method.setup.identity())
+        if changed or data_changed:
+            runs.JsonlLog(run_dir / runs.CHANGES).append(record)
+    what = [f"{k} {a} -> {b}" for k, (a, b) in changed.items()]
+    if data_changed:
+        what.append("changed data: " + ", ".join(data_changed))
+    _say(dist, f"resuming {run_dir} at step {start}" + (f" ({'; '.join(what)})" if what else ""))
+    return start
+
+
+def _start_folder(method: Method, cfg: TrainConfig, run_dir: Path, mode: str) -> None:
+    """Write a new run's folder (or restart one stopped before its first checkpoint) and its
+    first checkpoint, in an order that leaves the folder recognisably ours at every moment."""
+    dist = method.dist
+    if mode == "restart":
+        _say(
+            dist,
+            f"{run_dir} holds a run stopped before its first checkpoint: starting it again "
+            "at step 0.",
+        )
+    if dist.is_main:  # trajectory.jsonl before config.yaml: `runs.check_out_dir`
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runs.clean_temporary(run_dir)
+        (run_dir / runs.TRAJECTORY).write_text("")
+        (run_dir / runs.TIMING).unlink(missing_ok=True)
+        runs.write_yaml(run_dir / runs.CONFIG, cfg.to_dict())
+        if method.setup is not None:
+            runs.write_json(run_dir / IDENTITY, method.setup.identity())
+    method.save(run_dir, method.weights())
 
 
 def write_verdict(run_dir: Path, weighted: bool) -> dict | None:
@@ -221,14 +255,36 @@ def run(
     resume: bool = False,
     progress: bool = True,
     callback: Callback | None = None,
+    accept_data_change: bool = False,
 ) -> dict[str, float]:
-    """Run (or resume) a method into cfg.out_dir; returns its final weights (weights.json)."""
-    method, run_dir, start, lock = open_run(cfg, resume, build)
+    """Run (or resume) a method into cfg.out_dir; returns its final weights (weights.json).
+
+    SIGINT and SIGTERM (`caught_signals`) stop it at the next step boundary with a checkpoint,
+    raising `Interrupted` (its message holds the resume command); while the run is set up, they
+    stop it at once (nothing is trained yet, and every file is written atomically)."""
+    with caught_signals() as stop:
+        try:
+            method, run_dir, start, lock = open_run(cfg, resume, build, accept_data_change)
+        except Interrupted as e:
+            raise Interrupted(
+                f"{e} while the run was set up: nothing was trained"
+                + (", and the checkpoint is as it was" if resume else "")
+                + ". Run the same command again to "
+                + ("resume." if resume else "start it."),
+                e.signum,
+            ) from None
+        stop.deferred = True
+        return _finish(method, cfg, run_dir, start, lock, progress, callback, stop)
+
+
+def _finish(method, cfg, run_dir, start, lock, progress, callback, stop) -> dict[str, float]:
+    """`run` after the run folder is open: the loop, weights.json, the verdict; the lock is
+    released on every path."""
     table = getattr(method.setup, "table", "")
     if progress and table:
         _say(method.dist, table)
     try:
-        run_loop(method, cfg, run_dir, start, progress, callback)
+        run_loop(method, cfg, run_dir, start, progress, callback, stop)
         weights = method.weights()
         if method.dist.is_main:
             runs.write_json(run_dir / runs.WEIGHTS, weights)
@@ -283,6 +339,42 @@ PLAIN_LINES, PLAIN_SECONDS = 20, 60.0
 """Without a terminal, the progress is one line per 1/20 of the run, or per minute."""
 
 
+class _Progress:
+    """What a run shows while it steps: a bar on a terminal; without one (a log file, a pipe)
+    one plain line per 1/20 of the run or per minute; nothing off the main process."""
+
+    def __init__(self, method: Method, start: int, progress: bool):
+        self.method, self.start, self.progress = method, start, progress
+        shown = progress and method.dist.is_main
+        self.plain = shown and not sys.stderr.isatty()
+        self.every = max(1, method.total // PLAIN_LINES)
+        self.began, self.last = time.perf_counter(), 0.0
+        self.bar = tqdm(
+            range(start, method.total),
+            initial=start,
+            total=method.total,
+            disable=not shown or self.plain,
+            desc=method.desc,
+            dynamic_ncols=True,
+        )
+
+    def after(self, t: int, row: dict) -> None:
+        m = self.method
+        if self.progress and not self.plain:
+            self.bar.set_postfix_str(m.postfix(row))
+        now = time.perf_counter() - self.began
+        due = (t + 1) % self.every == 0 or t + 1 == m.total or now - self.last >= PLAIN_SECONDS
+        if self.plain and due:
+            self.last, done = now, t + 1 - self.start
+            eta = now / done * (m.total - t - 1)
+            print(
+                f"{m.desc}: step {t + 1}/{m.total}, {m.postfix(row)} "
+                f"({now:.0f} s, about {eta:.0f} s to go)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
 def run_loop(
     method: Method,
     cfg: TrainConfig,
@@ -290,28 +382,22 @@ def run_loop(
     start: int = 0,
     progress: bool = True,
     callback: Callback | None = None,
+    stop: CaughtSignals | None = None,
 ) -> None:
     """Steps start … method.total − 1: rows to trajectory.jsonl and timing.jsonl (main process),
     the tracker, a checkpoint every cfg.checkpoint_every steps and after the last, the callback.
-    A non-finite loss checkpoints the last good state and raises `TrainingStopped`."""
+    A non-finite loss checkpoints the last good state and raises `TrainingStopped`; so does a
+    full disk, keeping the last good checkpoint. A signal caught by `stop` ends the run at the
+    next step boundary, after a checkpoint (`Interrupted`, with the resume command)."""
     dist = method.dist
     traj, timing = runs.JsonlLog(run_dir / runs.TRAJECTORY), runs.JsonlLog(run_dir / runs.TIMING)
     tracking = cfg.tracker != "none"
     if tracking:
         dist.accelerator.init_trackers(Path(cfg.out_dir).name, config=_tracker_config(cfg))
-    shown = progress and dist.is_main
-    plain = shown and not sys.stderr.isatty()  # a log file or a pipe: lines, not a redrawn bar
-    every, began, last = max(1, method.total // PLAIN_LINES), time.perf_counter(), 0.0
-    bar = tqdm(
-        range(start, method.total),
-        initial=start,
-        total=method.total,
-        disable=not shown or plain,
-        desc=method.desc,
-        dynamic_ncols=True,
-    )
+    shown = _Progress(method, start, progress)
+    saved, t = start, start  # the step of the last checkpoint; the step under way
     try:
-        for t in bar:
+        for t in shown.bar:
             t0 = time.perf_counter()
             try:
                 row, tokens = method.step(t)
@@ -328,21 +414,106 @@ def run_loop(
                 dist.accelerator.log(_tracked(row), step=t)
             if (t + 1) % cfg.checkpoint_every == 0 or t + 1 == method.total:
                 method.save(run_dir, method.weights())
-            if progress and not plain:
-                bar.set_postfix_str(method.postfix(row))
-            now = time.perf_counter() - began
-            due = (t + 1) % every == 0 or t + 1 == method.total or now - last >= PLAIN_SECONDS
-            if plain and due:
-                last, done = now, t + 1 - start
-                eta = now / done * (method.total - t - 1)
-                print(
-                    f"{method.desc}: step {t + 1}/{method.total}, {method.postfix(row)} "
-                    f"({now:.0f} s, about {eta:.0f} s to go)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                saved = t + 1
+            shown.after(t, row)
             if callback is not None:
                 callback(row, method.setup)
+            if stop is not None and stop.agreed(dist):
+                if method.checkpoints and saved != t + 1:
+                    method.save(run_dir, method.weights())
+                    saved = t + 1
+                text = _interrupted(stop.name, t + 1, saved, run_dir, method)
+                raise Interrupted(text, stop.signum)
+    except runs.DiskFullError as e:
+        raise TrainingStopped(_disk_full(e, t, saved, run_dir, method)) from e
+    except Interrupted as e:
+        if e.final:
+            raise
+        raise Interrupted(_interrupted(e.name, t, saved, run_dir, method), e.signum) from None
     finally:  # a stopped run keeps what the tracker received
         if tracking:
             dist.accelerator.end_training()
+
+
+def _resume_command(run_dir: Path) -> str:
+    """The command that resumes the run in `run_dir`, from any folder."""
+    config = Path(run_dir).resolve() / runs.CONFIG
+    return f"python -m scalebio_core train --config {config} --resume"
+
+
+def _interrupted(name: str, done: int, saved: int, run_dir: Path, method: Method) -> str:
+    """What a run stopped by signal `name` after `done` steps says (the checkpoint at `saved`)."""
+    head = f"stopped by {name} after step {done} of {method.total}"
+    if not method.checkpoints:
+        return f"{head}; {method.desc} keeps no checkpoint: run it again."
+    return (
+        f"{head}: its checkpoint is at step {saved} "
+        f"({Path(run_dir).resolve() / runs.CHECKPOINT}); a resume runs the steps after it "
+        f"again. Resume with: {_resume_command(run_dir)}"
+    )
+
+
+def _disk_full(e: OSError, t: int, saved: int, run_dir: Path, method: Method) -> str:
+    if not method.checkpoints:
+        return f"{e}\nStopped at step {t} ({method.desc}); run it again once there is space."
+    return (
+        f"{e}\nStopped at step {t} ({method.desc}). The last good checkpoint, step {saved}, is "
+        f"kept in {Path(run_dir).resolve() / runs.CHECKPOINT}. Once there is space, resume with: "
+        f"{_resume_command(run_dir)}"
+    )
+
+
+# ------------------------------------------------------------------ signals
+
+REPEAT_WINDOW = 2.0
+"""Seconds after a first signal in which a second is the same request: a launcher passes on to
+its ranks the Ctrl-C they received too (torch's elastic agent does)."""
+
+
+class CaughtSignals:
+    """SIGINT and SIGTERM while a run is open (the handler of `caught_signals`). Until
+    `deferred` is set they raise `Interrupted` at once (the run is being set up); then the first
+    one is noted, and the loop stops at the next step boundary (`agreed`); another one after
+    `REPEAT_WINDOW` seconds raises at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.at = 0.0
+        self.deferred = False
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGTERM).name
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self.signum is not None and now - self.at < REPEAT_WINDOW:
+            return
+        if self.deferred and self.signum is None:
+            self.signum, self.at = signum, now
+            return
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum, final=False)
+
+    def agreed(self, dist: Any) -> bool:
+        """Whether any process caught a signal (every process stops at the same step)."""
+        asked = self.signum is not None
+        if dist.world > 1:
+            asked = float(dist.reduce(torch.tensor([float(asked)])).item()) > 0
+            self.signum = self.signum or (signal.SIGTERM if asked else None)
+        return asked
+
+
+@contextlib.contextmanager
+def caught_signals() -> Iterator[CaughtSignals]:
+    """SIGINT and SIGTERM handled by a `CaughtSignals` inside the block (in the main thread;
+    elsewhere signals cannot be caught and nothing changes); the old handlers after it."""
+    catcher = CaughtSignals()
+    if threading.current_thread() is not threading.main_thread():
+        yield catcher
+        return
+    old = {sig: signal.signal(sig, catcher) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield catcher
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)

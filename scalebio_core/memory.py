@@ -61,7 +61,8 @@ T: all parameters (full); n_active blocks, plus embeddings, head and final norm 
 embeddings counted once); the LoRA matrices r·(in + out) of every Linear inside the blocks (LoRA).
 Not modelled: the allocator's slack, the framework's own buffers (CUDA context, thread pools), the
 per-block weight-gradient transients in the middle of the backward (one block's Linear, small
-next to the head). The weight,
+next to the head); a plan's verdict (`Plan.fits`) keeps a headroom for them, `HEADROOM` of
+each GPU (and of the host memory per node, when given) free. The weight,
 gradient and optimizer terms are counts checked against measured tensors in the tests; the
 eager total is checked against the measured peak resident set of real training steps
 (`experiments.memory_probe`, `benchmarks/memory.py`).
@@ -80,20 +81,31 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from .config import CONFIG_DIR, TrainConfig
 from .engines import check_plan
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .lisa import find_blocks
 from .losses import head_chunk
+from .models import model_config
 
 GIB = 2**30
 SHARDINGS = ("fsdp", "zero3", "zero2", "zero1", "ddp")
 MODEL_CONFIGS = CONFIG_DIR / "models"
 PAPER_MODELS = ("gpt2", "meta-llama/Meta-Llama-3-8B", "EleutherAI/gpt-neox-20b", "01-ai/Yi-34B")
+HEADROOM = 0.1
+"""The share of each GPU's and each node's memory a plan keeps free by default: what the model
+does not count (the CUDA context, the allocator's slack, the framework's buffers, other processes
+of the node)."""
 PRECISION_BYTES = {"fp32": (4, 4), "bf16": (4, 2), "bf16-weights": (2, 2)}
 """(weight and gradient bytes, activation bytes) per element of each precision."""
 
 
 def load_config(name_or_path: str):
-    """A model config: a local config.json / folder, or one shipped in configs/models/."""
+    """A model config: an embedded model ('embedded:nano', …), a local config.json / folder, or
+    one shipped in configs/models/."""
+    if name_or_path == "embedded" or name_or_path.startswith("embedded:"):
+        try:
+            return model_config(name_or_path)
+        except ModelError as e:
+            raise ConfigError(str(e)) from None
     path = Path(name_or_path)
     candidates = [
         path / "config.json",
@@ -406,7 +418,8 @@ def setup_of(cfg: TrainConfig, gpus: int) -> MemorySetup:
 
 @dataclass(frozen=True)
 class Plan:
-    """A run config on a machine (`gpus` × `gpu_gib`), with its predicted bytes per GPU."""
+    """A run config on a machine (`gpus` × `gpu_gib`, `host_gib` per node), with its predicted
+    bytes per GPU and per node, judged with `headroom` (a share of each kept free)."""
 
     cfg: TrainConfig
     gpus: int
@@ -416,6 +429,9 @@ class Plan:
     prediction: dict
     load: dict
     """`loading`: the GPU peak while the copies are built, host memory per node."""
+    host_gib: float | None = None
+    """Host memory per node (GiB); None: not limited (the verdict says so)."""
+    headroom: float = HEADROOM
 
     @property
     def peak(self) -> float:
@@ -423,8 +439,31 @@ class Plan:
         return max(self.prediction["total"], self.load["gpu_load"])
 
     @property
+    def host_peak(self) -> float:
+        """Bytes of host memory per node: building the copies, or what offload keeps there."""
+        return max(self.load["host_load"], self.load["host"])
+
+    @property
+    def gpu_limit(self) -> float:
+        """Bytes per GPU the plan may use: `gpu_gib` less the headroom."""
+        return self.gpu_gib * GIB * (1 - self.headroom)
+
+    @property
+    def host_limit(self) -> float | None:
+        """Bytes per node the plan may use (`host_gib` less the headroom), or None."""
+        return None if self.host_gib is None else self.host_gib * GIB * (1 - self.headroom)
+
+    @property
+    def gpu_fits(self) -> bool:
+        return self.peak <= self.gpu_limit
+
+    @property
+    def host_fits(self) -> bool:
+        return self.host_limit is None or self.host_peak <= self.host_limit
+
+    @property
     def fits(self) -> bool:
-        return self.peak <= self.gpu_gib * GIB
+        return self.gpu_fits and self.host_fits
 
     @property
     def share(self) -> float:
@@ -450,20 +489,67 @@ class Plan:
             f"  host memory per node: {self.load['host_load'] / GIB:.1f} GiB while the copies "
             f"are built, {self.load['host'] / GIB:.1f} GiB offloaded in training"
         )
+        keep = f"{self.headroom:.0%} headroom"
+        host = (
+            "host: not limited (give the host memory per node: --host-mem GiB)"
+            if self.host_limit is None
+            else f"host {self.host_limit / GIB:.1f} GiB per node ({self.host_gib:g} GiB less "
+            f"{keep})"
+        )
+        rows.append(
+            f"  limits: GPU {self.gpu_limit / GIB:.1f} GiB ({self.gpu_gib:g} GiB less {keep}); "
+            + host
+        )
+        over = []
+        if not self.gpu_fits:
+            over.append(f"GPU {self.peak / GIB:.1f} > {self.gpu_limit / GIB:.1f} GiB")
+        if not self.host_fits:
+            over.append(f"host {self.host_peak / GIB:.1f} > {self.host_limit / GIB:.1f} GiB")
         rows.append(
             f"  verdict: {'fits' if self.fits else 'does NOT fit'} ({self.share:.0%} of "
-            f"{self.gpu_gib:g} GiB per GPU)"
+            f"{self.gpu_gib:g} GiB per GPU, host peak {self.host_peak / GIB:.1f} GiB per node"
+            + (f"; over: {', '.join(over)}" if over else "")
+            + ")"
         )
         return "\n".join(rows)
 
 
-def plan(cfg: TrainConfig, gpus: int, gpu_gib: float, shape: ModelShape | None = None) -> Plan:
-    """Predict run config `cfg` on `gpus` GPUs of `gpu_gib` GiB (ConfigError: refused)."""
-    if gpus < 1 or not gpu_gib > 0:
-        raise ConfigError(f"gpus must be >= 1 and gpu_gib > 0 (got {gpus}, {gpu_gib}).")
+def plan(
+    cfg: TrainConfig,
+    gpus: int,
+    gpu_gib: float,
+    shape: ModelShape | None = None,
+    host_gib: float | None = None,
+    headroom: float = HEADROOM,
+) -> Plan:
+    """Predict run config `cfg` on `gpus` GPUs of `gpu_gib` GiB, with `host_gib` GiB of host
+    memory per node (None: not limited) and `headroom` of each kept free (ConfigError: refused)."""
+    check_machine(gpus, gpu_gib, host_gib, headroom)
     setup = setup_of(cfg, gpus)
     shape = shape or model_shape(cfg.model)
     if setup.attn_implementation == "auto":  # as transformers resolves it for this model
         attn = "sdpa" if shape.supports_sdpa else "eager"
         setup = dataclasses.replace(setup, attn_implementation=attn)
-    return Plan(cfg, gpus, gpu_gib, setup, shape, predict(shape, setup), loading(shape, setup))
+    return Plan(
+        cfg,
+        gpus,
+        gpu_gib,
+        setup,
+        shape,
+        predict(shape, setup),
+        loading(shape, setup),
+        host_gib,
+        headroom,
+    )
+
+
+def check_machine(gpus: int, gpu_gib: float, host_gib: float | None, headroom: float) -> None:
+    """Refuse a machine no plan can describe, naming the option to fix."""
+    if gpus < 1 or not gpu_gib > 0:
+        raise ConfigError(f"--gpus must be >= 1 and --gpu-mem > 0 GiB (got {gpus}, {gpu_gib}).")
+    if host_gib is not None and not host_gib > 0:
+        raise ConfigError(
+            f"--host-mem must be > 0 GiB per node (got {host_gib}); leave it out for no host limit."
+        )
+    if not 0 <= headroom < 1:
+        raise ConfigError(f"--headroom must lie in [0, 1) (a share kept free), got {headroom}.")

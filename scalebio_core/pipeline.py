@@ -29,7 +29,7 @@ from .baselines import VALIDATION, plain_step
 from .build import Setup, count_tokens, data_rules, data_specs, heldout_spec, setup, train_batch
 from .config import TrainConfig
 from .corpora import build_corpus, extract_answer
-from .data import DROP_REASONS, SourceSpec, load_records, load_sources, tokenize
+from .data import DROP_REASONS, SourceSpec, load_records, load_sources, read_lines, tokenize
 from .engines import make_accelerator
 from .errors import ConfigError, DataError
 from .loop import Callback, run_loop
@@ -41,6 +41,10 @@ CHECKABLE_CORPORA = ("instruction", "noisy", "informative", "math")
 TEST_SEED_OFFSET = 7919  # the held-out draw's corpus seed: seed + this
 EVAL = "eval.json"
 RESAMPLED = "resampled.jsonl"
+RESAMPLE_KEYS = frozenset({"prompt", "response", "source"})
+"""The keys of every record `resample` writes: how a file is recognised as its output."""
+SFT_FILES = (runs.CONFIG, runs.TRAJECTORY, runs.TIMING, EVAL, "data/validation.jsonl")
+"""What `sft` writes into its out folder (all that --overwrite replaces)."""
 
 
 # ---------------------------------------------------------------- resampling
@@ -108,6 +112,61 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
     return Path(path)
 
 
+def read_weights(path: str | os.PathLike[str], fix: str) -> dict[str, float]:
+    """A weights.json (each source name to its weight); its errors name the file and `fix`."""
+    try:
+        weights = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        at = f" (line {e.lineno}, column {e.colno}: {e.msg})" if hasattr(e, "lineno") else ""
+        raise DataError(f"{path}: not valid JSON{at}; {fix}") from e
+    if not isinstance(weights, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in weights.values()
+    ):
+        raise DataError(f"{path}: a weights.json maps each source name to its weight; {fix}")
+    return weights
+
+
+def is_resample_output(path: Path, limit: int) -> bool:
+    """Whether `path` is a file `resample` wrote: JSON Lines, every line a record of exactly
+    prompt, response and source, text each (lines over `limit` bytes are not read whole)."""
+    try:
+        with open(path, "rb") as f:
+            lines = 0
+            for _, _, line in read_lines(f, limit):
+                rec = None if isinstance(line, int) else json.loads(line)
+                if not (
+                    isinstance(rec, dict)
+                    and set(rec) == RESAMPLE_KEYS
+                    and all(isinstance(v, str) for v in rec.values())
+                ):
+                    return False
+                lines += 1
+            return lines > 0
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return False
+
+
+def _check_resample_out(target: Path, overwrite: bool, limit: int) -> None:
+    """Refuse to write over an existing file, unless `overwrite` and it is resample's own."""
+    if target.is_dir():
+        raise ConfigError(
+            f"--out {target} is a folder: give the path of a JSON Lines file. Nothing was written."
+        )
+    if not target.exists():
+        return
+    if not is_resample_output(target, limit):
+        raise ConfigError(
+            f"{target} exists and is not an output of resample (a JSON Lines file whose every "
+            "line is a record of exactly prompt, response and source); nothing was written. "
+            "Choose another --out: --overwrite replaces only resample's own earlier output."
+        )
+    if not overwrite:
+        raise ConfigError(
+            f"{target} exists (an earlier output of resample); nothing was written. Pass "
+            "--overwrite (overwrite=True in Python) to replace it, or choose another --out."
+        )
+
+
 def resample_run(
     run_dir: str | os.PathLike[str],
     n: int,
@@ -115,8 +174,11 @@ def resample_run(
     seed: int = 0,
     add_validation: bool = False,
     weights: Mapping[str, float] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Resample the sources of a run (its config.yaml) with its weights.json; write JSON Lines."""
+    """Resample the sources of a run (its config.yaml) with its weights.json; write JSON Lines
+    to `out` (default: <run>/resampled.jsonl). An existing file there is refused, unless
+    `overwrite` and it is an earlier output of resample (`is_resample_output`)."""
     run_dir = Path(run_dir)
     needed = [runs.CONFIG] + ([runs.WEIGHTS] if weights is None else [])
     for missing in [run_dir / f for f in needed if not (run_dir / f).exists()]:
@@ -124,8 +186,15 @@ def resample_run(
     cfg = TrainConfig.from_dict(
         runs.load_yaml((run_dir / runs.CONFIG).read_text(), run_dir / runs.CONFIG)
     )
+    target = Path(out) if out else run_dir / RESAMPLED
+    _check_resample_out(target, overwrite, 8 * cfg.max_record_bytes)  # JSON escapes, "source"
     if weights is None:
-        weights = json.loads((run_dir / runs.WEIGHTS).read_text())
+        weights = read_weights(
+            run_dir / runs.WEIGHTS,
+            "the run writes it at its end and at every checkpoint: rewrite it by resuming the "
+            f"run (python -m scalebio_core train --config {run_dir / runs.CONFIG} --resume), "
+            "or give the weights to use (--weights FILE; weights= in Python).",
+        )
     specs, val_spec = data_specs(cfg)
     rows = resample(
         weights,
@@ -135,7 +204,7 @@ def resample_run(
         validation=load_records(val_spec),
         add_validation=add_validation,
     )
-    return write_jsonl(Path(out) if out else run_dir / RESAMPLED, rows)
+    return write_jsonl(target, rows)
 
 
 # ---------------------------------------------------------------- the held-out target set
@@ -363,8 +432,54 @@ class FineTune:
     def save(self, run_dir: Path, weights: dict[str, float]) -> None:
         """Nothing: a fine-tuning keeps no checkpoint."""
 
-    def load(self, run_dir: Path) -> int:
-        return 0
+    def load(self, run_dir: Path, accept_data_change: bool = False) -> tuple[int, dict]:
+        return 0, {}
+
+
+def is_sft_output(folder: Path) -> bool:
+    """Whether `folder` holds a fine-tuning of `sft`: its config.yaml has sft's token_budget."""
+    try:
+        cfg = runs.load_yaml((Path(folder) / runs.CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, not text, not YAML (ConfigError)
+        return False
+    return isinstance(cfg, dict) and "token_budget" in cfg
+
+
+def check_sft_out(out: Path, data: Path, overwrite: bool) -> None:
+    """Refuse an out folder of sft that holds files other than the data file (which may lie in
+    it), unless it is an earlier output of sft and `overwrite` is given; say what it holds."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder: choose another --out.")
+    if not out.is_dir():
+        return
+    data = data.resolve()
+    held = []
+    for p in sorted(out.iterdir()):
+        inner = sorted(p.iterdir()) if p.name == "data" and p.is_dir() else [p]
+        for q in inner:
+            if not q.name.startswith(runs.TMP_PREFIX) and q.resolve() != data:
+                held.append(q.relative_to(out).as_posix() + ("/" if q.is_dir() else ""))
+    if not held:
+        return  # new, empty, or holding only the data to fine-tune on
+    shown = ", ".join(held[:10]) + (f", … ({len(held)} in all)" if len(held) > 10 else "")
+    if not is_sft_output(out):
+        raise ConfigError(
+            f"--out {out} is not empty and is not an earlier output of sft: it holds {shown}. "
+            "Nothing was written. Choose a new or empty folder (the resampled data file may lie "
+            "in it); --overwrite replaces only sft's own earlier output."
+        )
+    if overwrite:
+        return
+    ours = ", ".join(f for f in held if f in SFT_FILES)
+    state = (
+        f"{out / EVAL} exists: this fine-tuning ran already"
+        if (out / EVAL).exists()
+        else f"{out} holds an unfinished fine-tuning of sft (no {EVAL})"
+    )
+    raise ConfigError(
+        f"{state}; nothing was written. Pass --overwrite (overwrite=True in Python) to replace "
+        f"that earlier output ({ours}; other files are kept), or choose another --out."
+    )
 
 
 def sft(
@@ -374,29 +489,28 @@ def sft(
     token_budget: int | None = None,
     progress: bool = True,
     callback: Callback | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Fine-tune a fresh `cfg.model` on a resampled JSON Lines file, then evaluate it.
 
     Plain training (the trainer's data path, `plain_step`, cfg's lr_w, schedule, batch size);
     `token_budget` sets the steps to ceil(budget / (batch_size · mean tokens per sample)) so that
     mixtures of long and short samples see the same number of tokens (in expectation). Writes
-    config.yaml, trajectory.jsonl (tokens seen so far per step) and eval.json (target loss,
-    accuracy) into `out_dir`; an existing eval.json is never overwritten (choose another
-    out_dir).
+    config.yaml, trajectory.jsonl (tokens seen so far per step), timing.jsonl, data/validation.jsonl
+    and eval.json (target loss, accuracy) into `out_dir` (`SFT_FILES`). `out_dir` must be new,
+    empty (the data file may lie in it) or an earlier output of sft; that one is replaced only
+    with `overwrite` (its other files are kept), never a folder of other files
+    (`check_sft_out`).
     """
     out = Path(out_dir)
-    if (out / EVAL).exists():
-        raise ConfigError(
-            f"{out / EVAL} exists: this fine-tuning ran already; choose another "
-            "out_dir (or delete the folder to rerun it)."
-        )
+    check_sft_out(out, Path(data), overwrite)
     if not Path(data).is_file():
         raise ConfigError(
             f"{data} does not exist: write it with `python -m scalebio_core resample` first."
         )
     tests = heldout_records(cfg)  # before training: a missing test set fails fast
     _, val_spec = data_specs(cfg)
-    val_file = write_jsonl(out / "data" / "validation.jsonl", load_records(val_spec))
+    val_file = out / "data" / "validation.jsonl"
     run_cfg = cfg.replace(
         method="scalebio",
         sources=[{"name": "train", "path": str(Path(data).resolve())}],
@@ -414,6 +528,12 @@ def sft(
             "sft fine-tunes in one process (its steps do not reduce gradients over ranks): run "
             "it with python -m scalebio_core sft …, not accelerate launch."
         )
+    for f in (EVAL, runs.TIMING):  # an earlier fine-tuning's (overwrite): never beside this one
+        (out / f).unlink(missing_ok=True)
+    # config.yaml first: a fine-tuning stopped at any point is recognised as sft's (its steps
+    # are rewritten once the token budget has set them)
+    runs.write_yaml(out / runs.CONFIG, {**run_cfg.to_dict(), "token_budget": token_budget})
+    write_jsonl(val_file, load_records(val_spec))
     s = setup(run_cfg, accelerator, copies=1)
     steps = run_cfg.steps
     if token_budget:

@@ -8,6 +8,7 @@ either the old or the new version, never a torn one.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -15,6 +16,7 @@ import re
 import shutil
 import socket
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 CONFIG, TRAJECTORY, WEIGHTS, TIMING = (
     "config.yaml",
@@ -81,21 +83,111 @@ def clean_temporary(folder: Path) -> list[Path]:
 
 
 @contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path beside `path`; on success it replaces `path` in one step."""
+def atomic_path(path: Path, needed: int = 0):
+    """Yield a temporary path beside `path`; on success it replaces `path` in one step. A write
+    that fails for want of space (`needed`: its expected size in bytes) raises `DiskFullError`,
+    and `path` keeps its old contents."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, _file_mode())  # mkstemp makes 0600: readable as the folder's other files
         os.replace(tmp, path)
+        tmp = None
+    except (OSError, RuntimeError) as e:
+        taken = _size(tmp)  # freed by the unlink (once the failed writer lets go of it)
+        _unlink(tmp)
+        tmp = None
+        full = None if isinstance(e, DiskFullError) else disk_full(e, path, needed, taken)
+        if full is None:
+            raise
+        raise full from e
     finally:
-        try:
-            os.unlink(tmp)
-        except OSError:  # replaced, or the folder is gone: the real error is the one above
-            pass
+        _unlink(tmp)
+
+
+def _size(path: str | None) -> int:
+    try:
+        return os.stat(path).st_blocks * 512 if path is not None else 0
+    except OSError:
+        return 0
+
+
+def _unlink(path: str | None) -> None:
+    try:
+        if path is not None:
+            os.unlink(path)
+    except OSError:  # the folder is gone: the real error is another one
+        pass
+
+
+class DiskFullError(OSError):
+    """A write failed for want of space; the message names the device, the path, the space free
+    and the space needed. Nothing written before is lost (every write is atomic)."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _mount_of(path: Path) -> tuple[str, str]:
+    """(device, mount point) of the file system holding `path`."""
+    where = Path(path).resolve()
+    while not where.exists() or not os.path.ismount(where):
+        if where.parent == where:
+            break
+        where = where.parent
+    device = str(where)
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, *_ = line.split()
+            if mnt == str(where):
+                device = dev  # the last mount at that point is the one in use
+    except OSError:
+        pass
+    return device, str(where)
+
+
+def disk_full(
+    error: BaseException, path: Path, needed: int = 0, freed: int = 0
+) -> DiskFullError | None:
+    """A `DiskFullError` for `error` if a full disk caused it: errno ENOSPC or EDQUOT, or a
+    stream error of torch's writer while less than `needed` bytes (and 1 MiB) are free; else
+    None (another error). `freed`: bytes of a failed temporary file, free again once removed."""
+    folder = Path(path).parent
+    free = (shutil.disk_usage(folder).free if folder.exists() else 0) + freed
+    if isinstance(error, OSError):
+        if error.errno not in NO_SPACE:
+            return None
+    elif free >= max(needed, 1) + 2**20:
+        return None  # torch's RuntimeError, with room to spare: not a full disk
+    device, mount = _mount_of(Path(path).parent)
+    what = "the checkpoint" if Path(path).name == CHECKPOINT.name else Path(path).name
+    need = f", {what} needs ~{needed / 1e6:.1f} MB" if needed else ""
+    return DiskFullError(
+        f"no space left on {device} (mounted at {mount}; writing {path}, {free / 1e6:.1f} MB "
+        f"free{need}). What was written before is kept; free space there (or choose an out_dir "
+        "on another disk) and go on.",
+    )
+
+
+def nbytes(obj: Any) -> int:
+    """The bytes of the tensors in `obj` (nested dicts, lists, tuples): what saving it needs."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(nbytes(v) for v in obj)
+    return 0
 
 
 @contextmanager
@@ -118,7 +210,7 @@ def atomic_dir(path: Path, complete: Callable[[Path], bool]):
 
 
 def write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, len(text.encode())) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
@@ -134,7 +226,7 @@ def write_yaml(path: Path, obj: Any) -> None:
 
 
 def save_torch(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, nbytes(obj)) as tmp:
         torch.save(obj, tmp)
 
 
@@ -152,30 +244,124 @@ class JsonlLog:
         self.path = Path(path)
 
     def append(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        line = json.dumps(row) + "\n"
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            full = disk_full(e, self.path, len(line))
+            if full is None:
+                raise
+            raise full from e
 
-    def truncate_to(self, n_steps: int) -> None:
-        """Keep only rows with step < n_steps (a resume drops what came after its checkpoint)."""
-        if not self.path.exists():
-            return
-        rows = [r for r in read_jsonl(self.path) if r["step"] < n_steps]
+    def rewrite(self, rows: list[dict]) -> None:
+        """Replace the file by `rows` (atomic): a resume keeps the rows its checkpoint covers
+        (`covered_rows`) and drops what came after."""
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _parse_row(text: str) -> dict | None:
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    rows = []
+    """The rows of a JSON Lines log. A torn last line (what a crash while appending leaves) is
+    left out; a damaged line with whole lines after it is damage from outside, refused by line
+    (no row is dropped silently)."""
+    rows, bad = [], None
     with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line torn by a crash: stop there
-                    break
+        for n, line in enumerate(f, start=1):
+            text = line.strip()
+            if not text:
+                continue
+            if bad is not None:
+                raise DataError(
+                    f"{path}: line {bad[0]} is damaged ({bad[1]!r}) and whole lines follow it: "
+                    "a crash tears only the last line, so the file was changed from outside. "
+                    "Restore it from a copy; nothing was read."
+                )
+            row = _parse_row(text)
+            if row is None:
+                bad = (n, text[:60])
+            else:
+                rows.append(row)
     return rows
+
+
+def covered_rows(path: Path, n_steps: int) -> list[dict]:
+    """The rows of steps 0 … n_steps−1 of a run's log (trajectory.jsonl, timing.jsonl), each
+    step once and in order: what a checkpoint at step n_steps covers. Rows after them and a torn
+    last line are left out (the resume runs those steps again); a damaged line between whole
+    rows is left out with a warning when every covered step is there; a covered step missing or
+    repeated is refused, naming the damaged lines. Nothing is written."""
+    path = Path(path)
+    if not path.exists():
+        if n_steps == 0:
+            return []
+        raise ConfigError(
+            f"cannot resume: {path} is missing, and the checkpoint covers steps 0..{n_steps - 1}. "
+            "Nothing was changed. Restore the file, or start a new run in a new out_dir."
+        )
+    rows, damaged, last_covered = [], [], 0
+    with open(path) as f:
+        for n, line in enumerate(f, start=1):
+            text = line.strip()
+            if not text:
+                continue
+            row = _parse_row(text)
+            if row is None or not isinstance(row.get("step"), int):
+                damaged.append((n, text[:60]))
+            elif row["step"] < n_steps:
+                rows.append(row)
+                last_covered = n
+    steps = [r["step"] for r in rows]
+    inside = [(n, t) for n, t in damaged if n < last_covered]
+    if steps != list(range(n_steps)):
+        missing = sorted(set(range(n_steps)) - set(steps))
+        repeated = sorted({s for s in steps if steps.count(s) > 1})
+        lines = "; ".join(f"line {n}: {t!r}" for n, t in damaged[:5]) or "none"
+        raise ConfigError(
+            f"cannot resume: {path} should hold steps 0..{n_steps - 1} (the checkpoint covers "
+            f"them), but "
+            + ", ".join(
+                x
+                for x in (
+                    f"steps {_spans(missing)} are missing" if missing else "",
+                    f"steps {_spans(repeated)} are repeated" if repeated else "",
+                    "they are out of order" if not (missing or repeated) else "",
+                )
+                if x
+            )
+            + f" (damaged lines: {lines}). A crash tears only the last line: the file was "
+            "changed from outside. Nothing was changed. Restore it from a copy, or start a new "
+            "run in a new out_dir."
+        )
+    if inside:
+        warnings.warn(
+            f"{path}: damaged lines between whole rows left out ("
+            + "; ".join(f"line {n}: {t!r}" for n, t in inside[:5])
+            + f"); every step 0..{n_steps - 1} is there.",
+            stacklevel=2,
+        )
+    return rows
+
+
+def _spans(steps: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1..3, 7'."""
+    out, i = [], 0
+    while i < len(steps):
+        j = i
+        while j + 1 < len(steps) and steps[j + 1] == steps[j] + 1:
+            j += 1
+        out.append(str(steps[i]) if i == j else f"{steps[i]}..{steps[j]}")
+        i = j + 1
+    return ", ".join(out)
 
 
 def load_trajectory(run_dir: str | Path) -> dict[str, Any]:
@@ -297,15 +483,21 @@ def is_run_dir(folder: Path) -> bool:
 
 def check_out_dir(folder: Path) -> None:
     """Refuse an existing, non-empty folder that is not a run of this package: its files would
-    be overwritten (config.yaml, weights.json, …)."""
+    be overwritten (config.yaml, weights.json, …). A run killed before it wrote its config
+    leaves its lock, an empty trajectory.jsonl and temporary files, and nothing else: a lock
+    beside other files is not a run's (a run writes trajectory.jsonl before config.yaml)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"out_dir {folder} is a file, not a folder: choose another out_dir.")
-    if not folder.is_dir() or is_run_dir(folder) or (folder / LOCK).exists():
-        return  # new, a run, or a run killed before it wrote its first files (its lock)
-    held = sorted(
-        p.name for p in folder.iterdir() if p.name != LOCK and not p.name.startswith(TMP_PREFIX)
-    )
+    if not folder.is_dir() or is_run_dir(folder):
+        return  # new, or a run
+
+    def ours(p: Path) -> bool:  # what a run writes before its config
+        if p.name == LOCK or p.name.startswith(TMP_PREFIX):
+            return True
+        return p.name == TRAJECTORY and p.is_file() and p.stat().st_size == 0
+
+    held = sorted(p.name for p in folder.iterdir() if not ours(p))
     if held:
         shown = ", ".join(held[:10]) + (f", … ({len(held)} in all)" if len(held) > 10 else "")
         raise ConfigError(

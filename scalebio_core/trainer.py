@@ -71,8 +71,8 @@ class _Checkpointed:
     def save(self, run_dir: Path, weights: dict[str, float]) -> None:
         checkpoint.save(self.setup, run_dir, weights)
 
-    def load(self, run_dir: Path) -> int:
-        return checkpoint.load(self.setup, run_dir)
+    def load(self, run_dir: Path, accept_data_change: bool = False) -> tuple[int, dict]:
+        return checkpoint.load(self.setup, run_dir, accept_data_change)
 
 
 class ScaleBiORun(_Checkpointed):
@@ -136,14 +136,12 @@ class DoReMiRun(_Checkpointed):
         self.uniform = torch.full((len(s.names),), 1.0 / len(s.names), device=s.device)
         self.proxy_ps: list[list[float]] = []
 
-    def load(self, run_dir: Path) -> int:
-        start = super().load(run_dir)
-        rows = runs.read_jsonl(run_dir / runs.TRAJECTORY)
+    def load(self, run_dir: Path, accept_data_change: bool = False) -> tuple[int, dict]:
+        start, changes = super().load(run_dir, accept_data_change)
+        rows = runs.covered_rows(run_dir / runs.TRAJECTORY, start)
         names = self.setup.names
-        self.proxy_ps = [
-            [r["p"][n] for n in names] for r in rows if r["phase"] == "proxy" and r["step"] < start
-        ]
-        return start
+        self.proxy_ps = [[r["p"][n] for n in names] for r in rows if r["phase"] == "proxy"]
+        return start, changes
 
     def step(self, t: int) -> tuple[dict, int]:
         s, ref = self.setup, t < self.n_ref
@@ -228,8 +226,8 @@ class FixedRun:
     def save(self, run_dir: Path, weights: dict[str, float]) -> None:
         """Nothing to checkpoint: the run is its one row."""
 
-    def load(self, run_dir: Path) -> int:
-        return 0
+    def load(self, run_dir: Path, accept_data_change: bool = False) -> tuple[int, dict]:
+        return 0, {}
 
 
 RECIPES = {"scalebio": ScaleBiORun, "doremi": DoReMiRun, **dict.fromkeys(FIXED, FixedRun)}
@@ -249,6 +247,9 @@ def train(
     resume: bool = False,
     progress: bool = True,
     callback: loop.Callback | None = None,
+    accept_data_change: bool = False,
 ) -> dict[str, float]:
-    """Run (or resume) ScaleBiO or a baseline (`cfg.method`); returns the final weights."""
-    return loop.run(cfg, RECIPES[cfg.method], resume, progress, callback)
+    """Run (or resume) ScaleBiO or a baseline (`cfg.method`); returns the final weights.
+    `accept_data_change`: resume although data files changed since the checkpoint (recorded in
+    changes.jsonl); without it such a resume is refused, naming the files."""
+    return loop.run(cfg, RECIPES[cfg.method], resume, progress, callback, accept_data_change)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import html
 import json
+import os
+import shlex
+import sys
 from pathlib import Path
 
 import ipywidgets as W
 import matplotlib.pyplot as plt
 import numpy as np
+import yaml
 
 from .config import LORA_BASES, PRECISIONS, load_preset
 from .errors import ConfigError
 from .experiments import run_preset, runs_root
-from .memory import PAPER_MODELS, model_shape, plan
+from .memory import HEADROOM, PAPER_MODELS, model_shape
 from .plots import (
     fig_to_png,
     plot_lisa_raster,
@@ -23,7 +28,7 @@ from .plots import (
     plot_weights,
 )
 from .runs import TRAJECTORY, VERDICT, load_trajectory, read_jsonl
-from .scaleout import emit, plan_command, plan_config
+from .scaleout import GPU_GIB, GPUS, emit, memory_argv, plan_command, plan_config, plan_run
 from .toy import least_squares
 from .toy_runs import run_toy
 
@@ -288,77 +293,195 @@ def noise_explorer(run_dir=None, preset: str = "smoke") -> W.VBox:
 
 
 def scaling_planner(
-    models=None, config: str | None = "noisy", preset: str | None = "paper", folder="launch"
+    models=None,
+    config: str | None = "noisy",
+    preset: str | None = "paper",
+    folder: str | Path | None = None,
 ) -> W.VBox:
-    """Pick a model, a node and the run's options: the memory model's breakdown and verdict of
-    that run config (`memory.plan`, which refuses what the trainer refuses) and the command that
-    launches it; the button writes its files (`scaleout.emit`). The same as `python -m
-    scalebio_core memory --config CONFIG --preset PRESET --model … --emit FOLDER/<model>`."""
-    models = list(models or PAPER_MODELS)
-    base = load_preset(config, preset) if config else None
-    model = W.Dropdown(options=models, value=models[-1], description="model")
-    gpus = W.IntSlider(value=8, min=1, max=8, description="GPUs")
-    mem = W.Dropdown(options=[24, 40, 48, 80, 141], value=48, description="GiB / GPU")
-    mode = W.ToggleButtons(options=["full", "lisa", "lora"], value="lisa", description="train")
-    lora_base = W.ToggleButtons(options=list(LORA_BASES), description="LoRA base")
-    shard = W.ToggleButtons(options=["fsdp", "zero3", "zero2", "zero1", "ddp"], description="shard")
-    precision = W.Dropdown(options=list(PRECISIONS), value="bf16-weights", description="precision")
-    offload = W.Checkbox(value=True, description="CPU offload")
-    ckpt = W.Checkbox(value=True, description="gradient checkpointing")
-    write = W.Button(description="write launch files")
-    out = W.HTML()
-    shapes: dict = {}
-    current: dict = {}
+    """Pick a model, a node and the run's options: the planner's answer (`scaleout.plan_run`,
+    the one function behind `python -m scalebio_core memory` too, with its defaults: 8 × 48
+    GiB, `memory.HEADROOM` kept free, host memory not limited unless given), the equivalent
+    command, and the command that launches the plan. With "search" ticked it asks for the
+    cheapest configuration that fits (sharding, offload, precision and checkpointing are
+    searched); unticked it predicts the options chosen. The base run config is `config` /
+    `preset` (their batch and length, shown and changeable); the button writes the launch
+    files (`scaleout.emit`) into `folder`/<model>, an absolute folder (default: runs/launch).
 
-    def fields() -> dict:
-        s = shard.value
+    The returned box holds the current answer as `.planned`, the equivalent `memory` arguments
+    as `.argv` and the controls as `.controls`."""
+    return _Planner(models, config, preset, folder).box
+
+
+class _Planner:
+    """The state and callbacks of `scaling_planner`."""
+
+    def __init__(self, models, config: str | None, preset: str | None, folder) -> None:
+        models = list(models or PAPER_MODELS)
+        self.config, self.preset = config, preset
+        self.base = load_preset(config, preset) if config else None
+        self.root = Path(os.path.abspath(folder if folder is not None else runs_root() / "launch"))
+        self.start = plan_config(self.base, {"model": models[-1]}, GPUS)  # batch and length
+        self.base_batch = (self.base or {}).get("batch_size")
+        self.shapes: dict = {}
+        self.c = self._controls(models)
+        self.out = W.HTML()
+        self.write = W.Button(description="write launch files")
+        self.box = W.VBox()
+        self.box.controls = self.c
+        for name, w in self.c.items():
+            if name != "overwrite":
+                w.observe(self.redraw, names="value")
+        self.write.on_click(self.on_write)
+        c = self.c
+        self.box.children = [
+            W.HBox([c["model"], c["gpus"], c["gpu_mem"]]),
+            W.HBox([c["host_mem"], c["headroom"]]),
+            c["mode"],
+            c["lora_base"],
+            W.HBox([c["batch"], c["max_length"]]),
+            c["search"],
+            c["shard"],
+            W.HBox([c["precision"], c["offload"], c["gradient_checkpointing"]]),
+            W.HBox([self.write, c["overwrite"]]),
+            self.out,
+        ]
+        self.redraw()
+
+    def _controls(self, models: list[str]) -> dict[str, W.Widget]:
+        length = self.start.max_length if isinstance(self.start.max_length, int) else 1024
+        shards = ["fsdp", "zero3", "zero2", "zero1", "ddp"]
         return {
-            "model": model.value,
-            "lisa_active": 2 if mode.value == "lisa" else 0,
-            "lora_rank": 128 if mode.value == "lora" else 0,
-            "lora_base": lora_base.value,
-            "precision": precision.value,
-            "gradient_checkpointing": ckpt.value,
-            "fsdp": s == "fsdp",
-            "fsdp_offload": s == "fsdp" and offload.value,
-            "zero_stage": int(s[-1]) if s.startswith("zero") else 0,
-            "zero_offload": s.startswith("zero") and offload.value,
+            "model": W.Dropdown(options=models, value=models[-1], description="model"),
+            "gpus": W.IntSlider(value=GPUS, min=1, max=16, description="GPUs"),
+            "gpu_mem": W.Dropdown(
+                options=[(f"{g:g}", float(g)) for g in (24, 40, 48, 80, 141)],
+                value=float(GPU_GIB),
+                description="GiB / GPU",
+            ),
+            "host_mem": W.BoundedFloatText(
+                value=0, min=0, max=1e5, description="host GiB", tooltip="per node; 0: no limit"
+            ),
+            "headroom": W.BoundedFloatText(
+                value=HEADROOM, min=0, max=0.9, step=0.05, description="headroom"
+            ),
+            "mode": W.ToggleButtons(
+                options=["full", "lisa", "lora"], value="lisa", description="train"
+            ),
+            "lora_base": W.ToggleButtons(options=list(LORA_BASES), description="LoRA base"),
+            "batch": W.BoundedIntText(
+                value=self.base_batch or 0,
+                min=0,
+                max=1 << 20,
+                description="batch",
+                tooltip="global batch (training and validation); 0: one sample per GPU",
+            ),
+            "max_length": W.BoundedIntText(
+                value=length, min=2, max=1 << 20, description="max length"
+            ),
+            "search": W.Checkbox(value=True, description="search the cheapest that fits"),
+            "shard": W.ToggleButtons(options=shards, description="shard"),
+            "precision": W.Dropdown(
+                options=list(PRECISIONS), value="bf16-weights", description="precision"
+            ),
+            "offload": W.Checkbox(value=False, description="CPU offload"),
+            "gradient_checkpointing": W.Checkbox(value=False, description="checkpointing"),
+            "overwrite": W.Checkbox(value=False, description="overwrite"),
         }
 
-    def redraw(*_):
-        current.clear()
+    def fields(self) -> dict:
+        """The run-config fields the controls set over the base."""
+        c, start = self.c, self.start
+        f: dict = {}
+        if c["mode"].value == "lisa" or start.lisa_active:
+            f["lisa_active"] = 2 if c["mode"].value == "lisa" else 0
+        if c["mode"].value == "lora" or start.lora_rank:
+            f["lora_rank"] = 128 if c["mode"].value == "lora" else 0
+        if c["mode"].value == "lora":
+            f["lora_base"] = c["lora_base"].value
+        if c["batch"].value and c["batch"].value != self.base_batch:
+            f["batch_size"] = f["val_batch_size"] = c["batch"].value
+        if c["max_length"].value != start.max_length:
+            f["max_length"] = c["max_length"].value
+        if not c["search"].value:
+            s, offload = c["shard"].value, c["offload"].value
+            f.update(
+                precision=c["precision"].value,
+                gradient_checkpointing=c["gradient_checkpointing"].value,
+                fsdp=s == "fsdp",
+                fsdp_offload=s == "fsdp" and offload,
+                zero_stage=int(s[-1]) if s.startswith("zero") else 0,
+                zero_offload=s.startswith("zero") and offload,
+            )
+        return f
+
+    def target(self) -> Path:
+        return self.root / self.c["model"].value.replace("/", "__")
+
+    def redraw(self, *_) -> None:
+        c, box = self.c, self.box
+        for name in ("shard", "precision", "gradient_checkpointing"):
+            c[name].disabled = c["search"].value
+        ddp = c["shard"].value == "ddp"  # the trainer offloads shards only
+        c["offload"].disabled = c["search"].value or ddp
+        if ddp:
+            c["offload"].value = False
+        c["lora_base"].disabled = c["mode"].value != "lora"
+        model = c["model"].value
+        ask = {
+            "model": model,
+            "gpus": c["gpus"].value,
+            "gpu_gib": c["gpu_mem"].value,
+            "fields": self.fields(),
+            "search": c["search"].value,
+            "host_gib": c["host_mem"].value or None,
+            "headroom": c["headroom"].value,
+        }
+        box.argv = memory_argv(config=self.config, preset=self.preset, **ask)
+        same = shlex.join([sys.executable, "-m", "scalebio_core", "memory", *box.argv])
+        same = f"<p>the same as <code>{html.escape(same)}</code></p>"
+        box.planned = None
         try:
-            cfg = plan_config(base, fields(), gpus.value)
-            shape = shapes.setdefault(model.value, model_shape(model.value))
-            p = plan(cfg, gpus.value, mem.value, shape)
+            if model not in self.shapes:
+                self.shapes[model] = model_shape(model)
+            box.planned = plan_run(base=self.base, shape=self.shapes[model], **ask)
         except ConfigError as e:
-            out.value = f"<p style='color:crimson'><b>refused by the trainer</b>: {e}</p>"
+            refused = f"<b>refused by the trainer</b>: {html.escape(str(e))}"
+            self.out.value = f"<p style='color:crimson'>{refused}</p>{same}"
             return
-        current["plan"] = p
-        target = Path(folder) / model.value.replace("/", "__")
-        colour = "green" if p.fits else "crimson"
-        out.value = (
-            f"<b>{model.value}</b>: {shape.params / 1e9:.2f}B parameters, "
-            f"{len(shape.block_params)} blocks<pre>{p.text()}</pre>"
-            f"<p style='color:{colour}'><b>{'fits' if p.fits else 'does not fit'}</b></p>"
-            f"<pre>{plan_command(p, target)}</pre>"
+        shape, p = self.shapes[model], box.planned.plan
+        fits = p is not None and p.fits
+        launch = "" if p is None else html.escape(plan_command(p, self.target()))
+        self.out.value = (
+            f"<b>{model}</b>: {shape.params / 1e9:.2f}B parameters, "
+            f"{len(shape.block_params)} blocks<pre>{html.escape(box.planned.text())}</pre>"
+            f"<p style='color:{'green' if fits else 'crimson'}'>"
+            f"<b>{'fits' if fits else 'does not fit'}</b></p>{same}"
+            + (f"<p>launch (after <b>write</b>): <code>{launch}</code></p>" if launch else "")
+            + f"<p>launch files go to <code>{html.escape(str(self.target()))}</code></p>"
         )
 
-    def on_write(_):
-        if "plan" in current:
-            target = Path(folder) / model.value.replace("/", "__")
-            files = emit(current["plan"], target)
-            out.value += "<p>wrote " + ", ".join(str(f) for f in files.values()) + "</p>"
-
-    for w in (model, gpus, mem, mode, lora_base, shard, precision, offload, ckpt):
-        w.observe(redraw, names="value")
-    write.on_click(on_write)
-    redraw()
-    controls = [
-        W.HBox([model, gpus, mem]),
-        mode,
-        lora_base,
-        shard,
-        W.HBox([precision, offload, ckpt]),
-    ]
-    return W.VBox([*controls, write, out])
+    def on_write(self, _=None) -> None:
+        planned = self.box.planned
+        if planned is None or planned.plan is None:
+            self.out.value += "<p style='color:crimson'>nothing to write: no plan fits</p>"
+            return
+        try:
+            files = emit(
+                planned.plan,
+                self.target(),
+                demo_data=self.config is not None,
+                overwrite=self.c["overwrite"].value,
+            )
+        except ConfigError as e:
+            self.out.value += f"<p style='color:crimson'>{html.escape(str(e))}</p>"
+            return
+        rehearse = shlex.join(
+            [sys.executable, "-m", "scalebio_core", "memory", "--rehearse", str(self.target())]
+        )
+        run = yaml.safe_load(files["config"].read_text())["out_dir"]
+        self.out.value += (
+            "<p>wrote "
+            + ", ".join(html.escape(str(f)) for f in files.values())
+            + f" (the run writes to {html.escape(run)}); rehearse it on this CPU: "
+            f"<code>{html.escape(rehearse)}</code></p>"
+        )

@@ -166,3 +166,48 @@ def test_cli_sets_a_composed_field(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     saved = load_yaml((out / "config.yaml").read_text())
     assert saved["betas"] == [0.8, 0.95] and saved["min_lr_ratio"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("lr_lam", 1e300), ("lr_lam", math.inf), ("lr_w", 1e39), ("lr_u", math.nan), ("lr_w", -1)],
+)
+def test_an_absurd_learning_rate_is_refused_naming_its_field(key, value):
+    """Issue 27, item 10: lr_lam=1e300 was a raw overflow RuntimeError in the λ step."""
+    with pytest.raises(ConfigError, match=rf"learning rates must be > 0 and at most 1e\+06.*{key}"):
+        TrainConfig(**{key: value})
+    assert TrainConfig(lr_lam=1e6).bilevel.lr_lam == 1e6  # the largest accepted
+
+
+def test_an_absurd_learning_rate_on_the_command_line_is_a_clear_error(tmp_path, capsys):
+    from scalebio_core.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--no-progress", "steps=3", "lr_lam=1e300", f"out_dir={out}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "got lr_lam = 1e+300. Set lr_lam to a usual rate" in err, err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_overrides_stand_before_between_and_after_the_options(tmp_path):
+    """Issue 27, item 11: `train … steps=3 --resume out_dir=X` failed with "unrecognized
+    arguments"; key=value overrides are read wherever they stand, for train, sft and memory."""
+    from scalebio_core.cli import _train_config, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "steps=3", "--resume", f"out_dir={tmp_path}"])
+    assert args.resume and args.overrides == ["steps=3", f"out_dir={tmp_path}"]
+    assert _train_config(args) == {"steps": 3, "out_dir": str(tmp_path)}
+    path = tmp_path / "mine.yaml"
+    path.write_text(PRESET_FILE)
+    argv = ["train", "--config", str(path), "steps=3", "--no-progress", "lr_w=1e-3", "--preset"]
+    args = parser.parse_args([*argv, "quick", "seed=2"])
+    assert (args.config, args.preset, args.no_progress) == (str(path), "quick", True)
+    d = _train_config(args)
+    assert (d["steps"], d["lr_w"], d["seed"], d["optimizer"]) == (3, 1e-3, 2, "sgd")
+    args = parser.parse_args(["sft", "steps=2", "--data", "d.jsonl", "seed=1", "--out", "o"])
+    assert (args.data, args.out, args.overrides) == ("d.jsonl", "o", ["steps=2", "seed=1"])
+    args = parser.parse_args(["memory", "steps=3", "--gpus", "2", "lr_w=1e-3", "--model", "m"])
+    assert (args.gpus, args.model, args.overrides) == (2, ["m"], ["steps=3", "lr_w=1e-3"])
+    with pytest.raises(SystemExit):  # an unknown option is still refused
+        parser.parse_args(["train", "steps=3", "--bogus", "seed=1"])

@@ -20,7 +20,7 @@ from scalebio_core.data import (
     specs_from_dir,
     tokenize,
 )
-from scalebio_core.errors import DataError
+from scalebio_core.errors import ConfigError, DataError
 from scalebio_core.sampling import BatchSampler, collate
 from scalebio_core.tokenizer import get_tokenizer
 
@@ -140,6 +140,98 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path: Path) -> None:
         load_records(SourceSpec("bad", path=str(f)))
 
 
+def test_a_50_mb_record_is_refused_as_it_is_read_in_bounded_memory(tmp_path: Path) -> None:
+    """Issue 27, item 9: one 50 MB record in a data folder took minutes and 15.7 GB before its
+    error. It is refused while the file is read, before the line is held whole: Python's own
+    allocations (tracemalloc) stay far below the record's size."""
+    import tracemalloc
+
+    from scalebio_core.build import data_specs
+    from scalebio_core.config import TrainConfig
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _jsonl(folder / "b.jsonl", ALPACA)
+    _jsonl(folder / "validation.jsonl", ALPACA)
+    size = 50 * 2**20
+    with open(folder / "a.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps(ALPACA[0]) + "\n\n")
+        f.write('{"text": "' + "x" * (size - 12) + '"}\n')
+        f.write(json.dumps(ALPACA[1]) + "\n")
+    specs, _ = data_specs(TrainConfig(data_dir=str(folder)))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as e:
+            load_sources(specs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"the reader held {peak:,} bytes"
+    message = str(e.value)
+    assert f"{folder / 'a.jsonl'}: record 1 (line 3): a record of {size:,} bytes" in message
+    assert "over the limit of 1,048,576 bytes per record (max_record_bytes)" in message
+    assert "Split it into smaller records" in message and "max_record_bytes=" in message
+
+
+def test_the_record_limit_covers_every_format_and_can_be_raised(tmp_path: Path, capsys) -> None:
+    """The limit holds for .json arrays, .txt paragraphs and records in memory; a run config's
+    max_record_bytes (or a source's own) raises it, and the command line says the error."""
+    from scalebio_core.build import data_specs
+    from scalebio_core.cli import main
+    from scalebio_core.config import TrainConfig
+
+    long = {"instruction": "say it", "input": "", "output": "y" * 300}
+    (tmp_path / "arr.json").write_text(json.dumps([ALPACA[0], long, ALPACA[1]], indent=1))
+    (tmp_path / "t.txt").write_text("short one\n\n" + "z " * 60 + "\n" + "z " * 60 + "\n\nend\n")
+    jl = _jsonl(tmp_path / "l.jsonl", [ALPACA[0], long])
+    for path, where in (
+        ("arr.json", "arr.json: record 1 (line 7): a record of 3"),
+        ("t.txt", "t.txt: paragraph 1 (line 3): a record of 241 bytes"),
+        ("l.jsonl", "l.jsonl: record 1 (line 2): a record of 3"),
+    ):
+        spec = SourceSpec("s", path=str(tmp_path / path), max_record_bytes=200)
+        with pytest.raises(DataError, match="over the limit of 200 bytes") as e:
+            load_records(spec)
+        assert where in str(e.value), str(e.value)
+        assert len(load_records(SourceSpec("s", path=str(tmp_path / path)))) == 3 - (
+            path == "l.jsonl"
+        )
+    with pytest.raises(DataError, match=r"source 's': record 0: a record of 306 bytes"):
+        long_one = ({"prompt": "p", "response": "r" * 305},)
+        load_records(SourceSpec("s", records=long_one, max_record_bytes=300))
+    # the run config's limit reaches every source; a source of `sources` may set its own
+    cfg = TrainConfig(data_dir=str(_folder(tmp_path, jl)), max_record_bytes=200)
+    specs, val = data_specs(cfg)
+    assert {s.max_record_bytes for s in [*specs, val]} == {200}
+    with pytest.raises(DataError, match="over the limit of 200 bytes"):
+        load_sources(specs)
+    own = [{"name": "l", "path": str(jl), "max_record_bytes": 4000}]
+    cfg = TrainConfig(sources=own, validation={"path": str(jl)}, max_record_bytes=200)
+    specs, val = data_specs(cfg)
+    assert [s.max_record_bytes for s in specs] == [4000] and val.max_record_bytes == 200
+    assert len(load_sources(specs)["l"]) == 2
+    with pytest.raises(ConfigError, match="max_record_bytes must be a whole number >= 1"):
+        TrainConfig(max_record_bytes=0)
+    # the command line: exit code 2 and the message, before anything is tokenized or trained
+    out = tmp_path / "run"
+    folder = _folder(tmp_path, jl)
+    args = [f"data_dir={folder}", "max_record_bytes=200", f"out_dir={out}", "steps=1"]
+    code = main(["train", "--no-progress", *args, "model=embedded:nano"])
+    err = capsys.readouterr().err
+    assert code == 2 and "l.jsonl: record 1 (line 2): a record of" in err, err
+
+
+def _folder(tmp_path: Path, source: Path) -> Path:
+    """A data folder of one source (a copy of `source`) and two more, with a validation set."""
+    folder = tmp_path / "folder"
+    if not folder.is_dir():
+        folder.mkdir()
+        (folder / source.name).write_bytes(source.read_bytes())
+        _jsonl(folder / "other.jsonl", ALPACA)
+        _jsonl(folder / "validation.jsonl", ALPACA)
+    return folder
+
+
 def test_missing_field_names_record_key_and_expected(tmp_path: Path) -> None:
     f = _jsonl(tmp_path / "m.jsonl", [ALPACA[0], ALPACA[1], {"instruction": "no output"}])
     with pytest.raises(DataError) as e:
@@ -252,6 +344,25 @@ def test_tokenize_cache(tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert all(torch.equal(x, y) for x, y in zip(again.labels, first.labels))
     with pytest.raises(AssertionError, match="tokenized again"):  # new key: max_length differs
         tokenize(recs, tok, 49, cache_dir=tmp_path)
+
+
+def test_a_torn_cache_file_is_named_deleted_and_rebuilt_alone(tok, tmp_path: Path) -> None:
+    """Issue 27, item 10: a tokenized-cache file cut short (a crash, a full disk) or overwritten
+    with garbage was a raw PytorchStreamReader error that named no file."""
+    recs = load_sources([SourceSpec("a", records=tuple(ALPACA))])
+    first = tokenize(recs, tok, 48, cache_dir=tmp_path)
+    (mine,) = list(tmp_path.iterdir())
+    tokenize({"t": [{"prompt": "", "response": "other text " * 9}]}, tok, 48, cache_dir=tmp_path)
+    (theirs,) = [p for p in tmp_path.iterdir() if p != mine]
+    whole, kept = mine.read_bytes(), theirs.read_bytes()
+    for torn in (whole[: len(whole) // 2], b"not a cache file"):
+        mine.write_bytes(torn)
+        with pytest.warns(UserWarning, match=rf"{mine}: a tokenized-cache file that cannot be"):
+            again = tokenize(recs, tok, 48, cache_dir=tmp_path)
+        assert all(torch.equal(x, y) for x, y in zip(again.input_ids, first.input_ids, strict=True))
+        assert torch.load(mine, weights_only=True)["names"] == ["a"]  # rewritten whole
+        assert theirs.read_bytes() == kept  # the other entry untouched
+        assert sorted(tmp_path.iterdir()) == sorted([mine, theirs])  # no temporary files left
 
 
 def test_collate_right_pads(tok) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from scalebio_core.distributed import run_group
 from scalebio_core.runs import load_trajectory, read_jsonl
 from scalebio_core.scaleout import accelerate_config
 
@@ -86,14 +87,14 @@ def _run(
     out_dir: Path, processes: int, resume: bool = False, config_file: Path | None = None, **extra
 ) -> None:
     cmd = _cmd(out_dir, processes, resume, config_file, **extra)
-    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    out = run_group(cmd, cwd=ROOT, env=ENV, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
 
 def _fails(out_dir: Path, processes: int, **extra) -> str:
     """Run the trainer as `_run` does, expecting it to fail; its stderr."""
     cmd = _cmd(out_dir, processes, **extra)
-    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    out = run_group(cmd, cwd=ROOT, env=ENV, timeout=300)
     assert out.returncode != 0
     return out.stderr
 
@@ -203,13 +204,15 @@ def _killed_and_resumed(tmp_path: Path, config_file: Path | None = None, **extra
         start_new_session=True,  # the launcher and its two workers: one process group
     )
     traj = tmp_path / "killed" / "trajectory.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and victim.poll() is None:
-        if traj.exists() and len(traj.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and victim.poll() is None:
+            if traj.exists() and len(traj.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+    finally:  # on every path: the launcher and its workers
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
     assert len(traj.read_text().splitlines()) < extra["steps"], "finished before it was killed"
     _run(tmp_path / "killed", 2, resume=True, config_file=config_file, **extra)
     for name in ("trajectory.jsonl", "weights.json"):
@@ -357,6 +360,25 @@ def test_sft_is_not_sharded_by_fsdp():
         setup(cfg, accelerator=multi, copies=1)
 
 
+def launch_probe(tmp_path: Path, probe: str, cfg: dict) -> dict[int, dict]:
+    """Run the script `probe` on 2 gloo processes (its arguments: `cfg` as JSON, and a folder
+    where each rank writes its result, rank<r>.json: the ranks' shared stdout could interleave
+    two lines); the results by rank (each rank must write one)."""
+    script, results = tmp_path / "probe.py", tmp_path / "results"
+    script.write_text(probe)
+    results.mkdir()
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_port()), str(script), json.dumps(cfg), str(results),
+    ]  # fmt: skip
+    out = run_group(cmd, cwd=ROOT, env=ENV, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {int(f.stem[4:]): json.loads(f.read_text()) for f in results.glob("rank*.json")}
+    assert set(rows) == {0, 1}, (rows, out.stdout[-2000:])
+    return rows
+
+
 LOAD_PROBE = """
 import json, sys
 from pathlib import Path
@@ -365,6 +387,7 @@ import torch
 
 from scalebio_core.build import setup
 from scalebio_core.config import TrainConfig
+from scalebio_core.distributed import end_processes
 
 
 def status(key):
@@ -377,10 +400,14 @@ def status(key):
 cfg = TrainConfig(**json.loads(sys.argv[1]))
 before = status("VmRSS")
 Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from here
-s = setup(cfg)
-peak = status("VmHWM") - before
-local = sum(p.to_local().numel() for p in s.state.w.parameters()) * 4 / 2**20
-print(json.dumps({"rank": s.dist.rank, "peak_mib": peak, "shard_mib": local}))
+try:
+    s = setup(cfg)
+    peak = status("VmHWM") - before
+    local = sum(p.to_local().numel() for p in s.state.w.parameters()) * 4 / 2**20
+    row = {"rank": s.dist.rank, "peak_mib": peak, "shard_mib": local}
+    (Path(sys.argv[2]) / f"rank{s.dist.rank}.json").write_text(json.dumps(row))
+finally:  # the process group ends before the interpreter does, on every path
+    end_processes()
 """
 
 
@@ -399,18 +426,7 @@ def test_fsdp_loads_the_model_once_per_node(tmp_path):
     save_model(tmp_path / "model", shape, positions=128)
     whole_mib = model_shape(str(tmp_path / "model")).params * 4 / 2**20
     cfg = {**BASE, "model": str(tmp_path / "model"), "fsdp": True, "out_dir": str(tmp_path / "r")}
-    script = tmp_path / "probe.py"
-    script.write_text(LOAD_PROBE)
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_port()), str(script), json.dumps(cfg),
-    ]  # fmt: skip
-    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = [line for line in out.stdout.splitlines() if line.startswith('{"rank"')]
-    rows = {r["rank"]: r for r in map(json.loads, lines)}
-    assert set(rows) == {0, 1}, out.stdout
+    rows = launch_probe(tmp_path, LOAD_PROBE, cfg)
     assert rows[1]["shard_mib"] == pytest.approx(whole_mib / 2, rel=0.01)  # half of each tensor
     beyond = {r: rows[r]["peak_mib"] - 2 * rows[r]["shard_mib"] for r in rows}  # u's, w's shards
     assert beyond[0] >= 0.8 * whole_mib, (rows, whole_mib)  # it sees rank 0's whole copy

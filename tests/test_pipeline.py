@@ -172,6 +172,85 @@ def test_cli_resample_and_sft(tmp_path):
     assert bad.returncode == 2 and "config.yaml does not exist" in bad.stderr
 
 
+def _main(capsys, *args: str) -> tuple[int, str]:
+    """The CLI in this process: (exit code, stderr)."""
+    from scalebio_core.cli import main
+
+    capsys.readouterr()
+    return main(list(args)), capsys.readouterr().err
+
+
+def test_resample_never_overwrites_a_file_that_is_not_its_own(tmp_path, capsys):
+    """Issue 27, item 4: `resample --out FILE` overwrote any file (a user's source, a run's
+    trajectory.jsonl). An existing file is replaced only with --overwrite, and only when it is
+    resample's own earlier output."""
+    train(smoke(tmp_path, "u", method="uniform"), progress=False)
+    run = tmp_path / "u"
+    first = resample_run(run, 10)
+    assert first == run / "resampled.jsonl"
+    with pytest.raises(ConfigError, match=r"an earlier output of resample\); nothing was written"):
+        resample_run(run, 10, seed=1)
+    assert resample_run(run, 12, seed=1, overwrite=True) == first and len(read_jsonl(first)) == 12
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"prompt": "p", "response": "r"}\n')
+    kept = {f: f.read_bytes() for f in (mine, run / "trajectory.jsonl", run / "weights.json")}
+    for f in kept:
+        for overwrite in (False, True):
+            with pytest.raises(ConfigError, match="is not an output of resample .*nothing was"):
+                resample_run(run, 5, f, overwrite=overwrite)
+    code, err = _main(capsys, "resample", "--run", str(run), "--n", "5", "--out", str(mine),
+                      "--overwrite")  # fmt: skip
+    assert code == 2 and f"{mine} exists and is not an output of resample" in err, err
+    assert all(f.read_bytes() == b for f, b in kept.items())
+    code, err = _main(capsys, "resample", "--run", str(run), "--n", "5", "--out", str(tmp_path))
+    assert code == 2 and "is a folder" in err, err
+
+
+def test_sft_never_overwrites_a_folder_that_is_not_its_own(tmp_path, capsys):
+    """Issue 27, item 4: `sft --out DIR` into a folder of the user's files overwrote its
+    config.yaml, trajectory.jsonl and data/validation.jsonl. Such a folder is refused (with or
+    without --overwrite); sft's own earlier output is replaced only with --overwrite."""
+    train(smoke(tmp_path, "u", method="uniform"), progress=False)
+    out = tmp_path / "ft"
+    data = resample_run(tmp_path / "u", 24, out / "data" / "train.jsonl")  # may lie in --out
+    cfg = smoke(tmp_path, "x", steps=2)
+    user = tmp_path / "user"
+    files = {
+        "config.yaml": "my: notes\n",
+        "trajectory.jsonl": "{}\n",
+        "data/validation.jsonl": "mine\n",
+        "notes.txt": "keep\n",
+    }
+    for name, text in files.items():
+        (user / name).parent.mkdir(parents=True, exist_ok=True)
+        (user / name).write_text(text)
+    held = "config.yaml, data/validation.jsonl, notes.txt, trajectory.jsonl"
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match=f"not an earlier output of sft: it holds {held}. "):
+            sft(cfg, data, user, progress=False, overwrite=overwrite)
+    code, err = _main(capsys, "sft", "--data", str(data), "--out", str(user), "--overwrite")
+    assert code == 2 and "Nothing was written" in err, err
+    assert {n: (user / n).read_text() for n in files} == files
+    assert sorted(p.name for p in user.iterdir()) == [
+        "config.yaml",
+        "data",
+        "notes.txt",
+        "trajectory.jsonl",
+    ]
+
+    sft(cfg, data, out, progress=False)  # a folder that holds only the data: fine
+    (out / "notes.txt").write_text("mine\n")
+    with pytest.raises(ConfigError, match=r"ran already; nothing was written. Pass --overwrite"):
+        sft(cfg, data, out, progress=False)
+    (out / "eval.json").unlink()
+    with pytest.raises(ConfigError, match=r"holds an unfinished fine-tuning of sft"):
+        sft(cfg, data, out, progress=False)
+    result = sft(cfg, data, out, progress=False, overwrite=True)
+    assert json.loads((out / "eval.json").read_text())["steps"] == result["steps"] == 2
+    assert len(read_jsonl(out / "timing.jsonl")) == 2  # the earlier fine-tuning's rows are gone
+    assert (out / "notes.txt").read_text() == "mine\n" and len(read_jsonl(data)) == 24
+
+
 def test_compare_methods_is_cached(tmp_path, monkeypatch):
     from scalebio_core.experiments import compare_methods, summarize
 

@@ -295,6 +295,25 @@ def test_bad_files_name_the_file_and_the_place(tmp_path, capsys):
     assert code == 2 and f"{truncated}: not valid JSON (line 1" in err, err
 
 
+def test_a_torn_weights_json_of_a_run_is_named_with_the_fix(tmp_path, capsys):
+    """Issue 27, item 10: a torn weights.json of the run given to `resample --run` was an
+    error without the file's name."""
+    from scalebio_core.runs import write_yaml
+
+    run = tmp_path / "run"
+    write_yaml(run / "config.yaml", TrainConfig(**SMOKE, out_dir=str(run)).to_dict())
+    for text, says in (
+        ('{"a": 0.5, "b"', "not valid JSON (line 1, column 15"),
+        ("\xff\xfe", "not valid JSON"),
+        ('["a", "b"]', "a weights.json maps each source name to its weight"),
+    ):
+        (run / "weights.json").write_bytes(text.encode("latin-1"))
+        code, err = _main(capsys, "resample", "--run", str(run), "--n", "3")
+        assert code == 2 and f"{run / 'weights.json'}: {says}" in err, err
+        assert "--resume" in err and "--weights FILE" in err
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "weights.json"]
+
+
 def test_skipped_files_and_a_single_source_are_said(tmp_path):
     from scalebio_core.data import specs_from_dir
 

@@ -291,8 +291,9 @@ def test_attention_kernels_agree_and_flash_names_its_fix():
 
 
 def test_every_memory_option_is_a_run_config_field():
-    """Beside the machine (--gpus, --gpu-mem) and what it reads or writes (--config, --preset,
-    --emit, --search, key=value), each option of `memory` sets the run-config field of its name."""
+    """Beside the machine (--gpus, --gpu-mem, --host-mem, --headroom) and what it reads or
+    writes (--config, --preset, --emit, --demo-data, --overwrite, --rehearse, --search,
+    key=value), each option of `memory` sets the run-config field of its name."""
     from scalebio_core.cli import build_parser
 
     parser = build_parser()
@@ -300,6 +301,7 @@ def test_every_memory_option_is_a_run_config_field():
     memory = sub.choices["memory"]
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     machine = {"help", "config", "preset", "gpus", "gpu_mem", "emit", "search", "overrides"}
+    machine |= {"host_mem", "headroom", "demo_data", "overwrite", "rehearse"}
     options = {a.dest: a.option_strings for a in memory._actions}
     assert set(PLAN_FIELDS) == set(options) - machine <= fields
     for dest, flags in options.items():
@@ -393,7 +395,8 @@ def test_emitted_launch_runs_on_a_tiny_llama_with_two_processes(tmp_path, capsys
     )  # fmt: skip
     assert code == 0, err
     command = (emit / "launch.sh").read_text().splitlines()[-1]
-    assert command in out and command.startswith("accelerate launch --config_file")
+    launch = f"{sys.executable} -m accelerate.commands.launch --config_file"
+    assert command in out and command.startswith(launch)
     acc = yaml.safe_load((emit / "accelerate.yaml").read_text())
     assert acc["num_processes"] == 2 and acc["distributed_type"] == "FSDP"
     assert acc["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
