@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import functools
 import os
 import signal
 import subprocess
@@ -167,14 +168,10 @@ def end_processes() -> None:
         dist.destroy_process_group()
 
 
-_AT_EXIT: list[bool] = []
-
-
+@functools.cache
 def ended_at_exit() -> None:
-    """Register `end_processes` to run at interpreter exit (once per process)."""
-    if not _AT_EXIT:
-        atexit.register(end_processes)
-        _AT_EXIT.append(True)
+    """Register `end_processes` to run at interpreter exit (once per process: cached)."""
+    atexit.register(end_processes)
 
 
 def run_group(

@@ -23,6 +23,8 @@ from torch import nn
 from .data import SourceSpec, TokenizedData, source_files
 
 IDENTITY = "identity.json"
+TOKENIZED = "tokenized "
+"""The prefix of a tokenized set's entry in `data_changes` ("tokenized train")."""
 
 RESUME_IGNORED = ("out_dir", "tracker", "cpu_malloc", "fsdp_offload", "zero_offload")
 """Config keys a resume may change: where and how the run is written or held, not what it does."""
@@ -114,21 +116,21 @@ def differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, l
             f"{ma.get('shapes')}), this run's {mb.get('parameters', 0):,} "
             f"(shapes {mb.get('shapes')})"
         )
-    fa, fb = saved.get("data", {}).get("files", {}), now.get("data", {}).get("files", {})
-    for f in sorted(set(fa) | set(fb)):
-        if f not in fb:
+    changes = data_changes(saved, now)
+    files = {k: v for k, v in changes.items() if not k.startswith(TOKENIZED)}
+    for f, (then, current) in files.items():
+        if current is None:
             out["data"].append(f"{f}: read by the checkpoint's run, not by this one")
-        elif f not in fa:
+        elif then is None:
             out["data"].append(f"{f}: new (the checkpoint's run did not read it)")
-        elif fa[f] != fb[f]:
-            out["data"].append(f"{f}: changed (SHA-256 {fa[f][:12]}… then, {fb[f][:12]}… now)")
-    ta, tb = saved.get("data", {}).get("tokenized", {}), now.get("data", {}).get("tokenized", {})
-    for part in sorted(set(ta) | set(tb)):
-        if ta.get(part) != tb.get(part) and not out["data"]:
-            out["data"].append(
-                f"the tokenized {part} set differs (same files: the tokenizer, max_length or "
-                "the package's tokenization changed)"
-            )
+        else:
+            out["data"].append(f"{f}: changed (SHA-256 {then[:12]}… then, {current[:12]}… now)")
+    if changes and not files:  # same files, another tokenized result
+        out["data"] += [
+            f"the {k} set differs (same files: the tokenizer, max_length or the package's "
+            "tokenization changed)"
+            for k in changes
+        ]
     return {k: v for k, v in out.items() if v}
 
 
@@ -139,5 +141,5 @@ def data_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, 
         a, b = saved.get("data", {}).get(part, {}), now.get("data", {}).get(part, {})
         for k in sorted(set(a) | set(b)):
             if a.get(k) != b.get(k):
-                out[k if part == "files" else f"tokenized {k}"] = [a.get(k), b.get(k)]
+                out[k if part == "files" else TOKENIZED + k] = [a.get(k), b.get(k)]
     return out

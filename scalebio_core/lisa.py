@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import LisaError
+from .runs import nbytes
 
 PATH_HINT = "pass lisa_layers_path='…' (the dotted path of the decoder blocks), e.g. 'model.layers'"
 
@@ -269,14 +270,4 @@ def make_lisa_pair(
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Total bytes of the tensors held in the optimizer's per-parameter state."""
-
-    def size(x: Any) -> int:
-        if isinstance(x, torch.Tensor):
-            return x.numel() * x.element_size()
-        if isinstance(x, dict):
-            return sum(size(v) for v in x.values())
-        if isinstance(x, list | tuple):
-            return sum(size(v) for v in x)
-        return 0
-
-    return sum(size(s) for s in optimizer.state.values())
+    return nbytes(list(optimizer.state.values()))

@@ -17,6 +17,7 @@ import shutil
 import socket
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -324,23 +325,15 @@ def covered_rows(path: Path, n_steps: int) -> list[dict]:
     inside = [(n, t) for n, t in damaged if n < last_covered]
     if steps != list(range(n_steps)):
         missing = sorted(set(range(n_steps)) - set(steps))
-        repeated = sorted({s for s in steps if steps.count(s) > 1})
+        repeated = sorted(s for s, c in Counter(steps).items() if c > 1)
+        problems = [f"steps {_spans(missing)} are missing"] if missing else []
+        problems += [f"steps {_spans(repeated)} are repeated"] if repeated else []
         lines = "; ".join(f"line {n}: {t!r}" for n, t in damaged[:5]) or "none"
         raise ConfigError(
             f"cannot resume: {path} should hold steps 0..{n_steps - 1} (the checkpoint covers "
-            f"them), but "
-            + ", ".join(
-                x
-                for x in (
-                    f"steps {_spans(missing)} are missing" if missing else "",
-                    f"steps {_spans(repeated)} are repeated" if repeated else "",
-                    "they are out of order" if not (missing or repeated) else "",
-                )
-                if x
-            )
-            + f" (damaged lines: {lines}). A crash tears only the last line: the file was "
-            "changed from outside. Nothing was changed. Restore it from a copy, or start a new "
-            "run in a new out_dir."
+            f"them), but {', '.join(problems) or 'they are out of order'} (damaged lines: "
+            f"{lines}). A crash tears only the last line: the file was changed from outside. "
+            "Nothing was changed. Restore it from a copy, or start a new run in a new out_dir."
         )
     if inside:
         warnings.warn(

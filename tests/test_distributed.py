@@ -189,6 +189,15 @@ def test_doremi_with_fsdp_follows_the_one_process_trajectory(tmp_path):
     assert sorted(f.name for f in shards) == [f"step{7:07d}-rank{r}.pt" for r in (0, 1)]
 
 
+def wait_for_rows(proc: subprocess.Popen, traj: Path, rows: int, seconds: float = 300) -> None:
+    """Wait until `traj` holds `rows` lines, `proc` has ended, or `seconds` have passed."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        if traj.exists() and len(traj.read_text().splitlines()) >= rows:
+            return
+        time.sleep(0.02)
+
+
 def _killed_and_resumed(tmp_path: Path, config_file: Path | None = None, **extra) -> dict:
     """A 2-process run killed (SIGKILL to the launcher and its workers) after 3 logged steps, then
     resumed: its trajectory and weights are byte-identical to the uninterrupted run's. Returns
@@ -205,11 +214,7 @@ def _killed_and_resumed(tmp_path: Path, config_file: Path | None = None, **extra
     )
     traj = tmp_path / "killed" / "trajectory.jsonl"
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and victim.poll() is None:
-            if traj.exists() and len(traj.read_text().splitlines()) >= 3:
-                break
-            time.sleep(0.05)
+        wait_for_rows(victim, traj, 3)
     finally:  # on every path: the launcher and its workers
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()

@@ -12,12 +12,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
+from test_distributed import wait_for_rows
 from test_rundirs import Crash, _crash_at
 from test_trainer import SMOKE, smoke
 
@@ -256,11 +256,7 @@ def test_the_command_line_stopped_by_a_signal_says_how_to_resume(tmp_path, sig):
     )
     traj = tmp_path / "run" / "trajectory.jsonl"
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if traj.exists() and len(traj.read_text().splitlines()) >= 3:
-                break
-            time.sleep(0.02)
+        wait_for_rows(proc, traj, 3)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=300)
     finally:  # on every path: nothing it started outlives the test
