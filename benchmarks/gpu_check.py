@@ -16,20 +16,43 @@ GPU, no sharding, with the mode's checkpointing, at the precision the trainer ru
 `precision: bf16` (fp32 weights, gradients and AdamW state, bf16 autocast; on a CPU: fp32 without
 autocast) or `bf16-weights`. Prints a markdown table; `--out FILE` replaces its section of FILE
 (e.g. benchmarks/RESULTS.md) with it, the command, date and device.
+
+    python benchmarks/gpu_check.py --paper-scale    # the paper's models on one GPU, ~6 minutes
+    python benchmarks/gpu_check.py --paper-scale --device cpu --tiny   # the same path, scaled down
+
+`--paper-scale` measures the paper's largest models at their real shapes (`PAPER`: Yi-34B with
+LoRA r=16 on one shared base, gradient checkpointing and bf16-weights, on a GPU the size of an
+80 GB one; Llama-3-8B with LISA 2 blocks and bf16-weights, without and with checkpointing, on
+one 141 GB H200; GPT-NeoX-20B when time is left) through the trainer's own set-up
+(`build.setup` of the run config `memory` predicts, with the model `random:<name>`: the
+architecture shipped in configs/models/ with random weights made directly on the GPU in the
+run's precision, no weights read, no whole copy in host memory) and its own step
+(`trainer.run_step`) on micro-batches of 1 × 1024 random tokens. Per configuration: the peak
+over the timed steps (torch.cuda.max_memory_allocated and _reserved) beside the memory model's
+prediction (`memory.plan`, what `python -m scalebio_core memory` prints) and its error, seconds
+per step, training tokens/s, the set-up's time and its host-memory peak. A configuration that
+runs out of GPU memory is a "does not fit" row, and the next one runs; `--budget S` skips the
+configurations left once S seconds have passed. `--tiny` scales each architecture down (2
+blocks, width 64) and runs the same code on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import platform
 import sys
+import tempfile
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_lines, write_section  # noqa: E402
+from _common import cpu_name, machine_lines, write_section  # noqa: E402
 
 from scalebio_core.baselines import plain_step  # noqa: E402
 from scalebio_core.bilevel import BilevelConfig, init_state, scalebio_step  # noqa: E402
@@ -189,22 +212,258 @@ def run(name: str, kind: str, kw: dict, mode: str, a: argparse.Namespace) -> dic
     }
 
 
+# ------------------------------------------------------------------ --paper-scale
+
+PAPER = (
+    (
+        "01-ai/Yi-34B",
+        80,
+        "LoRA r=16, one shared base, ckpt",
+        {"lora_rank": 16, "precision": "bf16-weights", "gradient_checkpointing": True},
+    ),
+    (
+        "meta-llama/Meta-Llama-3-8B",
+        141,
+        "LISA 2 blocks",
+        {"lisa_active": 2, "precision": "bf16-weights"},
+    ),
+    (
+        "meta-llama/Meta-Llama-3-8B",
+        141,
+        "LISA 2 blocks, ckpt",
+        {"lisa_active": 2, "precision": "bf16-weights", "gradient_checkpointing": True},
+    ),
+    (
+        "EleutherAI/gpt-neox-20b",
+        80,
+        "LoRA r=16, one shared base, ckpt",
+        {"lora_rank": 16, "precision": "bf16-weights", "gradient_checkpointing": True},
+    ),
+)
+"""(model, GPU GiB the memory model is asked about, label, run-config fields): the one-GPU
+configurations of the README's scale-out section, in the order they run."""
+PAPER_SEQ = 1024
+
+
+def tiny_architecture(name: str, folder: Path) -> str:
+    """The shipped architecture of `name` scaled down (2 blocks, width 64, vocabulary 1024),
+    written as a config.json in `folder`: its path, for `random:<path>`."""
+    from scalebio_core.models import MODEL_CONFIGS
+
+    d = json.loads((MODEL_CONFIGS / f"{name.replace('/', '__')}.json").read_text())
+    heads = 4
+    kv = d.get("num_key_value_heads")
+    d.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, vocab_size=1024)
+    d["num_attention_heads"] = heads
+    if kv is not None:
+        d["num_key_value_heads"] = 2 if kv < d.get("num_attention_heads", kv) else heads
+    path = folder / f"{name.replace('/', '__')}-tiny" / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+class HostPeak:
+    """The peak resident memory of this process while the block runs (sampled every 20 ms from
+    /proc/self/statm; where that file does not exist, the process's lifetime peak)."""
+
+    def __enter__(self) -> HostPeak:
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096
+        except OSError:
+            import resource
+
+            scale = 1 if sys.platform == "darwin" else 1024
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def paper_case(name: str, gpu_gib: float, fields: dict, a: argparse.Namespace, tmp: Path) -> dict:
+    """One configuration of `PAPER`: predicted by the memory model, then set up and stepped."""
+    from scalebio_core.build import setup
+    from scalebio_core.config import TrainConfig
+    from scalebio_core.memory import plan
+    from scalebio_core.scaleout import plan_config
+    from scalebio_core.trainer import lm_fns, run_step
+
+    arch = tiny_architecture(name, tmp) if a.tiny else name
+    steps = a.warmup + a.steps
+    seq = 64 if a.tiny else PAPER_SEQ
+    # the batches are given (random tokens), so the sampler only has to accept batch 1
+    planned = {"model": arch, "max_length": seq, "steps": steps, "sampler": "union", **fields}
+    cfg = plan_config(None, planned, gpus=1)  # the run config `memory` predicts
+    predicted = plan(cfg, 1, gpu_gib)
+    row = {
+        "predicted_gib": predicted.prediction["total"] / GIB,
+        "fits_predicted": predicted.fits,
+        "params": predicted.shape.params,
+    }
+    run = {**cfg.to_dict(), "model": f"random:{arch}", "tokenizer": "embedded"}
+    run["out_dir"] = str(tmp / "run")
+    cfg = TrainConfig.from_dict(run)
+    cuda = a.device == "cuda"
+    stage = "set-up"
+    s = None
+    try:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        with HostPeak() as host:
+            s = setup(cfg)
+        row["setup_s"], row["host_gib"] = time.perf_counter() - t0, host.peak / GIB
+        where = {p.device.type for p in s.state.w.parameters()}
+        row["on"] = "/".join(sorted(where))
+        g = torch.Generator().manual_seed(0)
+        k, vocab = len(s.names), len(s.tokenizer)
+        data = [tuple(batch(vocab, 1, seq, n, a.device, g) for n in (k, 1)) for _ in range(steps)]
+        fns = lm_fns(s)
+        stage = "warm-up"
+        for i in range(a.warmup):
+            run_step(s, i, fns, data[i])
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        stage = "steps"
+        t0 = time.perf_counter()
+        for i in range(a.warmup, steps):
+            m, *_ = run_step(s, i, fns, data[i])
+        if cuda:
+            torch.cuda.synchronize()
+        row["s_per_step"] = (time.perf_counter() - t0) / a.steps
+        row["tokens_per_s"] = seq / row["s_per_step"]
+        row["finite"] = bool(torch.isfinite(torch.tensor(m["L1"])))
+        if cuda:
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+            row["reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+    except torch.OutOfMemoryError:
+        row["oom"] = stage  # the exception (and its frames' tensors) is dropped here
+    finally:
+        del s
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return row
+
+
+def paper_table(rows: list[dict]) -> str:
+    lines = [
+        "| model | params | configuration | predicted GiB | peak GiB (reserved) | error | "
+        "s/step | tokens/s | set-up s | host peak GiB |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        n = r["params"]
+        size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+        head = f"| {r['model']} | {size} | {r['label']} | "
+        digits = 1 if r["predicted_gib"] >= 1 else 4  # the tiny shapes' few MiB
+        pred = f"{r['predicted_gib']:.{digits}f}"
+        if "skipped" in r:
+            lines.append(head + f"{pred} | skipped: {r['skipped']} | | | | | |")
+        elif "oom" in r:
+            lines.append(
+                head + f"{pred} | **does not fit** (out of memory in {r['oom']}) | | | | | |"
+            )
+        else:
+            if "peak_gib" in r:
+                peak = r["peak_gib"]
+                err = f"{(r['predicted_gib'] - peak) / peak:+.0%}"
+                measured = f"{peak:.{digits}f} ({r['reserved_gib']:.{digits}f})"
+            else:
+                err, measured = "", "not measured (CPU)"
+            lines.append(
+                head + f"{pred} | {measured} | {err} | {r['s_per_step']:.2f} | "
+                f"{r['tokens_per_s']:.0f} | {r['setup_s']:.0f} | {r['host_gib']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def paper_scale(a: argparse.Namespace) -> int:
+    # the embedded corpus's validation set shares records with its sources: no matter here
+    warnings.filterwarnings("ignore", message="the validation set also holds")
+    start = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="paper-scale-") as tmp:
+        for name, gpu_gib, label, fields in PAPER:
+            row = {"model": name.split("/")[-1], "label": f"{label}, on 1 × {gpu_gib} GiB"}
+            if time.perf_counter() - start > a.budget:
+                row.update(skipped=f"time budget of {a.budget:.0f} s spent", params=0)
+                row["predicted_gib"] = float("nan")
+            else:
+                row.update(paper_case(name, gpu_gib, fields, a, Path(tmp)))
+                if row.get("finite") is False:
+                    print(f"error: {name} {label}: the loss is not finite", file=sys.stderr)
+                    return 1
+            rows.append(row)
+            print(paper_table(rows).splitlines()[-1], flush=True)
+    table = paper_table(rows)
+    print(table)
+    if a.out:
+        dev = torch.cuda.get_device_name() if a.device == "cuda" else cpu_name()
+        write_section(
+            Path(a.out),
+            "Paper scale on one GPU",
+            [
+                *machine_lines(),
+                f"- device: {dev}",
+                f"- micro-batch 1 × {64 if a.tiny else PAPER_SEQ} random tokens, {a.steps} timed "
+                f"steps after {a.warmup} warm-up; random weights of the real shapes "
+                "(`random:<model>`), made by the trainer's set-up on the device",
+                "- predicted: `python -m scalebio_core memory --model M --gpus 1 --gpu-mem G` "
+                "with the configuration's flags; error = (predicted − peak allocated) / peak",
+                "",
+                table,
+            ],
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny shapes: checks the code path")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=None, help="timed steps (10; paper scale 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed first steps (3; 2)")
+    p.add_argument("--paper-scale", action="store_true", help="the paper's models, one GPU")
+    p.add_argument("--budget", type=float, default=420, help="paper scale: seconds to spend")
     p.add_argument("--out")
     a = p.parse_args(argv)
+    if a.paper_scale:
+        a.steps = 3 if a.steps is None else a.steps
+        a.warmup = 2 if a.warmup is None else a.warmup
+        if a.tiny:
+            a.steps = min(a.steps, 2)
+        return paper_scale(a)
+    a.steps = 10 if a.steps is None else a.steps
+    a.warmup = 3 if a.warmup is None else a.warmup
     if a.tiny:
         a.seq, a.steps = min(a.seq, 64), min(a.steps, 3)
     rows = []
     for name, (kind, kw) in (TINY if a.tiny else SHAPES).items():
         for mode in MODES:
             rows.append(run(name, kind, kw, mode, a))
+            r = rows[-1]  # as it comes: a run stopped early keeps what it measured
+            print(
+                f"{r['model']} {r['mode']}: {r['s_per_step']:.3f} s/step, peak "
+                f"{r['peak_gib']:.2f} GiB, predicted {r['predicted_gib']:.2f} GiB",
+                flush=True,
+            )
     lines = [
         "| model | params | mode | s/step | tokens/s | × plain | peak GiB | predicted GiB |",
         "|---|---:|---|---:|---:|---:|---:|---:|",

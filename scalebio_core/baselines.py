@@ -38,6 +38,7 @@ from .bilevel import (
     lr_multiplier,
     make_optimizer,
     micro_batches,
+    model_device,
     set_lr,
 )
 from .distributed import LOCAL, Distribution
@@ -89,7 +90,7 @@ def plain_step(
     ScaleBiO clips alpha·L2 at alpha (`clip_norm=None`), i.e. L2's own gradient at norm 1: the
     same clipping here. The loss is checked before the model moves (`NonFiniteLossError`).
     """
-    p = p.detach()
+    p = p.detach().to(model_device(model))
     train = TrainBatch.of(batch, fns, p, dist, divisor)
     opt.zero_grad(set_to_none=True)
     lbar = lower_backward(model, train, fns, p, 1.0, "loss", step, dist)

@@ -213,7 +213,7 @@ def weighted_lower_loss(
                 "be weighted. Remove it from the sources or give it data."
             )
     per_source = sums / div
-    l2 = (p.to(losses.dtype) * per_source).sum()
+    l2 = (p.to(device=losses.device, dtype=losses.dtype) * per_source).sum()
     estimates = reduce(sums.detach()) / div
     return l2, estimates, counts
 
@@ -358,6 +358,11 @@ def micro_batches(batch: Any) -> list:
     return list(batch) if isinstance(batch, MicroBatches) else [batch]
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model computes: the device of its first parameter (the CPU if it has none)."""
+    return next((q.device for q in model.parameters()), torch.device("cpu"))
+
+
 @dataclass
 class TrainBatch:
     """A training batch as the lower level sees it: its micro-batches, the per-source counts of
@@ -400,7 +405,7 @@ def lower_backward(
         l2, est_mb, _ = weighted_lower_loss(losses, ids, p, batch.div)
         check_finite({label: l2}, step, dist)
         dist.backward(model, scale * l2)
-        est += est_mb.to(p.dtype)
+        est += est_mb.to(est)
     return dist.reduce(est)
 
 
@@ -467,7 +472,9 @@ def scalebio_step(
     """
     cfg, step = state.config, state.step
     alpha = cfg.alpha_at(step)
-    p = torch.softmax(state.lam.detach(), dim=0)
+    # lam stays where it was made (the CPU); p goes where the losses are (a GPU's reductions
+    # and NCCL's collectives need it there)
+    p = torch.softmax(state.lam.detach(), dim=0).to(model_device(state.w))
     train = TrainBatch.of(batch, fns, p, dist, divisor)
 
     # 1. u: the gradient of alpha · L2(lam, u)

@@ -42,6 +42,7 @@ from .lisa import Lisa, make_lisa_pair
 from .lora import add_lora, add_shared_lora, shared_views
 from .malloc import keep_freed_memory
 from .models import (
+    RANDOM_PREFIX,
     check_compatible,
     check_context,
     context_limit,
@@ -195,8 +196,9 @@ def build_data(cfg: TrainConfig, tokenizer: Any) -> Data:
 
 
 def tokenizer_name(cfg: TrainConfig) -> str:
-    """The tokenizer to load: the config's, or the model's own for a non-embedded model."""
-    if cfg.tokenizer != "embedded" or cfg.model.startswith("embedded"):
+    """The tokenizer to load: the config's, or the model's own for a model from a folder or the
+    hub (an embedded or `random:` model has none of its own: the embedded tokenizer)."""
+    if cfg.tokenizer != "embedded" or cfg.model.startswith(("embedded", RANDOM_PREFIX)):
         return cfg.tokenizer
     return cfg.model
 
@@ -229,7 +231,7 @@ def build_state(
             return add(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lisa_layers_path)
         return model
 
-    def whole() -> nn.Module:
+    def whole(device: torch.device | None) -> nn.Module:
         with _whole_models(dist.accelerator):  # each copy built whole; its engine partitions it
             model = load_model(
                 cfg.model,
@@ -237,6 +239,7 @@ def build_state(
                 seed=cfg.seed,
                 dtype=dtype,
                 attn_implementation=cfg.attn_implementation,
+                device=device,
             )
         check_compatible(model, tokenizer)
         return lora(model)

@@ -114,17 +114,18 @@ class Local:
 
     def build_models(
         self,
-        whole: Callable[[], nn.Module],
+        whole: Callable[[torch.device | None], nn.Module],
         empty: Callable[[], nn.Module],
         copies: int,
         finish: Callable[[nn.Module], None],
     ) -> list[nn.Module]:
         """The model copies (w, then u when `copies` is 2), on the device in training mode,
-        before their optimizers are built. `whole()` loads the model with its weights, `empty()`
+        before their optimizers are built. `whole(device)` loads the model with its weights
+        (random weights are made on `device`, loaded ones read and then placed), `empty()`
         builds it on the meta device; `finish(model)` runs on each copy before it is placed.
         Here w is loaded whole in this process and u is a deep copy of it (FSDP loads once per
         node instead, `engines.Fsdp`)."""
-        w = whole()
+        w = whole(self.device)
         models = [w, copy.deepcopy(w)] if copies == 2 else [w]
         for model in models:
             finish(model)

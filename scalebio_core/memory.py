@@ -71,24 +71,21 @@ eager total is checked against the measured peak resident set of real training s
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
-from .config import CONFIG_DIR, TrainConfig
+from .config import TrainConfig
 from .engines import check_plan
 from .errors import ConfigError, ModelError
 from .lisa import find_blocks
 from .losses import head_chunk
-from .models import model_config
+from .models import architecture
 
 GIB = 2**30
 SHARDINGS = ("fsdp", "zero3", "zero2", "zero1", "ddp")
-MODEL_CONFIGS = CONFIG_DIR / "models"
 PAPER_MODELS = ("gpt2", "meta-llama/Meta-Llama-3-8B", "EleutherAI/gpt-neox-20b", "01-ai/Yi-34B")
 HEADROOM = 0.1
 """The share of each GPU's and each node's memory a plan keeps free by default: what the model
@@ -99,31 +96,12 @@ PRECISION_BYTES = {"fp32": (4, 4), "bf16": (4, 2), "bf16-weights": (2, 2)}
 
 
 def load_config(name_or_path: str):
-    """A model config: an embedded model ('embedded:nano', …), a local config.json / folder, or
-    one shipped in configs/models/."""
-    if name_or_path == "embedded" or name_or_path.startswith("embedded:"):
-        try:
-            return model_config(name_or_path)
-        except ModelError as e:
-            raise ConfigError(str(e)) from None
-    path = Path(name_or_path)
-    candidates = [
-        path / "config.json",
-        path,
-        MODEL_CONFIGS / f"{name_or_path.replace('/', '__')}.json",
-    ]
-    for c in candidates:
-        if c.is_file():
-            d = json.loads(c.read_text())
-            kind = d.pop("model_type", None)
-            if kind not in CONFIG_MAPPING:
-                raise ConfigError(f"{c}: unknown model_type {kind!r}.")
-            return CONFIG_MAPPING[kind](**{k: v for k, v in d.items() if k != "architectures"})
-    shipped = sorted(p.stem.replace("__", "/") for p in MODEL_CONFIGS.glob("*.json"))
-    raise ConfigError(
-        f"no config for {name_or_path!r}: pass a folder or config.json, or one of "
-        f"the shipped configs {shipped}."
-    )
+    """A model config (`models.architecture`): an embedded model ('embedded:nano', …), a local
+    config.json / folder, one shipped in configs/models/, or the hub's cache."""
+    try:
+        return architecture(name_or_path)
+    except ModelError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from torch import nn
 from transformers import (
+    CONFIG_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -35,11 +36,15 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .config import ATTENTION
+from .config import ATTENTION, CONFIG_DIR
 from .errors import ConfigError, ModelError
 from .tokenizer import EOS, PAD, SPECIAL_TOKENS, get_tokenizer
 
 EMBEDDED_PREFIX = "embedded"
+RANDOM_PREFIX = "random:"
+MODEL_CONFIGS = CONFIG_DIR / "models"
+"""Architectures shipped with the project (`org__name.json`): the memory model's and
+`random:<org/name>`'s shapes of the paper's models."""
 DEFAULT_VOCAB = 2048  # the embedded tokenizer's size; `len(get_tokenizer())`
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -102,9 +107,11 @@ _GENERIC_TOKENIZERS = {"TokenizersBackend", "PreTrainedTokenizerFast"}
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Run the block with the CPU torch RNG seeded by `seed`, restoring the global state after."""
-    with torch.random.fork_rng(devices=[]):
+def _seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run the block with the torch RNG seeded by `seed` (the CPU's, and `device`'s when it is a
+    GPU), restoring the global state after."""
+    gpus = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(seed)
         yield
 
@@ -230,6 +237,62 @@ def _is_embedded(name: str) -> bool:
     return name == EMBEDDED_PREFIX or name.startswith(EMBEDDED_PREFIX + ":")
 
 
+def is_random(name: str) -> bool:
+    """A `random:<architecture>` model: the architecture's real shapes, random weights."""
+    return name.startswith(RANDOM_PREFIX)
+
+
+def architecture(name_or_path: str) -> Any:
+    """A model's architecture (its transformers config, no weights): an embedded model, a local
+    config.json or a folder holding one, one shipped in configs/models/ (`org/name` as
+    `org__name.json`), or the hub's cache."""
+    if _is_embedded(name_or_path):
+        return _embedded_config(name_or_path, None, None, "auto")
+    if is_random(name_or_path):
+        return architecture(name_or_path[len(RANDOM_PREFIX) :])
+    path = Path(name_or_path).expanduser()
+    shipped = MODEL_CONFIGS / f"{name_or_path.replace('/', '__')}.json"
+    for c in (path / "config.json", path, shipped):
+        if c.is_file():
+            d = json.loads(c.read_text())
+            kind = d.pop("model_type", None)
+            if kind not in CONFIG_MAPPING:
+                raise ConfigError(f"{c}: unknown model_type {kind!r}.")
+            return CONFIG_MAPPING[kind](**{k: v for k, v in d.items() if k != "architectures"})
+    if not _looks_like_path(name_or_path) and _in_hub_cache(name_or_path, ("config.json",)):
+        return _from_pretrained(
+            AutoConfig.from_pretrained, name_or_path, "config", ("config.json",)
+        )
+    known = sorted(p.stem.replace("__", "/") for p in MODEL_CONFIGS.glob("*.json"))
+    raise ConfigError(
+        f"no config for {name_or_path!r}: pass a folder or config.json, a model in the hub's "
+        f"cache, or one of the shipped configs {known}."
+    )
+
+
+def _random_model(
+    name: str,
+    vocab_size: int | None,
+    seed: int,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    device: torch.device | None,
+) -> nn.Module:
+    """`random:<architecture>`, built where it will train (`device`; default the CPU) in `dtype`:
+    no whole fp32 copy anywhere, no weights read. For measuring memory and speed at a real
+    model's shape (benchmarks/gpu_check.py --paper-scale), never for results."""
+    config = architecture(name)
+    text = config.get_text_config()
+    if vocab_size is not None and vocab_size > text.vocab_size:
+        text.vocab_size = vocab_size
+    device = torch.device(device or "cpu")
+    with _seeded(seed, device), device:
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, **_attention_kwargs(attn_implementation)
+        )
+    return model
+
+
 def _dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}.")
@@ -297,8 +360,11 @@ def load_model(
     dtype: str = "float32",
     max_positions: int | None = None,
     attn_implementation: str = "auto",
+    device: torch.device | str | None = None,
 ) -> nn.Module:
-    """A causal LM: an embedded GPT-2 size (random init from `seed`) or `from_pretrained`.
+    """A causal LM: an embedded GPT-2 size (random init from `seed`), `random:<architecture>`
+    (an architecture's shapes with random weights from `seed`, built on `device` in `dtype`:
+    `architecture`) or `from_pretrained`.
 
     ``"embedded:<size>"`` (sizes in `EMBEDDED_SIZES`) builds a GPT-2 with `vocab_size` (default
     2048, the embedded tokenizer) and `max_positions` positions (default 256); its weights depend
@@ -315,6 +381,10 @@ def load_model(
         with _seeded(seed):
             model = GPT2LMHeadModel(config)
         return model.to(torch_dtype)
+    if is_random(name_or_path):
+        return _random_model(
+            name_or_path, vocab_size, seed, torch_dtype, attn_implementation, device
+        )
 
     model = _from_pretrained(
         AutoModelForCausalLM.from_pretrained,
@@ -370,7 +440,7 @@ def empty_model(
             model = GPT2LMHeadModel(config).to(torch_dtype)
         model.tie_weights()  # the context's new meta parameters undo the tie
         return model
-    config = _from_pretrained(AutoConfig.from_pretrained, name_or_path, "config", ("config.json",))
+    config = model_config(name_or_path)
     text = config.get_text_config()
     if vocab_size is not None and vocab_size > text.vocab_size:
         text.vocab_size = vocab_size  # as load_model's resize_token_embeddings
@@ -422,9 +492,10 @@ def check_compatible(model: nn.Module, tokenizer: Any) -> None:
 
 
 def model_config(name_or_path: str) -> Any:
-    """The model's config alone (embedded, a local folder, or the hub's cache), no weights."""
-    if _is_embedded(name_or_path):
-        return _embedded_config(name_or_path, None, None, "auto")
+    """The model's config alone (embedded, `random:<architecture>`, a local folder, or the hub's
+    cache), no weights."""
+    if _is_embedded(name_or_path) or is_random(name_or_path):
+        return architecture(name_or_path)
     return _from_pretrained(AutoConfig.from_pretrained, name_or_path, "config", ("config.json",))
 
 

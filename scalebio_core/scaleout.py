@@ -44,6 +44,7 @@ from .memory import (
     model_shape,
     plan,
 )
+from .models import RANDOM_PREFIX
 
 KINDS = ("ddp", "fsdp", "deepspeed_zero3")
 GPUS = 8
@@ -110,7 +111,7 @@ def plan_config(
     with `fields` over it; micro-batch 1 per GPU unless the batch sizes are given; a model
     chosen in `fields` brings its own tokenizer."""
     fields = dict(fields)
-    if "model" in fields and not str(fields["model"]).startswith("embedded"):
+    if "model" in fields and not str(fields["model"]).startswith(("embedded", RANDOM_PREFIX)):
         fields.setdefault("tokenizer", fields["model"])
     d = merge(dict(PLAN_BASE) if base is None else dict(base), fields)
     per_step = max(gpus, 1) * d.get("grad_accum", 1)

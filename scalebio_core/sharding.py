@@ -67,7 +67,7 @@ def shard_model(model: nn.Module, offload: bool = False, layers_path: str | None
 
 
 def sharded_copies(
-    whole: Callable[[], nn.Module],
+    whole: Callable[[torch.device | None], nn.Module],
     empty: Callable[[], nn.Module],
     copies: int,
     finish: Callable[[nn.Module], None],
@@ -77,7 +77,7 @@ def sharded_copies(
 ) -> list[nn.Module]:
     """`copies` sharded copies of one model, materialised once per node.
 
-    Rank 0 loads the model whole (`whole()`, host memory); every rank builds each copy empty
+    Rank 0 loads the model whole (`whole(None)`, host memory); every rank builds each copy empty
     (`empty()`: parameters on the meta device), shards it, allocates only its own shards, and
     receives them from rank 0 parameter by parameter (torch's `set_model_state_dict` with
     `broadcast_from_rank0`). Buffers (rotary frequencies and the like) are computed by every
@@ -89,7 +89,7 @@ def sharded_copies(
     error: Exception | None = None
     if rank == 0:
         try:
-            source = whole().state_dict()
+            source = whole(None).state_dict()
         except Exception as e:  # re-raised below, after telling the other ranks
             error = e
     failed = torch.tensor([float(error is not None)], device=device)

@@ -151,3 +151,82 @@ def test_quality_planted_reports_the_time_to_the_planted_mixture(tmp_path, capsy
         final = float(row.split("|")[4].split("±")[0])
         assert 0 <= final < 1 and ("never" in row or " s (" in row)
     assert "## Quality: time to reach a planted mixture" in out.read_text()
+
+
+def test_paper_scale_tiny_on_cpu(tmp_path, capsys):
+    """The paper-scale check's code path (the trainer's set-up of `random:<model>`, its step, the
+    memory model's prediction) on the shipped architectures scaled down."""
+    import math
+
+    module = benchmark("gpu_check")
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmark results\n\n## Other\n\nkept\n")
+    argv = ["--paper-scale", "--device", "cpu", "--tiny", "--out", str(out)]
+    assert module.main(argv) == 0
+    printed = capsys.readouterr().out
+    table = printed[printed.index("| model | params |") :].splitlines()[2:]
+    assert len(table) == len(module.PAPER)
+    for row, (name, gib, label, _) in zip(table, module.PAPER):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == name.split("/")[-1] and cells[2] == f"{label}, on 1 × {gib} GiB"
+        assert cells[4] == "not measured (CPU)"  # no GPU peak is made up on a CPU
+        predicted, s_step, tokens = float(cells[3]), float(cells[6]), float(cells[7])
+        assert predicted > 0 and s_step > 0 and math.isfinite(tokens)
+    text = out.read_text()
+    assert "## Paper scale on one GPU" in text and "kept" in text
+
+
+def test_paper_scale_reports_out_of_memory_and_budget(tmp_path, monkeypatch, capsys):
+    """A configuration that runs out of GPU memory is a 'does not fit' row and the next one
+    runs; configurations left when the time budget is spent are 'skipped' rows."""
+    import torch
+
+    from scalebio_core import trainer
+
+    module = benchmark("gpu_check")
+    real = trainer.run_step
+    calls = {"n": 0}
+
+    def first_case_runs_out(s, step, fns, step_data=None):
+        calls["n"] += 1
+        if "Yi-34B" in s.cfg.model:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real(s, step, fns, step_data)
+
+    monkeypatch.setattr(trainer, "run_step", first_case_runs_out)
+    assert module.main(["--paper-scale", "--device", "cpu", "--tiny"]) == 0
+    rows = capsys.readouterr().out.split("| model | params |")[1].splitlines()[2:]
+    assert "**does not fit** (out of memory in warm-up)" in rows[0]
+    assert all("does not fit" not in r and "not measured (CPU)" in r for r in rows[1:])
+    assert calls["n"] > len(module.PAPER)  # the other configurations stepped
+    assert module.main(["--paper-scale", "--device", "cpu", "--tiny", "--budget", "0"]) == 0
+    rows = capsys.readouterr().out.split("| model | params |")[1].splitlines()[2:]
+    assert len(rows) == len(module.PAPER) and all("skipped: time budget" in r for r in rows)
+
+
+def test_readme_quotes_the_measured_paper_scale_table():
+    """The README's one-GPU rows are the GPU run's (benchmarks/RESULTS.md), and their predicted
+    column is what the memory model says today for the configurations gpu_check.py runs."""
+    import re
+    from pathlib import Path
+
+    from scalebio_core.memory import GIB, plan
+    from scalebio_core.scaleout import plan_config
+
+    root = Path(__file__).resolve().parent.parent
+    module = benchmark("gpu_check")
+    results = (root / "benchmarks" / "RESULTS.md").read_text()
+    section = results.split("## Paper scale on one GPU")[1].split("\n## ")[0]
+    measured = [r for r in section.splitlines() if re.match(r"\| \S+ \| [\d.]+B \|", r)]
+    readme = (root / "README.md").read_text()
+    quoted = readme.split("**The paper's scale on one GPU (measured).**")[1].split("\n\n**")[0]
+    rows = [r for r in quoted.splitlines() if re.match(r"\| (Yi|Llama|GPT-NeoX)", r)]
+    assert len(measured) == len(rows) == len(module.PAPER)
+    for got, quote, (name, gib, _, fields) in zip(measured, rows, module.PAPER):
+        m = [c.strip() for c in got.strip("|").split("|")]
+        q = [c.strip() for c in quote.strip("|").split("|")]
+        peak, reserved = re.match(r"([\d.]+) \(([\d.]+)\)", m[4]).groups()
+        assert q[1] == f"{m[3]} GiB" and q[2] == f"{peak} GiB ({reserved})", quote
+        assert q[3] == m[5].replace("-", "−") and q[4:6] == m[6:8], quote
+        cfg = plan_config(None, {"model": name, "max_length": 1024, **fields}, gpus=1)
+        assert m[3] == f"{plan(cfg, 1, gib).prediction['total'] / GIB:.1f}", name

@@ -266,3 +266,51 @@ def test_clone_model_equal_but_independent() -> None:
     u(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is None for p in w.parameters())
     assert _equal(before, _state(w))
+
+
+def test_random_architecture_has_the_shapes_the_memory_model_counts(tmp_path):
+    """`random:<architecture>`: the shipped config's exact shapes (counted on the meta device
+    for Yi-34B), random weights made in the asked dtype where asked, the embedded tokenizer."""
+    from scalebio_core.build import tokenizer_name
+    from scalebio_core.config import TrainConfig
+    from scalebio_core.errors import ConfigError
+    from scalebio_core.memory import model_shape
+    from scalebio_core.scaleout import plan_config
+
+    yi = M.empty_model("random:01-ai/Yi-34B")
+    assert M.count_parameters(yi) == model_shape("01-ai/Yi-34B").params > 34e9
+    small = json.loads((M.MODEL_CONFIGS / "meta-llama__Meta-Llama-3-8B.json").read_text())
+    small.update(num_hidden_layers=2, hidden_size=32, intermediate_size=64, vocab_size=300)
+    small.update(num_attention_heads=4, num_key_value_heads=2)
+    (tmp_path / "config.json").write_text(json.dumps(small))
+    name = f"random:{tmp_path}"
+    a = M.load_model(name, vocab_size=512, seed=3, dtype="bfloat16", device="cpu")
+    b = M.load_model(name, vocab_size=512, seed=3, dtype="bfloat16")
+    assert type(a).__name__ == "LlamaForCausalLM" and a.dtype == torch.bfloat16
+    assert a.get_input_embeddings().num_embeddings == 512  # grown to the tokenizer's size
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))  # seeded
+    assert M.count_parameters(a) == model_shape(model=a).params
+    cfg = plan_config(None, {"model": name, "max_length": 64}, gpus=1)
+    assert cfg.tokenizer == "embedded" and tokenizer_name(cfg) == "embedded"
+    assert tokenizer_name(TrainConfig(model="random:01-ai/Yi-34B")) == "embedded"
+    with pytest.raises(ConfigError, match="shipped configs"):
+        M.load_model("random:no-such-org/no-such-model")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scalebio_step_on_a_gpu_keeps_lam_where_it_was_made():
+    """lam lives on the CPU; the step's p goes to the GPU the losses are on (it once failed
+    there with 'Expected all tensors to be on the same device')."""
+    from scalebio_core.bilevel import BilevelConfig, init_state, scalebio_step
+    from scalebio_core.losses import LMFns
+
+    w = M.load_model("embedded:nano").cuda()
+    u = M.clone_model(w)
+    state = init_state(w, u, ["a", "b"], BilevelConfig(total_steps=2))
+    ids = torch.randint(0, 2048, (4, 16), device="cuda")
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    val = dict(batch, source_ids=torch.zeros(4, dtype=torch.long, device="cuda"))
+    batch["source_ids"] = torch.tensor([0, 1, 0, 1], device="cuda")
+    m = scalebio_step(state, batch, val, LMFns())
+    assert math.isfinite(m["L1"]) and state.lam.device.type == "cpu"
