@@ -45,7 +45,9 @@ from .distributed import LOCAL, Distribution
 from .errors import ConfigError, check_all, check_types
 from .problem import ParamVector, ProblemFns
 
-METHODS = ("scalebio", "uniform", "natural", "validation", "doremi")
+METHODS = ("scalebio", "uniform", "natural", "validation", "doremi", "sft")
+"""The run config's methods: ScaleBiO, the fixed mixtures, DoReMi, and plain fine-tuning on a
+resampled file (`pipeline.sft`, not `train`)."""
 VALIDATION = "validation"  # the key of the validation set in a validation-only weights.json
 
 

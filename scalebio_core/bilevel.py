@@ -413,12 +413,12 @@ def upper_backward(
     model: nn.Module,
     val_batch: Any,
     fns: StepFns,
-    like: torch.Tensor,
     step: int,
     dist: Distribution,
+    dtype: torch.dtype = torch.float32,
 ) -> float:
     """Backpropagate L1(model) over the validation micro-batches (weighted equally); returns L1
-    (all ranks, in the dtype of `like`)."""
+    (its ranks' shares summed in `dtype`, the precision of lam, on the model's device)."""
     micro = micro_batches(val_batch)
     l1 = 0.0
     for vmb in micro:
@@ -426,7 +426,7 @@ def upper_backward(
         check_finite({"L1": part}, step, dist)
         dist.backward(model, part)
         l1 += float(part.detach())
-    return float(dist.reduce(torch.tensor(l1, dtype=like.dtype, device=like.device)))
+    return float(dist.reduce(torch.tensor(l1, dtype=dtype, device=model_device(model))))
 
 
 def check_finite(values: dict[str, torch.Tensor], step: int, dist: Distribution = LOCAL) -> None:
@@ -474,7 +474,7 @@ def scalebio_step(
     alpha = cfg.alpha_at(step)
     # lam stays where it was made (the CPU); p goes where the losses are (a GPU's reductions
     # and NCCL's collectives need it there)
-    p = torch.softmax(state.lam.detach(), dim=0).to(model_device(state.w))
+    p = state.p.to(model_device(state.w))
     train = TrainBatch.of(batch, fns, p, dist, divisor)
 
     # 1. u: the gradient of alpha · L2(lam, u)
@@ -483,7 +483,7 @@ def scalebio_step(
 
     # 2. w: the gradient of L1(w) + alpha · L2(lam, w), on the same training batch
     state.opt_w.zero_grad(set_to_none=True)
-    l1 = upper_backward(state.w, val_batch, fns, p, step, dist)
+    l1 = upper_backward(state.w, val_batch, fns, step, dist, p.dtype)
     lbar_w = lower_backward(state.w, train, fns, p, alpha, "L2(w)", step, dist)
 
     # every loss was finite: move u and w (clipped at alpha unless clip_norm is set) ...

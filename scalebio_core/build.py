@@ -34,7 +34,7 @@ from .data import (
     specs_from_dir,
     tokenize,
 )
-from .distributed import Distribution
+from .distributed import RunDistribution
 from .engines import choose, make_accelerator
 from .errors import ConfigError
 from .identity import data_fingerprint, run_identity, tokenized_sha
@@ -61,7 +61,7 @@ class Setup:
     the state (w, u, lam and their optimizers) and LISA of (w, u)."""
 
     cfg: TrainConfig
-    dist: Distribution
+    dist: RunDistribution
     tokenizer: Any
     train: TokenizedData
     val: TokenizedData
@@ -216,7 +216,7 @@ def _whole_models(accelerator: Any) -> contextlib.AbstractContextManager:
 
 
 def build_state(
-    cfg: TrainConfig, dist: Distribution, tokenizer: Any, names: tuple[str, ...], copies: int
+    cfg: TrainConfig, dist: RunDistribution, tokenizer: Any, names: tuple[str, ...], copies: int
 ) -> BilevelState:
     """w (LoRA when asked) and u = a copy of w (or w itself), in the run's dtype, with
     recomputing blocks when asked, built and placed by the distribution (`build_models`), then

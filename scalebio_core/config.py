@@ -26,7 +26,7 @@ from .baselines import FLAT_PREFIX, METHODS, DoReMiConfig
 from .bilevel import BilevelConfig
 from .data import MAX_RECORD_BYTES
 from .errors import ConfigError, check_all, check_types
-from .runs import load_yaml
+from .runs import CONFIG, load_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRESETS = ("smoke", "quick", "paper")
@@ -366,3 +366,10 @@ def load_preset(
             raise ConfigError(f"{path} has no preset sections: leave out --preset {preset}.")
     extra = overrides if isinstance(overrides, Mapping) else parse_overrides(list(overrides))
     return merge(data, extra)
+
+
+def read_run_config(run_dir: str | Path) -> TrainConfig:
+    """The run config a run folder records (its config.yaml): keys added to the config since
+    the run take their defaults; ConfigError, naming the file, for one that is damaged."""
+    path = Path(run_dir) / CONFIG
+    return TrainConfig.from_dict(load_yaml(path.read_text(), path))

@@ -12,9 +12,12 @@ things of a distribution and nothing else:
 Every rank's loss is its own samples' share of the global loss, and gradients are summed over the
 ranks, so N processes follow the one-process trajectory. `Local` is one process (the toys, the
 notebooks, a one-GPU run) and the default of every step; `engines.py` holds one implementation
-per engine (DDP, FSDP2, DeepSpeed ZeRO) and the one place that chooses among them. The same
-object carries what the recipes need around the step: the rank, the main process, a barrier,
-autocast, and the per-rank parts of a checkpoint.
+per engine (DDP, FSDP2, DeepSpeed ZeRO) and the one place that chooses among them.
+
+The same object carries what the loop and the recipes need around the step, the wider interface
+`RunDistribution`: the accelerator, device, rank and main process, a barrier, agreement across
+the ranks, autocast, building the model copies, and the per-rank parts of a checkpoint. Every
+engine implements both; nothing above this module calls torch.distributed itself.
 """
 
 from __future__ import annotations
@@ -64,8 +67,65 @@ class Distribution(Protocol):
         """Reduce the gradient, clip it at `max_norm`, step; the norm before clipping."""
 
 
+class RunDistribution(Distribution, Protocol):
+    """What the loop, the set-up and the recipes need of the processes, beyond the step's four
+    members: each engine of `engines.py` and `Local` implement it, and `engines.choose` returns
+    one."""
+
+    accelerator: Any
+    """The accelerate object of the run (None: a bare process, the toys)."""
+    device: torch.device
+    """Where this rank computes."""
+    sharded: bool
+    """Whether u and w are partitioned over the ranks."""
+    engine: str
+    """The engine a checkpoint records."""
+
+    @property
+    def rank(self) -> int:
+        """This process's index."""
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0, which writes the run folder."""
+
+    def barrier(self) -> None:
+        """Wait for every process."""
+
+    def agree(self, ok: bool) -> bool:
+        """Whether every process had `ok` (one that failed makes all refuse together)."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The run's autocast (bf16 under precision bf16), or nothing."""
+
+    def build_models(
+        self,
+        whole: Callable[[torch.device | None], nn.Module],
+        empty: Callable[[], nn.Module],
+        copies: int,
+        finish: Callable[[nn.Module], None],
+    ) -> list[nn.Module]:
+        """The model copies, placed and in training mode (`Local.build_models`)."""
+
+    def prepare_state(self, state: Any, micro_batch: int) -> None:
+        """After the optimizers are built (an engine may take them over)."""
+
+    def checkpoint_meta(self) -> dict[str, Any] | None:
+        """What a checkpoint records of the per-rank parts (None: it holds everything)."""
+
+    def save_models(self, state: Any, run_dir: Path) -> None:
+        """Every rank: its part of u, w and their optimizers."""
+
+    def drop_old(self, run_dir: Path, step: int) -> None:
+        """Every rank: delete the parts of checkpoints older than `step`."""
+
+    def load_models(self, state: Any, run_dir: Path, step: int, meta: dict | None) -> None:
+        """Every rank: load its part of u, w and their optimizers for `step`."""
+
+
 class Local:
-    """One process: the default of every step, and what a one-process run uses."""
+    """One process: the default of every step, and what a one-process run uses
+    (`RunDistribution`)."""
 
     sharded = False
     """Whether u and w are partitioned over the ranks (their parameters are gathered only inside
@@ -105,6 +165,9 @@ class Local:
     def barrier(self) -> None:
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
+
+    def agree(self, ok: bool) -> bool:
+        return ok
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast when the accelerator was made with it (nothing on a bare Local)."""

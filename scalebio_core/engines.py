@@ -25,7 +25,7 @@ from accelerate.state import AcceleratorState
 from torch import nn
 
 from . import sharding, zero
-from .distributed import Local, ended_at_exit
+from .distributed import Local, RunDistribution, ended_at_exit
 from .errors import ConfigError
 
 
@@ -45,6 +45,10 @@ class MultiProcess(Local):
 
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(t.to(self.device))
+
+    def agree(self, ok: bool) -> bool:
+        """A sum of the failures over the ranks (on the device, which NCCL needs)."""
+        return float(self.reduce(torch.tensor([0.0 if ok else 1.0]))) == 0
 
 
 class Ddp(MultiProcess):
@@ -200,7 +204,7 @@ def check_plan(
         )
 
 
-def choose(cfg: Any, accelerator: Any, copies: int = 2) -> Local:
+def choose(cfg: Any, accelerator: Any, copies: int = 2) -> RunDistribution:
     """The distribution of a run: the config's sharding, or an accelerate launch's (FSDP2 or
     DeepSpeed ZeRO), else whole copies on every process. `copies=1`: plain fine-tuning."""
     distributed_type = str(accelerator.distributed_type).rsplit(".", 1)[-1]
@@ -218,6 +222,6 @@ def choose(cfg: Any, accelerator: Any, copies: int = 2) -> Local:
     return processes(accelerator)
 
 
-def processes(accelerator: Any) -> Local:
+def processes(accelerator: Any) -> RunDistribution:
     """Whole copies on every process: `Ddp` for several, `Local` for one."""
     return Ddp(accelerator) if accelerator.num_processes > 1 else Local(accelerator)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import runs
 from .build import setup
-from .config import CONFIG_DIR, TrainConfig, load_preset
+from .config import CONFIG_DIR, TrainConfig, load_preset, read_run_config
 from .errors import ConfigError
 from .lisa import optimizer_state_bytes
 from .lora import unique_parameters
@@ -87,9 +87,7 @@ def run_preset(
     cfg = preset_config(name, preset, **overrides)
     run_dir = Path(cfg.out_dir)
     if (run_dir / runs.CONFIG).exists():
-        old = TrainConfig.from_dict(
-            runs.load_yaml((run_dir / runs.CONFIG).read_text(), run_dir / runs.CONFIG)
-        )
+        old = read_run_config(run_dir)
         # keys added since the run take their defaults; a moved run folder is the same run
         diff = runs.config_diff(old.to_dict(), cfg.to_dict(), ignore=("out_dir", "tracker"))
         if diff:

@@ -24,9 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import runs
-from .config import TrainConfig
-from .distributed import Local
-from .engines import make_accelerator
+from .config import TrainConfig, read_run_config
+from .distributed import RunDistribution
+from .engines import make_accelerator, processes
 from .errors import ConfigError, Interrupted, NonFiniteLossError, TrainingStopped
 from .identity import IDENTITY, RESUME_CHANGEABLE, RESUME_IGNORED
 
@@ -41,7 +41,7 @@ class Method(Protocol):
     """Its name in the progress bar and in messages."""
     total: int
     """Steps of the whole run (rows of a finished trajectory.jsonl)."""
-    dist: Local
+    dist: RunDistribution
     """Its distribution: the main process writes the logs."""
     setup: Any
     """The `build.Setup` its steps read (None for a method without models)."""
@@ -51,6 +51,9 @@ class Method(Protocol):
     """What to lower after a non-finite loss."""
     learns_weights: bool
     """Whether its steps learn the weights p (a convergence verdict ends the run)."""
+    recorded_config: dict | None
+    """What config.yaml records, when it is more than the run config (sft: its token budget
+    and the steps that budget gave); None: the run config."""
 
     def step(self, t: int) -> tuple[dict, int]:
         """Run step t; returns its trajectory row and its tokens (every process)."""
@@ -70,16 +73,6 @@ class Method(Protocol):
 
 
 # ------------------------------------------------------------------ the run folder
-
-
-def _agree(ok: bool, dist_ready: bool, device: torch.device) -> bool:
-    """Whether every process had `ok` (an all-reduce of failures when several run; on the
-    device, which NCCL needs)."""
-    if not dist_ready:
-        return ok
-    bad = torch.tensor([0.0 if ok else 1.0], device=device)
-    torch.distributed.all_reduce(bad)
-    return bad.item() == 0
 
 
 def prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, str, dict]:
@@ -114,9 +107,7 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, str, dict]:
             f"{run_dir} already holds a run (trajectory or checkpoint); nothing was "
             "overwritten. Pass --resume to continue it, or choose another out_dir."
         )
-    old = TrainConfig.from_dict(
-        runs.load_yaml((run_dir / runs.CONFIG).read_text(), run_dir / runs.CONFIG)
-    ).to_dict()
+    old = read_run_config(run_dir).to_dict()
     new = cfg.to_dict()
     diff = runs.config_diff(old, new, ignore=RESUME_IGNORED + RESUME_CHANGEABLE)
     if diff:
@@ -131,7 +122,7 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, str, dict]:
     return run_dir, "resume", changed
 
 
-def _say(dist: Local, text: str) -> None:
+def _say(dist: RunDistribution, text: str) -> None:
     if dist.is_main:
         print(text, file=sys.stderr, flush=True)
 
@@ -141,14 +132,22 @@ def open_run(
     resume: bool,
     build: Callable[[TrainConfig, Any], Method],
     accept_data_change: bool = False,
+    fresh: bool = False,
 ) -> tuple[Method, Path, int, runs.RunLock | None]:
     """Lock and check the folder, build the method (`build(cfg, accelerator)`), then start or
     resume the run folder. Returns (method, run folder, first step, the lock to release).
-    A resume refuses a checkpoint of another run and damaged logs before it changes a file."""
+    A resume refuses a checkpoint of another run and damaged logs before it changes a file.
+    `fresh`: a run that is never resumed, into a folder its caller has checked by its own rules
+    and cleared of its earlier output (`pipeline.sft`); it starts at step 0."""
     accelerator = make_accelerator(cfg)
-    ready = torch.distributed.is_available() and torch.distributed.is_initialized()
-    run_dir, mode, changed = prepare_run_dir(cfg, resume)  # every rank reads the same …
-    accelerator.wait_for_everyone()  # … before rank 0 locks and writes anything
+    ranks = processes(accelerator)  # the ranks' agreement, before the method's engine exists
+    if fresh:
+        if resume:
+            raise ConfigError("a fresh run (fresh=True) cannot be resumed.")
+        run_dir, mode, changed = Path(cfg.out_dir), "new", {}
+    else:  # every rank reads the same …
+        run_dir, mode, changed = prepare_run_dir(cfg, resume)
+    ranks.barrier()  # … before rank 0 locks and writes anything
     lock, error = None, None
     try:
         if accelerator.is_main_process:
@@ -167,7 +166,7 @@ def open_run(
                 )
     except ConfigError as e:
         error = e
-    if not _agree(error is None, ready, accelerator.device):
+    if not ranks.agree(error is None):
         raise error or ConfigError(f"{run_dir}: the main process could not lock it (above).")
     try:
         torch.manual_seed(cfg.seed)
@@ -231,8 +230,9 @@ def _start_folder(method: Method, cfg: TrainConfig, run_dir: Path, mode: str) ->
         runs.clean_temporary(run_dir)
         (run_dir / runs.TRAJECTORY).write_text("")
         (run_dir / runs.TIMING).unlink(missing_ok=True)
-        runs.write_yaml(run_dir / runs.CONFIG, cfg.to_dict())
-        if method.setup is not None:
+        record = method.recorded_config
+        runs.write_yaml(run_dir / runs.CONFIG, cfg.to_dict() if record is None else record)
+        if method.setup is not None and method.checkpoints:  # what its checkpoints carry
             runs.write_json(run_dir / IDENTITY, method.setup.identity())
     method.save(run_dir, method.weights())
 
@@ -256,15 +256,17 @@ def run(
     progress: bool = True,
     callback: Callback | None = None,
     accept_data_change: bool = False,
+    fresh: bool = False,
 ) -> dict[str, float]:
     """Run (or resume) a method into cfg.out_dir; returns its final weights (weights.json).
+    `fresh`: a run that is never resumed, into a folder its caller checked (`open_run`).
 
     SIGINT and SIGTERM (`caught_signals`) stop it at the next step boundary with a checkpoint,
     raising `Interrupted` (its message holds the resume command); while the run is set up, they
     stop it at once (nothing is trained yet, and every file is written atomically)."""
     with caught_signals() as stop:
         try:
-            method, run_dir, start, lock = open_run(cfg, resume, build, accept_data_change)
+            method, run_dir, start, lock = open_run(cfg, resume, build, accept_data_change, fresh)
         except Interrupted as e:
             raise Interrupted(
                 f"{e} while the run was set up: nothing was trained"
@@ -286,7 +288,7 @@ def _finish(method, cfg, run_dir, start, lock, progress, callback, stop) -> dict
     try:
         run_loop(method, cfg, run_dir, start, progress, callback, stop)
         weights = method.weights()
-        if method.dist.is_main:
+        if method.dist.is_main and weights:  # a method without weights (sft) writes none
             runs.write_json(run_dir / runs.WEIGHTS, weights)
             write_verdict(run_dir, method.learns_weights and len(weights) > 1)
         method.dist.barrier()

@@ -24,15 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import runs
+from . import loop, runs
 from .baselines import VALIDATION, plain_step
-from .build import Setup, count_tokens, data_rules, data_specs, heldout_spec, setup, train_batch
-from .config import TrainConfig
+from .build import count_tokens, data_rules, data_specs, heldout_spec, setup, train_batch
+from .config import TrainConfig, read_run_config
 from .corpora import build_corpus, extract_answer
 from .data import DROP_REASONS, SourceSpec, load_records, load_sources, read_lines, tokenize
-from .engines import make_accelerator
 from .errors import ConfigError, DataError
-from .loop import Callback, run_loop
+from .loop import Callback
 from .losses import per_sample_loss
 from .sampling import collate
 from .trainer import lm_fns
@@ -183,9 +182,7 @@ def resample_run(
     needed = [runs.CONFIG] + ([runs.WEIGHTS] if weights is None else [])
     for missing in [run_dir / f for f in needed if not (run_dir / f).exists()]:
         raise ConfigError(f"{missing} does not exist: give a finished run directory.")
-    cfg = TrainConfig.from_dict(
-        runs.load_yaml((run_dir / runs.CONFIG).read_text(), run_dir / runs.CONFIG)
-    )
+    cfg = read_run_config(run_dir)
     target = Path(out) if out else run_dir / RESAMPLED
     _check_resample_out(target, overwrite, 8 * cfg.max_record_bytes)  # JSON escapes, "source"
     if weights is None:
@@ -400,15 +397,27 @@ def evaluate(
 
 class FineTune:
     """Plain fine-tuning of w on its one source (`plain_step`, weights fixed): a `loop.Method`
-    without checkpoints (a fine-tuning is rerun, not resumed)."""
+    without checkpoints (a fine-tuning is rerun, not resumed). `token_budget` sets its steps
+    once the data is tokenized (`sft`)."""
 
     desc = "fine-tune"
     advice = "lr_w"
     learns_weights = False
     checkpoints = False
 
-    def __init__(self, s: Setup, steps: int):
+    def __init__(self, cfg: TrainConfig, accelerator: Any, token_budget: int | None = None):
+        if accelerator.num_processes > 1:
+            raise ConfigError(
+                "sft fine-tunes in one process (its steps do not reduce gradients over ranks): "
+                "run it with python -m scalebio_core sft …, not accelerate launch."
+            )
+        s = setup(cfg, accelerator, copies=1)
+        steps = cfg.steps
+        if token_budget:
+            mean_len = float(np.mean([len(x) for x in s.train.input_ids]))
+            steps = max(1, math.ceil(token_budget / (cfg.batch_size * mean_len)))
         self.setup, self.dist, self.total = s, s.dist, steps
+        self.recorded_config = {**cfg.replace(steps=steps).to_dict(), "token_budget": token_budget}
         self.bcfg = dataclasses.replace(s.state.config, total_steps=steps)
         self.fns = lm_fns(s)
         self.one = torch.ones(1, device=s.device)
@@ -512,7 +521,7 @@ def sft(
     _, val_spec = data_specs(cfg)
     val_file = out / "data" / "validation.jsonl"
     run_cfg = cfg.replace(
-        method="scalebio",
+        method="sft",
         sources=[{"name": "train", "path": str(Path(data).resolve())}],
         validation={"path": str(val_file)},
         data_dir=None,
@@ -521,30 +530,23 @@ def sft(
         lisa_active=0,
         out_dir=str(out),
     )
-    accelerator = make_accelerator(run_cfg)
-    torch.manual_seed(run_cfg.seed)
-    if accelerator.num_processes > 1:
-        raise ConfigError(
-            "sft fine-tunes in one process (its steps do not reduce gradients over ranks): run "
-            "it with python -m scalebio_core sft …, not accelerate launch."
-        )
-    for f in (EVAL, runs.TIMING):  # an earlier fine-tuning's (overwrite): never beside this one
-        (out / f).unlink(missing_ok=True)
-    # config.yaml first: a fine-tuning stopped at any point is recognised as sft's (its steps
-    # are rewritten once the token budget has set them)
-    runs.write_yaml(out / runs.CONFIG, {**run_cfg.to_dict(), "token_budget": token_budget})
-    write_jsonl(val_file, load_records(val_spec))
-    s = setup(run_cfg, accelerator, copies=1)
-    steps = run_cfg.steps
-    if token_budget:
-        mean_len = float(np.mean([len(x) for x in s.train.input_ids]))
-        steps = max(1, math.ceil(token_budget / (run_cfg.batch_size * mean_len)))
-    run_cfg = run_cfg.replace(steps=steps)
-    method = FineTune(s, steps)
-    if method.dist.is_main:
-        runs.write_yaml(out / runs.CONFIG, {**run_cfg.to_dict(), "token_budget": token_budget})
-        (out / runs.TRAJECTORY).write_text("")
-    run_loop(method, run_cfg, out, 0, progress, callback)
+    built: list[FineTune] = []
+
+    def build(c: TrainConfig, accelerator: Any) -> FineTune:
+        """Once the folder is locked: clear an earlier fine-tuning (overwrite), then write
+        config.yaml first, so that one stopped at any point is recognised as sft's (the run
+        rewrites it once the token budget has set the steps), and the validation set."""
+        for f in (EVAL, runs.TIMING, runs.TRAJECTORY):
+            (out / f).unlink(missing_ok=True)
+        runs.write_yaml(out / runs.CONFIG, {**c.to_dict(), "token_budget": token_budget})
+        write_jsonl(val_file, load_records(val_spec))
+        built.append(FineTune(c, accelerator, token_budget))
+        return built[-1]
+
+    # the run of every method: its lock, its folder's files, signals, the NaN stop
+    loop.run(run_cfg, build, progress=progress, callback=callback, fresh=True)
+    method = built[-1]
+    s, steps = method.setup, method.total
     rules = data_rules(cfg)
     result = evaluate(
         s.state.w, s.tokenizer, tests, s.cfg.max_length, checkable(cfg), rules, cfg.grader

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import runs
-from .config import load_preset
+from .config import load_preset, read_run_config
 from .corpora import PLANTED_STYLES, planted_weights
 from .experiments import run_preset, runs_root
 
@@ -100,7 +100,7 @@ def doremi_run(
     overrides = dict(overrides or {})
     out = runs_root() / f"planted_{preset}_doremi_seed{seed}"
     if (out / runs.CONFIG).exists():  # the seed's run: its own mixture, so that it is reused
-        mixture = runs.load_yaml((out / runs.CONFIG).read_text())["corpus_args"]["mixture"]
+        mixture = read_run_config(out).corpus_args["mixture"]
     return _run(preset, out, mixture, seed, overrides, progress, method="doremi")
 
 

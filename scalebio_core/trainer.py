@@ -22,6 +22,7 @@ from .build import Setup, count_tokens, data_specs, setup, step_batches, train_b
 from .config import TrainConfig
 from .data import load_sources
 from .engines import processes
+from .errors import ConfigError
 from .losses import LMFns
 
 FIXED = ("uniform", "natural", "validation")
@@ -66,6 +67,7 @@ class _Checkpointed:
     """A recipe over a Setup whose checkpoint is `checkpoint.save` / `checkpoint.load`."""
 
     checkpoints = True
+    recorded_config = None
     setup: Setup
 
     def save(self, run_dir: Path, weights: dict[str, float]) -> None:
@@ -204,6 +206,7 @@ class FixedRun:
     advice = "nothing (no step can fail)"
     learns_weights = False
     checkpoints = False
+    recorded_config = None
     setup = None
     total = 1
 
@@ -252,4 +255,9 @@ def train(
     """Run (or resume) ScaleBiO or a baseline (`cfg.method`); returns the final weights.
     `accept_data_change`: resume although data files changed since the checkpoint (recorded in
     changes.jsonl); without it such a resume is refused, naming the files."""
+    if cfg.method == "sft":
+        raise ConfigError(
+            "method: sft is plain fine-tuning on a resampled file: run it with python -m "
+            "scalebio_core sft --data FILE --out DIR (pipeline.sft in Python)."
+        )
     return loop.run(cfg, RECIPES[cfg.method], resume, progress, callback, accept_data_change)

@@ -305,3 +305,31 @@ def test_grade_exact_and_math_verify():
         grade("72", expected, "fuzzy")
     with pytest.raises(ConfigError, match="grader must be one of"):
         TrainConfig(grader="fuzzy")
+
+
+def test_sft_is_a_run_like_every_method(tmp_path):
+    """Issue 28: sft runs through `loop.run` (its lock, its files, method 'sft'), with no
+    checkpoint, no weights.json and no identity (it is rerun, never resumed)."""
+    from scalebio_core.runs import RunLock, load_yaml
+
+    train(smoke(tmp_path, "u", method="uniform"), progress=False)
+    data = resample_run(tmp_path / "u", 24, tmp_path / "train.jsonl")
+    out = tmp_path / "ft"
+    result = sft(smoke(tmp_path, "x", steps=2), data, out, token_budget=900, progress=False)
+    saved = load_yaml((out / "config.yaml").read_text())
+    assert saved["method"] == "sft" and saved["token_budget"] == 900
+    assert saved["steps"] == result["steps"] == len(read_jsonl(out / "trajectory.jsonl"))
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lock", "config.yaml", "data", "eval.json", "timing.jsonl", "trajectory.jsonl"
+    ]  # fmt: skip
+    held = RunLock(out).acquire()  # another process's run in that folder
+    try:
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+        with pytest.raises(ConfigError, match="in use by another run"):
+            sft(smoke(tmp_path, "x", steps=2), data, out, progress=False, overwrite=True)
+        after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+        assert after == before  # nothing of the earlier fine-tuning was touched
+    finally:
+        held.release()
+    with pytest.raises(ConfigError, match="python -m scalebio_core sft --data FILE --out DIR"):
+        train(smoke(tmp_path, "m", method="sft"), progress=False)

@@ -124,3 +124,49 @@ def test_the_step_has_no_engine_in_its_signature_or_body():
     assert body[-1].end_lineno - body[0].lineno + 1 <= 60
     names = {n.id for n in ast.walk(step) if isinstance(n, ast.Name)}
     assert not names & {"engine", "sync", "reduce", "zero", "fsdp", "deepspeed"}
+
+
+ENGINE_MODULES = {"distributed", "engines", "sharding", "zero"}
+"""Where torch.distributed may be called: the distribution and its engines."""
+
+
+def test_only_the_engines_call_torch_distributed():
+    """The loop, the set-up and the recipes reach the processes through `RunDistribution`."""
+    calls = {
+        m: sorted({ast.unparse(n) for n in ast.walk(t) if _torch_distributed_call(n)})
+        for m, t in MODULES.items()
+    }
+    assert calls["engines"], "the check sees the engines' calls"
+    assert {m: c for m, c in calls.items() if c and m not in ENGINE_MODULES} == {}
+
+
+def _torch_distributed_call(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and ast.unparse(node.func.value).startswith("torch.distributed")
+    )
+
+
+def test_every_engine_implements_the_run_interface():
+    """`RunDistribution` (what the loop and the recipes use) is what `Local` and each engine
+    provide, and what `choose` returns and `Method.dist` holds."""
+    import inspect
+    import typing
+
+    from scalebio_core import distributed, engines, loop
+
+    members = {
+        n
+        for proto in (distributed.Distribution, distributed.RunDistribution)
+        for n in (*vars(proto), *getattr(proto, "__annotations__", {}))
+        if not n.startswith("_")
+    }
+    assert {"world", "reduce", "agree", "barrier", "build_models", "load_models"} <= members
+    local = distributed.Local()
+    for cls in (distributed.Local, engines.MultiProcess, engines.Ddp, engines.Fsdp, engines.Zero):
+        missing = {n for n in members if not hasattr(cls, n) and not hasattr(local, n)}
+        assert not missing, (cls.__name__, missing)
+    hints = typing.get_type_hints(engines.choose)
+    assert hints["return"] is distributed.RunDistribution
+    assert "RunDistribution" in inspect.getsource(loop.Method)
