@@ -1,7 +1,7 @@
 """Memory (issue 5): measured peak of ScaleBiO training steps on a CPU beside the memory model.
 
 Each configuration runs 2 real trainer steps (`build.setup` + `trainer.run_step`, fp32, eager)
-in a fresh subprocess (`experiments.memory_probe`), one after the other. Measured: the peak
+in a fresh subprocess (`probe.measure`), one after the other. Measured: the peak
 resident set during the steps above the resident set before the models were built (after the
 imports): weights + gradients + optimizer state + activations + whatever the process adds. The
 prediction is `memory.predict(..., activations="eager")` for that configuration with the real
@@ -109,22 +109,21 @@ def measure(
     batch: int = 2,
     seq: int = 128,
 ) -> dict:
-    from scalebio_core.experiments import memory_probe
+    from scalebio_core.config import TrainConfig, load_preset
+    from scalebio_core.probe import measure
 
-    return memory_probe(
-        "lisa",
-        "smoke",
-        steps=steps,
-        mmap_threshold=mmap,
-        model=str(model_dir),
-        tokenizer="embedded",
-        data_dir=str(data_dir),
-        batch_size=batch,
-        val_batch_size=batch,
-        max_length=seq,
-        lisa_interval=20,
+    fields = {
+        "cpu_malloc": "system",
+        "model": str(model_dir),
+        "tokenizer": "embedded",
+        "data_dir": str(data_dir),
+        "batch_size": batch,
+        "val_batch_size": batch,
+        "max_length": seq,
+        "lisa_interval": 20,
         **overrides,
-    )
+    }
+    return measure(TrainConfig.from_dict(load_preset("lisa", "smoke", fields)), steps, mmap)
 
 
 def predicted(model_dir: Path, overrides: dict, m: dict, batch: int = 2) -> dict:

@@ -65,7 +65,7 @@ next to the head); a plan's verdict (`Plan.fits`) keeps a headroom for them, `HE
 each GPU (and of the host memory per node, when given) free. The weight,
 gradient and optimizer terms are counts checked against measured tensors in the tests; the
 eager total is checked against the measured peak resident set of real training steps
-(`experiments.memory_probe`, `benchmarks/memory.py`).
+(`probe.measure`, `benchmarks/memory.py`).
 """
 
 from __future__ import annotations

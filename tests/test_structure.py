@@ -170,3 +170,32 @@ def test_every_engine_implements_the_run_interface():
     hints = typing.get_type_hints(engines.choose)
     assert hints["return"] is distributed.RunDistribution
     assert "RunDistribution" in inspect.getsource(loop.Method)
+
+
+def test_no_cycle_through_the_benchmark_scripts():
+    """`experiments.benchmark` loads benchmarks/<name>.py by importlib (notebooks 01 and 06): a
+    script loaded so must not import `experiments` back, directly or through another module."""
+    import re
+
+    root = PACKAGE.parent
+    loaded = {
+        name
+        for f in [*root.glob("notebooks/*.ipynb"), *PACKAGE.glob("*.py")]
+        for name in re.findall(r'benchmark\(\\?"(\w+)\\?"\)', f.read_text())
+    }
+    assert {"memory", "toy_scaling"} <= loaded
+    graph = _graph()
+
+    def reach(start: set[str]) -> set[str]:
+        seen, todo = set(), list(start)
+        while todo:
+            m = todo.pop()
+            if m in graph and m not in seen:
+                seen.add(m)
+                todo.extend(graph[m])
+        return seen
+
+    for name in sorted(loaded):
+        tree = ast.parse((root / "benchmarks" / f"{name}.py").read_text())
+        direct = {dep for _, dep, _ in _imports(tree) if dep in MODULES}
+        assert "experiments" not in reach(direct), name
