@@ -241,7 +241,7 @@ PAPER = (
     ),
 )
 """(model, GPU GiB the memory model is asked about, label, run-config fields): the one-GPU
-configurations of the README's scale-out section, in the order they run."""
+configurations of docs/scaling.md, in the order they run."""
 PAPER_SEQ = 1024
 
 

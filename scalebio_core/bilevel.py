@@ -1,6 +1,6 @@
 """The ScaleBiO step: weighted lower-level loss, the closed-form λ-gradient, one u/w/λ update.
 
-Notation (DESIGN §3, the one sign convention of the project):
+Notation (docs/algorithm.md, the one sign convention of the project):
 
     K sources, logits lam ∈ R^K, weights p = softmax(lam).
     L2(lam, w) = Σ_s p_s · l̄_s(w)           lower level (train mixture), l̄_s = mean loss of source s

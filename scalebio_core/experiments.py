@@ -63,7 +63,7 @@ def preset_config(name: str, preset: str, **overrides: Any) -> TrainConfig:
 
 
 def is_finished(run_dir: Path, rows: int) -> bool:
-    """A trajectory of `rows` rows and the weights are written (see `pipeline.expected_rows`)."""
+    """A trajectory of `rows` rows and the weights are written (see `trainer.expected_rows`)."""
     traj = run_dir / runs.TRAJECTORY
     if not (traj.exists() and (run_dir / runs.WEIGHTS).exists()):
         return False

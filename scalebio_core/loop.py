@@ -3,7 +3,7 @@
 A method (ScaleBiO, the fixed mixtures, DoReMi, plain fine-tuning) supplies its steps as a
 `Method`; `run_loop` owns everything around them: the progress bar, the NaN stop, the
 trajectory and timing logs, the tracker, the checkpoint cadence and the callback. `run` adds the
-run folder of DESIGN §5: a new run writes config.yaml, an empty trajectory and a first
+run folder of docs/run-folder.md: a new run writes config.yaml, an empty trajectory and a first
 checkpoint; a resumed one loads its checkpoint and drops the log lines after it, so it continues
 the identical trajectory.
 """

@@ -1,4 +1,4 @@
-"""The run directory (DESIGN §5) and the package's one way of writing files atomically.
+"""The run directory (docs/run-folder.md) and the package's one way of writing files atomically.
 
 A run directory holds config.yaml, trajectory.jsonl, timing.jsonl, weights.json, checkpoints/.
 Every file of the package is written atomically (a temporary file in the same folder, then

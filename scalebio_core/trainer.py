@@ -1,9 +1,9 @@
 """The recipes of a run on a language model: ScaleBiO, DoReMi and the fixed mixtures.
 
 Each recipe is a `loop.Method` over a `build.Setup`: it owns its steps and what it checkpoints;
-the loop owns the rest. The maths is elsewhere: `bilevel.scalebio_step` (DESIGN §3) and the
+the loop owns the rest. The maths is elsewhere: `bilevel.scalebio_step` (docs/algorithm.md) and the
 baselines' `plain_step` / `doremi_step`. `train(cfg)` runs `cfg.method` into the run directory of
-DESIGN §5, and `train(cfg, resume=True)` continues it on the identical trajectory.
+docs/run-folder.md, and `train(cfg, resume=True)` continues it on the identical trajectory.
 """
 
 from __future__ import annotations

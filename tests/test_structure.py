@@ -111,7 +111,7 @@ def test_functions_are_short_and_the_trainer_is_small():
 
 def test_the_step_has_no_engine_in_its_signature_or_body():
     """scalebio_step takes the state, the batches, the problem's functions, one distribution
-    (and the estimator's divisor); it branches on nothing (DESIGN §3 in order)."""
+    (and the estimator's divisor); it branches on nothing (docs/algorithm.md in order)."""
     step = next(
         n
         for n in ast.walk(MODULES["bilevel"])

@@ -16,7 +16,7 @@ from scalebio_core.toy import (
 )
 from scalebio_core.toy_runs import bias_sweep, run_toy
 
-# The settings below are the ones the README quotes.
+# The settings below are the ones docs/toys.md quotes.
 ALPHA_A, STEPS_A, LR_LAM_A = 100.0, 2000, 2.0
 ALPHA_B, STEPS_B, LR_LAM_B = 10.0, 3000, 0.5
 LR_LAM_C = 0.5
