@@ -38,7 +38,7 @@ peers: $(PEERS_STAMP)
 
 # the notebooks' training runs go to build/runs, made afresh each time (regenerable)
 # each notebook's result sentence and runtime go to build/results; at quick they rewrite the
-# README table's last two columns (scalebio_core/results.py)
+# README table's last two columns (scalebio_core/lab/results.py)
 reproduce: setup
 	@rm -rf build/runs build/results && mkdir -p build/notebooks build/runs build/results figures
 	@set -e; export SCALEBIO_RUNS=$(CURDIR)/build/runs SCALEBIO_RESULTS=$(CURDIR)/build/results; \
@@ -50,7 +50,7 @@ reproduce: setup
 		secs=$$(( $$(date +%s) - start )); echo $$secs > build/results/$${name%.ipynb}.seconds; \
 		echo "   done in $$secs s"; \
 	done
-	@if [ "$(PRESET)" = quick ]; then $(BIN)/python -m scalebio_core.results README.md build/results; fi
+	@if [ "$(PRESET)" = quick ]; then $(BIN)/python -m scalebio_core.lab.results README.md build/results; fi
 	@echo "figures written to figures/; executed notebooks in build/notebooks/"
 
 # Debian's chromium for the browser test, where it is missing and this user may install it

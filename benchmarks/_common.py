@@ -66,7 +66,7 @@ def save_model(path: Path, shape: dict, positions: int = 256, seed: int = 0) -> 
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from scalebio_core import tokenizer as tok_mod
+    from scalebio_core.sources import tokenizer as tok_mod
 
     tok = tok_mod.get_tokenizer(min(shape["vocab_size"], 2048))
     config = GPT2Config(

@@ -74,10 +74,10 @@ def child(spec: dict) -> dict:  # runs in a fresh subprocess
     import transformers.models.gpt2.modeling_gpt2  # noqa: F401
     from step_cost import train_config
 
-    from scalebio_core.build import setup
-    from scalebio_core.lisa import optimizer_state_bytes
-    from scalebio_core.losses import LMFns
-    from scalebio_core.trainer import run_step
+    from scalebio_core.core.lisa import optimizer_state_bytes
+    from scalebio_core.train.build import setup
+    from scalebio_core.train.losses import LMFns
+    from scalebio_core.train.trainer import run_step
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -184,7 +184,7 @@ def figure(by_size: list[dict], by_k: list[dict], slopes: dict) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scalebio_core.plots import plot_loglog, save_figure
+    from scalebio_core.lab.plots import plot_loglog, save_figure
 
     # one unit per axis (seconds, then GiB); a row shares its y range, so the flat K sweep reads
     # as flat beside the size sweep

@@ -11,7 +11,7 @@ fp32 masters of the trainable parameters), and with both; ScaleBiO with LoRA on 
 the base and on one shared base; issue 13) it runs a few warm-up steps,
 then times `--steps` steps; tokens/s counts the training tokens of the batch (ScaleBiO also reads
 a validation batch of the same size). Peak memory is torch.cuda.max_memory_allocated over the
-timed steps (on a CPU: not measured). The prediction is `scalebio_core.memory.predict` for one
+timed steps (on a CPU: not measured). The prediction is `scalebio_core.plan.memory.predict` for one
 GPU, no sharding, with the mode's checkpointing, at the precision the trainer runs with
 `precision: bf16` (fp32 weights, gradients and AdamW state, bf16 autocast; on a CPU: fp32 without
 autocast) or `bf16-weights`. Prints a markdown table; `--out FILE` replaces its section of FILE
@@ -54,14 +54,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_name, machine_lines, write_section  # noqa: E402
 
-from scalebio_core.baselines import plain_step  # noqa: E402
-from scalebio_core.bilevel import BilevelConfig, init_state, scalebio_step  # noqa: E402
-from scalebio_core.lisa import make_lisa_pair  # noqa: E402
-from scalebio_core.lora import add_lora, add_shared_lora, shared_views  # noqa: E402
-from scalebio_core.losses import LMFns  # noqa: E402
-from scalebio_core.memory import GIB, MemorySetup, model_shape, predict  # noqa: E402
-from scalebio_core.models import clone_model  # noqa: E402
-from scalebio_core.recompute import checkpoint_blocks  # noqa: E402
+from scalebio_core.core.baselines import plain_step  # noqa: E402
+from scalebio_core.core.bilevel import BilevelConfig, init_state, scalebio_step  # noqa: E402
+from scalebio_core.core.lisa import make_lisa_pair  # noqa: E402
+from scalebio_core.plan.memory import GIB, MemorySetup, model_shape, predict  # noqa: E402
+from scalebio_core.train.lora import add_lora, add_shared_lora, shared_views  # noqa: E402
+from scalebio_core.train.losses import LMFns  # noqa: E402
+from scalebio_core.train.models import clone_model  # noqa: E402
+from scalebio_core.train.recompute import checkpoint_blocks  # noqa: E402
 
 SHAPES = {
     "gpt2-small": (
@@ -248,7 +248,7 @@ PAPER_SEQ = 1024
 def tiny_architecture(name: str, folder: Path) -> str:
     """The shipped architecture of `name` scaled down (2 blocks, width 64, vocabulary 1024),
     written as a config.json in `folder`: its path, for `random:<path>`."""
-    from scalebio_core.models import MODEL_CONFIGS
+    from scalebio_core.train.models import MODEL_CONFIGS
 
     d = json.loads((MODEL_CONFIGS / f"{name.replace('/', '__')}.json").read_text())
     heads = 4
@@ -295,11 +295,11 @@ class HostPeak:
 
 def paper_case(name: str, gpu_gib: float, fields: dict, a: argparse.Namespace, tmp: Path) -> dict:
     """One configuration of `PAPER`: predicted by the memory model, then set up and stepped."""
-    from scalebio_core.build import setup
-    from scalebio_core.config import TrainConfig
-    from scalebio_core.memory import plan
-    from scalebio_core.scaleout import plan_config
-    from scalebio_core.trainer import lm_fns, run_step
+    from scalebio_core.plan.memory import plan
+    from scalebio_core.plan.scaleout import plan_config
+    from scalebio_core.train.build import setup
+    from scalebio_core.train.config import TrainConfig
+    from scalebio_core.train.trainer import lm_fns, run_step
 
     arch = tiny_architecture(name, tmp) if a.tiny else name
     steps = a.warmup + a.steps

@@ -109,8 +109,8 @@ def measure(
     batch: int = 2,
     seq: int = 128,
 ) -> dict:
-    from scalebio_core.config import TrainConfig, load_preset
-    from scalebio_core.probe import measure
+    from scalebio_core.train.config import TrainConfig, load_preset
+    from scalebio_core.train.probe import measure
 
     fields = {
         "cpu_malloc": "system",
@@ -127,7 +127,7 @@ def measure(
 
 
 def predicted(model_dir: Path, overrides: dict, m: dict, batch: int = 2) -> dict:
-    from scalebio_core.memory import MemorySetup, model_shape, predict
+    from scalebio_core.plan.memory import MemorySetup, model_shape, predict
 
     lisa = overrides.get("lisa_active", 0)
     lora = overrides.get("lora_rank", 0)
@@ -414,10 +414,10 @@ def lisa_part(a: argparse.Namespace, shape: dict) -> bool:
         "resident set tracks live bytes (like a GPU's max_memory_allocated); the last column is "
         "the same run with the trainer's CPU default `cpu_malloc: keep` (glibc keeps freed "
         "memory for the next step instead of returning it to the OS, see "
-        "scalebio_core/malloc.py), whose extra is allocator slack (like a GPU's "
+        "scalebio_core/train/malloc.py), whose extra is allocator slack (like a GPU's "
         "max_memory_reserved; not in the model). "
         "Predicted: `memory.predict(..., activations='eager')` "
-        "(see scalebio_core/memory.py). The targets use the live column.",
+        "(see scalebio_core/plan/memory.py). The targets use the live column.",
     ]
     return report(a, "Memory", text, notes, start, ok)
 

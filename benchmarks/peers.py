@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toy_scaling as ts  # noqa: E402
 from _common import machine_lines, write_section  # noqa: E402
 
-from scalebio_core.problem import ParamVector  # noqa: E402
+from scalebio_core.core.problem import ParamVector  # noqa: E402
 
 DT = ts.DT
 TOL = 1e-3
@@ -324,7 +324,7 @@ def lm_config(tiny: bool, out_dir: str):
     """The run config every method of (b) starts from: configs/planted.yaml at quick (smoke
     sizes with --tiny), constant learning rates, eager attention for all (Betty's neumann and
     cg differentiate twice, which torch's SDPA kernel on a CPU cannot)."""
-    from scalebio_core.experiments import preset_config
+    from scalebio_core.lab.experiments import preset_config
 
     return preset_config(
         "planted",
@@ -345,7 +345,7 @@ class Stream:
         self.s, self.val = s, val
 
     def __iter__(self):
-        from scalebio_core.build import batches
+        from scalebio_core.train.build import batches
 
         data, sampler = (
             (self.s.val, self.s.val_sampler) if self.val else (self.s.train, self.s.sampler)
@@ -359,9 +359,9 @@ class Stream:
 
 def lm_child(method: str, tiny: bool, budget: float) -> dict:
     """One method for `budget` seconds on the planted mixture; p after each upper step."""
-    from scalebio_core.bilevel import weighted_lower_loss
-    from scalebio_core.build import setup, step_batches
-    from scalebio_core.trainer import lm_fns, run_step
+    from scalebio_core.core.bilevel import weighted_lower_loss
+    from scalebio_core.train.build import setup, step_batches
+    from scalebio_core.train.trainer import lm_fns, run_step
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -520,8 +520,8 @@ def run_lm_child(method: str, tiny: bool, budget: float) -> dict:
 
 def fine_tune(weights: dict[str, float], tiny: bool, workdir: Path, name: str) -> float:
     """Held-out loss of a fresh model fine-tuned on a resample by `weights` (same n, steps)."""
-    from scalebio_core import runs
-    from scalebio_core.pipeline import resample_run, sft
+    from scalebio_core.train import runs
+    from scalebio_core.train.pipeline import resample_run, sft
 
     run_dir = workdir / "planted_run"
     cfg = lm_config(tiny, str(run_dir))
@@ -540,7 +540,7 @@ def fine_tune(weights: dict[str, float], tiny: bool, workdir: Path, name: str) -
 
 
 def lm_part(tiny: bool, budget: float) -> tuple[list[str], list[str]]:
-    from scalebio_core.corpora import planted_weights
+    from scalebio_core.sources.corpora import planted_weights
 
     planted = planted_weights(MIXTURE)
     installed = peers_installed()

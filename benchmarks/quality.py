@@ -15,7 +15,7 @@ Settings: configs/baselines.yaml.
 
 With --planted it reports instead, side by side in one run, how long each method needs to come
 within a tolerance (0.05) of a *known* mixture: the planted-mixture comparison of notebook 10
-(`scalebio_core.planted`, configs/planted_comparison.yaml), ScaleBiO, DoReMi and uniform at two
+(`scalebio_core.lab.planted`, configs/planted_comparison.yaml), ScaleBiO, DoReMi and uniform at two
 planted mixtures and three seeds, DoReMi's reference phase counted in its seconds:
 
     python benchmarks/quality.py --planted --runs build/runs --out benchmarks/RESULTS.md
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_lines, write_section  # noqa: E402
 
-from scalebio_core.experiments import (  # noqa: E402
+from scalebio_core.lab.experiments import (  # noqa: E402
     compare_methods,
     comparison_spec,
     format_table,
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def planted_part(args: argparse.Namespace) -> int:
-    from scalebio_core import planted
+    from scalebio_core.lab import planted
 
     spec = planted.comparison(args.preset)
     if args.seeds:

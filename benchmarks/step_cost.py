@@ -34,8 +34,8 @@ Allocator: `--cpu-malloc keep` (default) runs all four modes with the trainer's 
 keeps freed memory in glibc's heap for the next step; `--cpu-malloc system` leaves glibc as it is
 configured and writes its own section ("Step cost (cpu_malloc=system)"). The table counts page
 faults per step: with glibc's defaults the ScaleBiO step returns memory to the OS and faults it
-back in (see scalebio_core/malloc.py), which makes its w backward passes 1.5-1.8× slower than u's
-on this machine.
+back in (see scalebio_core/train/malloc.py), which makes its w backward passes 1.5-1.8× slower
+than u's on this machine.
 
 Timing: one process holds the four setups and interleaves them, one turn of `--steps` steps per
 mode per round, with the order rotated every round (a b c, b c a, c a b, …), for `--repeats`
@@ -90,7 +90,7 @@ SECTION = "Step cost"
 
 def train_config(model_dir: Path, data_dir: Path, out_dir: Path, batch: int, seq: int, **kw):
     """The TrainConfig of the benchmarks: val_batch_size = batch_size, union sampler, fp32."""
-    from scalebio_core.config import TrainConfig
+    from scalebio_core.train.config import TrainConfig
 
     return TrainConfig(
         model=str(model_dir),
@@ -168,7 +168,7 @@ def global_timers(ph: Phases) -> Iterator[None]:
 
 def timed_fns(ph: Phases, u: torch.nn.Module | None, **kw):
     """LMFns whose forwards are timed; each sets the label of the backward that follows."""
-    from scalebio_core.losses import LMFns
+    from scalebio_core.train.losses import LMFns
 
     class TimedFns(LMFns):
         def source_losses(self, model, batch):
@@ -188,9 +188,9 @@ def timed_fns(ph: Phases, u: torch.nn.Module | None, **kw):
 
 def build(mode: str, model_dir: Path, data_dir: Path, tmp: Path, a, ph: Phases) -> Callable:
     """Set up `mode`; return step(i) -> None (one full step, batches included)."""
-    from scalebio_core import build as builder
-    from scalebio_core import trainer
-    from scalebio_core.baselines import plain_step
+    from scalebio_core.core.baselines import plain_step
+    from scalebio_core.train import build as builder
+    from scalebio_core.train import trainer
 
     kw = {"lisa_active": 2} if mode == "lisa" else {}
     if mode == "checkpointed":
@@ -249,7 +249,7 @@ def measure(a) -> dict:
         model_dir = save_model(tmp / "model", shape, positions=max(256, a.seq))
         data_dir = save_data(tmp / "data", sources=a.sources, words=max(200, 2 * a.seq))
         steps = {m: build(m, model_dir, data_dir, tmp, a, ph) for m in MODES}
-        from scalebio_core.memory import model_shape
+        from scalebio_core.plan.memory import model_shape
 
         n_params = model_shape(str(model_dir)).params
         i = 0
@@ -443,7 +443,7 @@ def report(res: dict, a) -> tuple[str, dict]:
         f"CPU allocator: `cpu_malloc={a.cpu_malloc}` for all four modes"
         + (
             " (the trainer's default: glibc keeps freed memory for the next step; "
-            "scalebio_core/malloc.py)."
+            "scalebio_core/train/malloc.py)."
             if a.cpu_malloc == "keep"
             else " (glibc's defaults: freed memory goes back to the OS and is faulted in again)."
         ),

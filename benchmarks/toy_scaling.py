@@ -9,7 +9,7 @@ The problem is a separable quadratic bilevel toy whose exact solution is cheap a
 
 with a_s log-uniform in [1, κ], c_s ~ N(0, 1), G uniform in [0.5, 2] and t = w*(p_true) + noise for
 an interior p_true, so the optimum p* is interior and F* > 0. The exact p* (and the minimiser p_α of
-ScaleBiO's penalty surrogate Φ_α) come from `scalebio_core.toy.minimize_on_simplex` in float64
+ScaleBiO's penalty surrogate Φ_α) come from `scalebio_core.core.toy.minimize_on_simplex` in float64
 (SLSQP from K + 1 starts, Newton polish, KKT check), independently of both methods.
 
 Methods, both with plain SGD on lam (p = softmax(lam), start uniform) at the same learning rate,
@@ -59,9 +59,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_lines, write_section  # noqa: E402
 
-from scalebio_core.bilevel import BilevelConfig, init_state, scalebio_step  # noqa: E402
-from scalebio_core.problem import BilevelProblem, ParamVector, ProblemFns  # noqa: E402
-from scalebio_core.toy import minimize_on_simplex
+from scalebio_core.core.bilevel import BilevelConfig, init_state, scalebio_step  # noqa: E402
+from scalebio_core.core.problem import BilevelProblem, ParamVector, ProblemFns  # noqa: E402
+from scalebio_core.core.toy import minimize_on_simplex
 
 DT = torch.float64
 
@@ -406,7 +406,8 @@ def benchmark(sizes: list[int], s: Settings) -> tuple[list[str], list[str]]:
         f"on the inner problem + ≤ {s.cg} warm-started CG iterations (1 HVP each, + 1 for the "
         "start residual; early stop at relative residual 1e-12) + 1 mixed second derivative.",
         "Exact p* (and p_α, the minimiser of ScaleBiO's penalty surrogate Φ_α): "
-        "scalebio_core.toy.minimize_on_simplex on the closed forms F(p) = L1(w*(p)) and Φ_α(p), "
+        "scalebio_core.core.toy.minimize_on_simplex on the closed forms F(p) = L1(w*(p)) and "
+        "Φ_α(p), "
         "float64 SLSQP + Newton polish + KKT check, independent of both methods.",
         f"Columns: error = max_s |p_s − p*_s| at the end (ScaleBiO converges to p_α, so its "
         f"error floors at the surrogate bias); gap = (F(p) − F*)/F* (< 1e-15: below float64 "

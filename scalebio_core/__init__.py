@@ -11,7 +11,7 @@ import torch as _torch
 if "DS_ACCELERATOR" not in _os.environ and not _torch.cuda.is_available():
     _os.environ["DS_ACCELERATOR"] = "cpu"
 
-from .bilevel import (
+from .core.bilevel import (
     BilevelConfig,
     BilevelState,
     init_state,
@@ -20,8 +20,8 @@ from .bilevel import (
     warmup_cosine,
     weighted_lower_loss,
 )
+from .core.problem import BilevelProblem, BilevelResult, loglog_slope, solve
 from .errors import ConfigError, NonFiniteLossError
-from .problem import BilevelProblem, BilevelResult, loglog_slope, solve
 
 __version__ = "0.1.0"
 

@@ -12,22 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import runs
-from .config import (
-    ATTENTION,
-    LORA_BASES,
-    PRECISIONS,
-    TrainConfig,
-    load_preset,
-    parse_overrides,
-)
-from .distributed import end_processes, terminate_raises
+from .core.distributed import end_processes, terminate_raises
 from .errors import ConfigError, DataError, Interrupted, NonFiniteLossError, TrainingStopped
-from .memory import HEADROOM, PAPER_MODELS, PLAN_FIELDS, check_machine
-from .pipeline import read_weights, resample_run, sft
-from .rehearsal import rehearse_plan
-from .runs import DiskFullError
-from .scaleout import (
+from .files import DiskFullError
+from .lab.rehearsal import rehearse_plan
+from .plan.memory import HEADROOM, PAPER_MODELS, PLAN_FIELDS, check_machine
+from .plan.scaleout import (
     GPU_GIB,
     GPUS,
     Planned,
@@ -38,7 +28,17 @@ from .scaleout import (
     plan_config,
     plan_run,
 )
-from .trainer import train
+from .train import runs
+from .train.config import (
+    ATTENTION,
+    LORA_BASES,
+    PRECISIONS,
+    TrainConfig,
+    load_preset,
+    parse_overrides,
+)
+from .train.pipeline import read_weights, resample_run, sft
+from .train.trainer import train
 
 
 def build_parser() -> argparse.ArgumentParser:

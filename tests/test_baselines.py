@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from scalebio_core.baselines import (
+from scalebio_core.core.baselines import (
     DoReMiConfig,
     doremi_problem,
     doremi_update,
@@ -16,10 +16,10 @@ from scalebio_core.baselines import (
     fixed_weights,
     train_on_mixture,
 )
-from scalebio_core.bilevel import BilevelConfig
+from scalebio_core.core.bilevel import BilevelConfig
+from scalebio_core.core.problem import BilevelProblem
+from scalebio_core.core.toy import weighted_mean
 from scalebio_core.errors import ConfigError
-from scalebio_core.problem import BilevelProblem
-from scalebio_core.toy import weighted_mean
 
 GD = dict(
     optimizer="sgd",

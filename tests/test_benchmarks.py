@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from scalebio_core import experiments
-from scalebio_core.experiments import benchmark
+from scalebio_core.lab import experiments
+from scalebio_core.lab.experiments import benchmark
 
 
 def test_benchmark_loads_a_script_once_and_names_a_missing_one(tmp_path, monkeypatch):
@@ -181,7 +181,7 @@ def test_paper_scale_reports_out_of_memory_and_budget(tmp_path, monkeypatch, cap
     runs; configurations left when the time budget is spent are 'skipped' rows."""
     import torch
 
-    from scalebio_core import trainer
+    from scalebio_core.train import trainer
 
     module = benchmark("gpu_check")
     real = trainer.run_step
@@ -211,8 +211,8 @@ def test_readme_quotes_the_measured_paper_scale_table():
     import re
     from pathlib import Path
 
-    from scalebio_core.memory import GIB, plan
-    from scalebio_core.scaleout import plan_config
+    from scalebio_core.plan.memory import GIB, plan
+    from scalebio_core.plan.scaleout import plan_config
 
     root = Path(__file__).resolve().parent.parent
     module = benchmark("gpu_check")

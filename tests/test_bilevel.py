@@ -20,7 +20,7 @@ from scalebio_core import (
     warmup_cosine,
     weighted_lower_loss,
 )
-from scalebio_core.problem import ParamVector
+from scalebio_core.core.problem import ParamVector
 
 
 def test_weighted_loss_by_hand():
@@ -172,7 +172,7 @@ def test_nan_loss_stops_and_leaves_state_untouched():
     )
     w, u = ParamVector(prob.init), ParamVector(prob.init)
     state = init_state(w, u, prob.names, BilevelConfig(total_steps=10, lr_w=0.1, lr_u=0.1))
-    from scalebio_core.problem import ProblemFns
+    from scalebio_core.core.problem import ProblemFns
 
     fns = ProblemFns(prob)
     scalebio_step(state, None, None, fns)
@@ -195,8 +195,8 @@ def test_a_non_finite_loss_on_another_process_stops_every_process_before_any_upd
     prob = _quad_problem()
     w, u = ParamVector(prob.init), ParamVector(prob.init)
     state = init_state(w, u, prob.names, BilevelConfig(total_steps=10, lr_w=0.1, lr_u=0.1))
-    from scalebio_core.distributed import Local
-    from scalebio_core.problem import ProblemFns
+    from scalebio_core.core.distributed import Local
+    from scalebio_core.core.problem import ProblemFns
 
     class TwoRanks(Local):  # one process standing for two: `reduce` is the sum with the other
         world = 2
@@ -242,7 +242,7 @@ def test_step_order_and_lambda_update_use_pre_update_models():
     w = ParamVector(torch.tensor([0.2, -0.1]))
     u = ParamVector(torch.tensor([0.5, 0.4]))
     state = init_state(w, u, prob.names, cfg)
-    from scalebio_core.problem import ProblemFns
+    from scalebio_core.core.problem import ProblemFns
 
     # expected by hand (SGD): all gradients at the pre-update point
     p = torch.tensor([0.5, 0.5])

@@ -10,10 +10,10 @@ import math
 
 import pytest
 
-from scalebio_core.baselines import DoReMiConfig
-from scalebio_core.bilevel import BilevelConfig, lr_multiplier
-from scalebio_core.config import TrainConfig, load_preset, merge, parse_overrides
+from scalebio_core.core.baselines import DoReMiConfig
+from scalebio_core.core.bilevel import BilevelConfig, lr_multiplier
 from scalebio_core.errors import ConfigError
+from scalebio_core.train.config import TrainConfig, load_preset, merge, parse_overrides
 
 PRESET_FILE = """
 defaults:
@@ -83,8 +83,8 @@ def test_every_config_field_has_a_docstring(cls):
 def test_the_fields_reach_the_optimizers_and_schedules():
     import torch
 
-    from scalebio_core.bilevel import init_state
-    from scalebio_core.problem import ParamVector
+    from scalebio_core.core.bilevel import init_state
+    from scalebio_core.core.problem import ParamVector
 
     w, u = ParamVector(torch.zeros(2)), ParamVector(torch.zeros(2))
     cfg = TrainConfig(betas=[0.8, 0.99], alpha=2.0, tau=2.0, alpha_max=5.0, steps=10).bilevel
@@ -102,8 +102,8 @@ def test_the_fields_reach_the_optimizers_and_schedules():
 def test_one_precision_vocabulary():
     """Every precision of the package's vocabulary runs in the trainer and has byte counts in
     the memory model (the same meaning everywhere: the CLI and the planner offer these names)."""
-    from scalebio_core.config import PRECISIONS
-    from scalebio_core.memory import PRECISION_BYTES
+    from scalebio_core.plan.memory import PRECISION_BYTES
+    from scalebio_core.train.config import PRECISIONS
 
     assert set(PRECISION_BYTES) == set(PRECISIONS) == {"fp32", "bf16", "bf16-weights"}
     for name in PRECISIONS:
@@ -147,7 +147,7 @@ def test_cli_sets_a_composed_field(tmp_path):
     import subprocess
     import sys
 
-    from scalebio_core.runs import load_yaml
+    from scalebio_core.files import load_yaml
 
     out = tmp_path / "run"
     args = [

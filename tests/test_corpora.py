@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from scalebio_core.corpora import (
+from scalebio_core.sources.corpora import (
     CATALOG_LANGUAGES,
     CORPORA,
     Corpus,

@@ -10,19 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalebio_core import data as D
-from scalebio_core.bilevel import lam_grad, weighted_lower_loss
-from scalebio_core.corpora import build_corpus
-from scalebio_core.data import (
+from scalebio_core.core.bilevel import lam_grad, weighted_lower_loss
+from scalebio_core.errors import ConfigError, DataError
+from scalebio_core.sources import data as D
+from scalebio_core.sources.corpora import build_corpus
+from scalebio_core.sources.data import (
     SourceSpec,
     load_records,
     load_sources,
     specs_from_dir,
     tokenize,
 )
-from scalebio_core.errors import ConfigError, DataError
-from scalebio_core.sampling import BatchSampler, collate
-from scalebio_core.tokenizer import get_tokenizer
+from scalebio_core.sources.sampling import BatchSampler, collate
+from scalebio_core.sources.tokenizer import get_tokenizer
 
 ALPACA = [
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
@@ -146,8 +146,8 @@ def test_a_50_mb_record_is_refused_as_it_is_read_in_bounded_memory(tmp_path: Pat
     allocations (tracemalloc) stay far below the record's size."""
     import tracemalloc
 
-    from scalebio_core.build import data_specs
-    from scalebio_core.config import TrainConfig
+    from scalebio_core.train.build import data_specs
+    from scalebio_core.train.config import TrainConfig
 
     folder = tmp_path / "data"
     folder.mkdir()
@@ -176,9 +176,9 @@ def test_a_50_mb_record_is_refused_as_it_is_read_in_bounded_memory(tmp_path: Pat
 def test_the_record_limit_covers_every_format_and_can_be_raised(tmp_path: Path, capsys) -> None:
     """The limit holds for .json arrays, .txt paragraphs and records in memory; a run config's
     max_record_bytes (or a source's own) raises it, and the command line says the error."""
-    from scalebio_core.build import data_specs
     from scalebio_core.cli import main
-    from scalebio_core.config import TrainConfig
+    from scalebio_core.train.build import data_specs
+    from scalebio_core.train.config import TrainConfig
 
     long = {"instruction": "say it", "input": "", "output": "y" * 300}
     (tmp_path / "arr.json").write_text(json.dumps([ALPACA[0], long, ALPACA[1]], indent=1))

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
-from scalebio_core.distributed import run_group
-from scalebio_core.runs import load_trajectory, read_jsonl
-from scalebio_core.scaleout import accelerate_config
+from scalebio_core.core.distributed import run_group
+from scalebio_core.plan.scaleout import accelerate_config
+from scalebio_core.train.runs import load_trajectory, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {
@@ -234,7 +234,7 @@ def test_fsdp_killed_run_resumes_from_its_shards_on_the_same_trajectory(tmp_path
 
 def test_sharded_checkpoint_refuses_another_process_count_and_missing_shards(tmp_path):
     from scalebio_core.errors import ConfigError
-    from scalebio_core.sharding import load_shards
+    from scalebio_core.parallel.sharding import load_shards
 
     with pytest.raises(
         ConfigError, match="written by 2 processes .* resume with --num_processes 2"
@@ -300,9 +300,9 @@ def test_deepspeed_refuses_what_it_cannot_run_naming_what_can(monkeypatch, tmp_p
     process, bad config files."""
     from types import SimpleNamespace
 
-    from scalebio_core import zero
-    from scalebio_core.config import TrainConfig
     from scalebio_core.errors import ConfigError
+    from scalebio_core.parallel import zero
+    from scalebio_core.train.config import TrainConfig
 
     ok = SimpleNamespace(
         fsdp=False, method="scalebio", lisa_active=0, precision="fp32", lora_rank=0
@@ -354,9 +354,9 @@ def test_sft_is_not_sharded_by_fsdp():
 
     import torch
 
-    from scalebio_core.build import setup
-    from scalebio_core.config import TrainConfig
     from scalebio_core.errors import ConfigError
+    from scalebio_core.train.build import setup
+    from scalebio_core.train.config import TrainConfig
 
     cpu = torch.device("cpu")
     with pytest.raises(ConfigError, match=r"plain fine-tuning \(sft\) is not sharded"):
@@ -390,9 +390,9 @@ from pathlib import Path
 
 import torch
 
-from scalebio_core.build import setup
-from scalebio_core.config import TrainConfig
-from scalebio_core.distributed import end_processes
+from scalebio_core.train.build import setup
+from scalebio_core.train.config import TrainConfig
+from scalebio_core.core.distributed import end_processes
 
 
 def status(key):
@@ -425,7 +425,7 @@ def test_fsdp_loads_the_model_once_per_node(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from _common import save_model
 
-    from scalebio_core.memory import model_shape
+    from scalebio_core.plan.memory import model_shape
 
     shape = {"n_layer": 8, "n_embd": 512, "n_head": 8, "vocab_size": 2048}
     save_model(tmp_path / "model", shape, positions=128)
@@ -442,7 +442,7 @@ def test_fsdp_loads_the_model_once_per_node(tmp_path):
 def test_fsdp_rank0_load_failure_stops_every_rank(tmp_path):
     """Rank 0 alone reads the weights: when it cannot (a corrupted weights file), the other rank
     must not wait for a broadcast that never comes; both stop with rank 0's error."""
-    from scalebio_core.models import save_tiny_model
+    from scalebio_core.train.models import save_tiny_model
 
     path = save_tiny_model("gpt2", tmp_path / "model")
     (path / "model.safetensors").write_bytes(b"not a safetensors file")

@@ -18,7 +18,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from scalebio_core.lisa import (
+from scalebio_core.core.lisa import (
     Lisa,
     LisaError,
     LisaSampler,

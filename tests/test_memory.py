@@ -8,15 +8,15 @@ import sys
 import pytest
 
 from scalebio_core.errors import ConfigError
-from scalebio_core.memory import SHARDINGS, MemorySetup, model_shape, predict
+from scalebio_core.plan.memory import SHARDINGS, MemorySetup, model_shape, predict
 
 MIB = 2**20
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "qwen2", "gemma2"])
 def test_meta_device_counts_equal_the_real_model(arch, tmp_path):
-    from scalebio_core.lisa import find_blocks
-    from scalebio_core.models import load_model, save_tiny_model
+    from scalebio_core.core.lisa import find_blocks
+    from scalebio_core.train.models import load_model, save_tiny_model
 
     path = save_tiny_model(arch, tmp_path / arch)
     real = load_model(str(path))
@@ -44,8 +44,8 @@ def test_predicted_state_and_gradients_match_measured(lisa_active, precision, pa
     `bf16-weights` bf16 weights and gradients, and fp32 masters and moments of the trainable
     parameters only (LISA's frozen blocks: 2 bytes per parameter); LoRA with the base once
     (shared) or twice (copies)."""
-    from scalebio_core.experiments import memory_probe, preset_config
-    from scalebio_core.models import load_model
+    from scalebio_core.lab.experiments import memory_probe, preset_config
+    from scalebio_core.train.models import load_model
 
     cfg = preset_config("lisa", "smoke")
     shape = model_shape(model=load_model(cfg.model, vocab_size=cfg.vocab_size))
@@ -146,7 +146,7 @@ def test_memory_cli_prints_the_four_paper_models_offline():
 
 
 def _benchmark_module():
-    from scalebio_core.experiments import benchmark
+    from scalebio_core.lab.experiments import benchmark
 
     return benchmark("memory")
 
@@ -173,9 +173,9 @@ def test_eager_saved_bytes_equal_what_autograd_saves(
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from scalebio_core.lora import add_lora
-    from scalebio_core.losses import LMFns
-    from scalebio_core.memory import eager_saved_bytes
+    from scalebio_core.plan.memory import eager_saved_bytes
+    from scalebio_core.train.lora import add_lora
+    from scalebio_core.train.losses import LMFns
 
     b, t, h, n = 2, 32, 128, 3
     config = GPT2Config(

@@ -12,9 +12,9 @@ import pytest
 import torch
 from huggingface_hub import constants as hub_constants
 
-from scalebio_core import models as M
-from scalebio_core.lisa import find_blocks
-from scalebio_core.tokenizer import get_tokenizer
+from scalebio_core.core.lisa import find_blocks
+from scalebio_core.sources.tokenizer import get_tokenizer
+from scalebio_core.train import models as M
 
 # Documented parameter ranges (vocabulary 2048, 256 positions).
 SIZE_RANGES = {
@@ -271,11 +271,11 @@ def test_clone_model_equal_but_independent() -> None:
 def test_random_architecture_has_the_shapes_the_memory_model_counts(tmp_path):
     """`random:<architecture>`: the shipped config's exact shapes (counted on the meta device
     for Yi-34B), random weights made in the asked dtype where asked, the embedded tokenizer."""
-    from scalebio_core.build import tokenizer_name
-    from scalebio_core.config import TrainConfig
     from scalebio_core.errors import ConfigError
-    from scalebio_core.memory import model_shape
-    from scalebio_core.scaleout import plan_config
+    from scalebio_core.plan.memory import model_shape
+    from scalebio_core.plan.scaleout import plan_config
+    from scalebio_core.train.build import tokenizer_name
+    from scalebio_core.train.config import TrainConfig
 
     yi = M.empty_model("random:01-ai/Yi-34B")
     assert M.count_parameters(yi) == model_shape("01-ai/Yi-34B").params > 34e9
@@ -302,8 +302,8 @@ def test_random_architecture_has_the_shapes_the_memory_model_counts(tmp_path):
 def test_scalebio_step_on_a_gpu_keeps_lam_where_it_was_made():
     """lam lives on the CPU; the step's p goes to the GPU the losses are on (it once failed
     there with 'Expected all tensors to be on the same device')."""
-    from scalebio_core.bilevel import BilevelConfig, init_state, scalebio_step
-    from scalebio_core.losses import LMFns
+    from scalebio_core.core.bilevel import BilevelConfig, init_state, scalebio_step
+    from scalebio_core.train.losses import LMFns
 
     w = M.load_model("embedded:nano").cuda()
     u = M.clone_model(w)

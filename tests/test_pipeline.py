@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scalebio_core.config import TrainConfig
 from scalebio_core.errors import ConfigError, DataError
-from scalebio_core.pipeline import grade, heldout_records, resample, resample_run, sft
-from scalebio_core.runs import read_jsonl
-from scalebio_core.trainer import train
+from scalebio_core.train.config import TrainConfig
+from scalebio_core.train.pipeline import grade, heldout_records, resample, resample_run, sft
+from scalebio_core.train.runs import read_jsonl
+from scalebio_core.train.trainer import train
 
 SMOKE = dict(
     corpus="informative",
@@ -104,8 +104,8 @@ def test_resample_counts_validation_and_errors():
 def test_held_out_target_set_is_disjoint(tmp_path):
     cfg = smoke(tmp_path, "t")
     test = heldout_records(cfg)
-    from scalebio_core.build import data_specs
-    from scalebio_core.data import load_records, load_sources
+    from scalebio_core.sources.data import load_records, load_sources
+    from scalebio_core.train.build import data_specs
 
     specs, val_spec = data_specs(cfg)
     seen = {(r["prompt"], r["response"]) for v in load_sources(specs).values() for r in v}
@@ -252,7 +252,7 @@ def test_sft_never_overwrites_a_folder_that_is_not_its_own(tmp_path, capsys):
 
 
 def test_compare_methods_is_cached(tmp_path, monkeypatch):
-    from scalebio_core.experiments import compare_methods, summarize
+    from scalebio_core.lab.experiments import compare_methods, summarize
 
     monkeypatch.setenv("SCALEBIO_RUNS", str(tmp_path))
     spec = {
@@ -281,7 +281,7 @@ def test_compare_methods_is_cached(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["noisy", "informative", "multilingual", "math"])
 def test_paper_presets_declare_a_held_out_test_set(name):
-    from scalebio_core.experiments import preset_config
+    from scalebio_core.lab.experiments import preset_config
 
     cfg = preset_config(name, "paper")
     assert cfg.test and (cfg.test.get("path") or cfg.test.get("hf_name"))
@@ -310,7 +310,8 @@ def test_grade_exact_and_math_verify():
 def test_sft_is_a_run_like_every_method(tmp_path):
     """Issue 28: sft runs through `loop.run` (its lock, its files, method 'sft'), with no
     checkpoint, no weights.json and no identity (it is rerun, never resumed)."""
-    from scalebio_core.runs import RunLock, load_yaml
+    from scalebio_core.files import load_yaml
+    from scalebio_core.train.runs import RunLock
 
     train(smoke(tmp_path, "u", method="uniform"), progress=False)
     data = resample_run(tmp_path / "u", 24, tmp_path / "train.jsonl")

@@ -9,8 +9,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from scalebio_core import planted, runs
-from scalebio_core.corpora import PLANTED_STYLES, build_corpus, planted_weights
+from scalebio_core.lab import planted
+from scalebio_core.sources.corpora import PLANTED_STYLES, build_corpus, planted_weights
+from scalebio_core.train import runs
 
 
 def test_the_validation_set_follows_the_planted_mixture_exactly_and_the_sources_share_prompts():
@@ -85,7 +86,7 @@ def test_doremi_product_is_uniform_during_the_reference_then_the_running_mean(tm
 def test_doremi_ignores_the_validation_set_so_one_run_serves_every_mixture(tmp_path, monkeypatch):
     """The claim behind `planted.doremi_run`: two DoReMi runs that differ only in the planted
     mixture (the validation set) give the same weights step for step."""
-    from scalebio_core.experiments import run_preset
+    from scalebio_core.lab.experiments import run_preset
 
     monkeypatch.setenv("SCALEBIO_RUNS", str(tmp_path))
     ps = []

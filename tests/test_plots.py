@@ -7,7 +7,7 @@ import json
 import matplotlib.pyplot as plt
 import numpy as np
 
-from scalebio_core.plots import (
+from scalebio_core.lab.plots import (
     plot_memory_check,
     plot_memory_vs_size,
     plot_method_losses,
@@ -16,7 +16,7 @@ from scalebio_core.plots import (
     simplex_xy,
     smooth,
 )
-from scalebio_core.widgets import lisa_viewer
+from scalebio_core.lab.widgets import lisa_viewer
 
 
 def test_smooth_is_a_centred_moving_average():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from test_distributed import BASE, launch_probe
 
-from scalebio_core.distributed import run_group
+from scalebio_core.core.distributed import run_group
 
 AT_EXIT_PROBE = """
 import atexit, json, sys
@@ -28,8 +28,8 @@ def last_words():  # registered first, so it runs last of the exit handlers
 RANK = None
 atexit.register(last_words)
 
-from scalebio_core.config import TrainConfig
-from scalebio_core.engines import make_accelerator
+from scalebio_core.train.config import TrainConfig
+from scalebio_core.parallel.engines import make_accelerator
 
 accelerator = make_accelerator(TrainConfig(**json.loads(sys.argv[1])))
 RANK = accelerator.process_index

@@ -1,5 +1,5 @@
 """The paper presets rehearsed offline (issue 16): every notebook's `paper` preset runs against
-the rehearsal cache (`scalebio_core.rehearsal`: tiny models and datasets under the paper's
+the rehearsal cache (`scalebio_core.lab.rehearsal`: tiny models and datasets under the paper's
 names, HF_HUB_OFFLINE=1) through the same from_pretrained / load_dataset code as on a GPU node,
 with steps and sizes shrunk to seconds. Its expectation cell runs on the real names: it passes,
 or fails on the result (an AssertionError in the cell tagged "expectations"), never on a name."""
@@ -13,7 +13,7 @@ from pathlib import Path
 import papermill as pm
 import pytest
 
-from scalebio_core.rehearsal import build
+from scalebio_core.lab.rehearsal import build
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"steps": 3, "batch_size": 8, "val_batch_size": 8, "grad_accum": 1, "checkpoint_every": 3}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scalebio_core import results
+from scalebio_core.lab import results
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))

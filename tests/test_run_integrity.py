@@ -21,11 +21,12 @@ from test_distributed import wait_for_rows
 from test_rundirs import Crash, _crash_at
 from test_trainer import SMOKE, smoke
 
-from scalebio_core import loop
-from scalebio_core.config import TrainConfig
 from scalebio_core.errors import ConfigError, DataError, Interrupted, TrainingStopped
-from scalebio_core.runs import DiskFullError, load_trajectory, read_jsonl
-from scalebio_core.trainer import train
+from scalebio_core.files import DiskFullError
+from scalebio_core.train import loop
+from scalebio_core.train.config import TrainConfig
+from scalebio_core.train.runs import load_trajectory, read_jsonl
+from scalebio_core.train.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,7 +90,7 @@ def test_a_checkpoint_of_another_model_size_is_refused_by_name(tmp_path):
 
 
 def _data_dir(tmp_path: Path) -> Path:
-    from scalebio_core.pipeline import write_example_folder
+    from scalebio_core.train.pipeline import write_example_folder
 
     return write_example_folder(
         tmp_path / "data", "noisy", n_per_source=24, n_val=16, noise_rates=[0.0, 0.5, 1.0]
@@ -227,7 +228,7 @@ def test_a_second_signal_stops_at_once_keeping_the_last_checkpoint(tmp_path, mon
 
 
 def test_a_signal_while_the_run_is_set_up_stops_it_at_once(tmp_path, monkeypatch):
-    from scalebio_core import trainer
+    from scalebio_core.train import trainer
 
     real = trainer.ScaleBiORun.__init__
 
@@ -354,7 +355,7 @@ def test_a_disk_too_small_for_the_first_checkpoint_is_said_by_the_command_line(s
 
 
 def test_a_full_disk_under_any_write_names_the_device_and_keeps_the_old_file(tmp_path, monkeypatch):
-    from scalebio_core import runs
+    from scalebio_core.train import runs
 
     target = tmp_path / "kept.json"
     runs.write_json(target, {"old": 1})

@@ -19,11 +19,11 @@ import pytest
 import torch
 from test_trainer import SMOKE, nan_at_fourth_validation_loss, smoke
 
-from scalebio_core.config import TrainConfig
 from scalebio_core.errors import ConfigError, DataError, TrainingStopped
-from scalebio_core.losses import LMFns
-from scalebio_core.runs import RunLock, load_trajectory, read_jsonl
-from scalebio_core.trainer import train
+from scalebio_core.train.config import TrainConfig
+from scalebio_core.train.losses import LMFns
+from scalebio_core.train.runs import RunLock, load_trajectory, read_jsonl
+from scalebio_core.train.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,7 @@ def test_a_second_writer_is_refused_with_the_holders_pid_and_a_dead_holders_lock
 ):
     cfg = smoke(tmp_path, steps=2)
     run = Path(cfg.out_dir)
-    code = f"from pathlib import Path; import time; from scalebio_core.runs import RunLock; RunLock(Path({str(run)!r})).acquire(); print('locked', flush=True); time.sleep(120)"  # noqa: E501
+    code = f"from pathlib import Path; import time; from scalebio_core.train.runs import RunLock; RunLock(Path({str(run)!r})).acquire(); print('locked', flush=True); time.sleep(120)"  # noqa: E501
     holder = subprocess.Popen(
         [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
@@ -252,7 +252,7 @@ def test_an_unwritable_run_folder_is_named_before_anything_is_built(tmp_path, mo
     with pytest.raises(ConfigError, match=r"cannot write the run folder .*file/run"):
         train(smoke(tmp_path, out_dir=str(tmp_path / "file" / "run")), progress=False)
 
-    import scalebio_core.runs as runs
+    import scalebio_core.train.runs as runs
 
     real_open = os.open
 
@@ -276,7 +276,7 @@ def test_an_unwritable_run_folder_is_named_before_anything_is_built(tmp_path, mo
 
 
 def test_bad_files_name_the_file_and_the_place(tmp_path, capsys):
-    from scalebio_core.data import SourceSpec, load_records
+    from scalebio_core.sources.data import SourceSpec, load_records
 
     bad = tmp_path / "latin.jsonl"
     bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
@@ -298,7 +298,7 @@ def test_bad_files_name_the_file_and_the_place(tmp_path, capsys):
 def test_a_torn_weights_json_of_a_run_is_named_with_the_fix(tmp_path, capsys):
     """Issue 27, item 10: a torn weights.json of the run given to `resample --run` was an
     error without the file's name."""
-    from scalebio_core.runs import write_yaml
+    from scalebio_core.files import write_yaml
 
     run = tmp_path / "run"
     write_yaml(run / "config.yaml", TrainConfig(**SMOKE, out_dir=str(run)).to_dict())
@@ -315,7 +315,7 @@ def test_a_torn_weights_json_of_a_run_is_named_with_the_fix(tmp_path, capsys):
 
 
 def test_skipped_files_and_a_single_source_are_said(tmp_path):
-    from scalebio_core.data import specs_from_dir
+    from scalebio_core.sources.data import specs_from_dir
 
     data = tmp_path / "data"
     (data / "more").mkdir(parents=True)
@@ -433,7 +433,7 @@ def test_held_out_files_take_their_roles_and_leaks_are_counted(tmp_path, capsys)
 
 
 def test_the_convergence_verdict_reads_the_trajectory(tmp_path, capsys):
-    from scalebio_core.runs import convergence
+    from scalebio_core.train.convergence import convergence
 
     def rows(ps):
         return [{"step": i, "p": {"a": q, "b": 1 - q}} for i, q in enumerate(ps)]

@@ -15,10 +15,10 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from test_scaleup import _memory
 
-from scalebio_core.config import CONFIG_DIR
 from scalebio_core.errors import ConfigError
-from scalebio_core.runs import read_jsonl
-from scalebio_core.scaleout import KINDS, accelerate_config, block_class, plan_command
+from scalebio_core.plan.scaleout import KINDS, accelerate_config, block_class, plan_command
+from scalebio_core.train.config import CONFIG_DIR
+from scalebio_core.train.runs import read_jsonl
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -32,7 +32,7 @@ def test_shipped_configs_parse_with_accelerate(kind):
     [("llama", "LlamaDecoderLayer"), ("gpt_neox", "GPTNeoXLayer"), ("gpt2", "GPT2Block")],
 )
 def test_fsdp_wrap_class_resolved_on_tiny_models(arch, cls, tmp_path):
-    from scalebio_core.models import save_tiny_model
+    from scalebio_core.train.models import save_tiny_model
 
     path = save_tiny_model(arch, tmp_path / arch)
     assert block_class(str(path)) == cls
@@ -77,7 +77,7 @@ def test_emitted_launch_runs_as_printed_from_another_directory_without_a_venv(
     """Item 12: launch.sh holds this environment's python and absolute paths (the model folder
     and out_dir given relative to where it was emitted), and runs from another directory with
     no environment on PATH; the printed launch is launch.sh's command."""
-    from scalebio_core.models import save_tiny_model
+    from scalebio_core.train.models import save_tiny_model
 
     here = tmp_path / "here"
     save_tiny_model("llama", here / "tiny")
@@ -204,8 +204,8 @@ def test_the_search_keeps_host_memory_and_headroom(capsys):
     assert ", fsdp, " in out.splitlines()[1], out
     assert "and 200 GiB of host memory per node, keeping 10% free" in out
     assert "limits: GPU 72.0 GiB (80 GiB less 10% headroom); host 180.0 GiB per node" in out
-    from scalebio_core.memory import GIB
-    from scalebio_core.scaleout import plan_run
+    from scalebio_core.plan.memory import GIB
+    from scalebio_core.plan.scaleout import plan_run
 
     found = plan_run(
         "meta-llama/Meta-Llama-3-8B", 8, 80, fields={"lisa_active": 2}, search=True, host_gib=200
@@ -226,7 +226,7 @@ def test_the_planner_widget_and_the_memory_command_give_one_answer(tmp_path, cap
     """Item 15: at its defaults the widget of notebook 06 answers what `memory` answers for
     the same model and GPUs (the command it shows), for Yi-34B on 8 × 48 GiB; under DDP its
     offload box is off and locked; it writes its launch files into an absolute folder."""
-    from scalebio_core.widgets import scaling_planner
+    from scalebio_core.lab.widgets import scaling_planner
 
     monkeypatch.setenv("SCALEBIO_RUNS", str(tmp_path / "runs"))
     monkeypatch.chdir(tmp_path)

@@ -15,14 +15,14 @@ import pytest
 import torch
 import yaml
 
-from scalebio_core.config import TrainConfig, load_preset
+from scalebio_core.core.masters import MasterOptimizer
 from scalebio_core.errors import ConfigError, ModelError
-from scalebio_core.masters import MasterOptimizer
-from scalebio_core.memory import PLAN_FIELDS, MemorySetup, model_shape, plan, predict
-from scalebio_core.models import load_model
-from scalebio_core.recompute import checkpoint_blocks, recomputes
-from scalebio_core.runs import load_trajectory, read_jsonl
-from scalebio_core.trainer import train
+from scalebio_core.plan.memory import PLAN_FIELDS, MemorySetup, model_shape, plan, predict
+from scalebio_core.train.config import TrainConfig, load_preset
+from scalebio_core.train.models import load_model
+from scalebio_core.train.recompute import checkpoint_blocks, recomputes
+from scalebio_core.train.runs import load_trajectory, read_jsonl
+from scalebio_core.train.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {
@@ -54,7 +54,7 @@ def _batch(n: int = 3, t: int = 12) -> dict:
 
 
 def _grads(model, train_mode: bool) -> dict[str, torch.Tensor]:
-    from scalebio_core.losses import per_sample_loss
+    from scalebio_core.train.losses import per_sample_loss
 
     model.train(train_mode)
     model.zero_grad(set_to_none=True)
@@ -85,7 +85,7 @@ def test_checkpointing_recomputes_every_block_and_keeps_every_gradient(train_mod
 
 
 def test_a_run_with_gradient_checkpointing_builds_recomputing_copies():
-    from scalebio_core.build import setup
+    from scalebio_core.train.build import setup
 
     cfg = TrainConfig.from_dict(load_preset("noisy", "smoke", SMALL))
     for lora in (0, 4):
@@ -97,7 +97,7 @@ def test_a_run_with_gradient_checkpointing_builds_recomputing_copies():
 def test_the_chunked_head_loss_equals_the_whole_one():
     """Under checkpointing the LM head's loss runs a few positions at a time, replayed in
     backward: the same per-sample losses and gradients as in one piece."""
-    from scalebio_core.losses import head_chunk, response_only_loss
+    from scalebio_core.train.losses import head_chunk, response_only_loss
 
     assert head_chunk(50257) == 333 and head_chunk(2048) == 8192 and head_chunk(10**9) == 64
     model, batch = load_model("embedded:nano"), _batch(n=3, t=20)
@@ -116,8 +116,8 @@ def test_the_replay_runs_in_the_mode_of_the_forward(tmp_path):
     """A hub GPT-2 keeps dropout 0.1: ScaleBiO's validation loss is computed in eval mode and
     differentiated after train() again; the replay must not switch dropout on. In train mode
     the replay draws the forward's dropout masks."""
-    from scalebio_core.losses import per_sample_loss
-    from scalebio_core.models import save_tiny_model
+    from scalebio_core.train.losses import per_sample_loss
+    from scalebio_core.train.models import save_tiny_model
 
     path = save_tiny_model("gpt2", tmp_path / "gpt2")
     plain, ckpt = load_model(str(path)), load_model(str(path))
@@ -159,8 +159,8 @@ def test_lora_on_one_shared_base_follows_the_two_copy_run_and_resumes(tmp_path, 
     """u and w as two adapters on one base (the default) against two whole PEFT models: the
     same trajectory, the base held once, two adapters that move apart; a crash after step 2
     resumes on the same trajectory from a checkpoint that holds the adapters only."""
-    from scalebio_core.build import setup
-    from scalebio_core.lora import AdapterView, unique_parameters
+    from scalebio_core.train.build import setup
+    from scalebio_core.train.lora import AdapterView, unique_parameters
 
     lora = {
         "lora_rank": 4,
@@ -382,7 +382,7 @@ def test_the_plan_counts_how_the_trainer_builds_the_copies():
 def test_emitted_launch_runs_on_a_tiny_llama_with_two_processes(tmp_path, capsys):
     """`memory --emit` for LISA + FSDP + checkpointing + bf16-weights on a tiny Llama: the
     written command, run as written (2 gloo processes), trains and writes weights.json."""
-    from scalebio_core.models import save_tiny_model
+    from scalebio_core.train.models import save_tiny_model
 
     model = save_tiny_model("llama", tmp_path / "tiny-llama")
     emit = tmp_path / "emit"

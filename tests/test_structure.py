@@ -7,7 +7,46 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "scalebio_core"
-MODULES = {p.stem: ast.parse(p.read_text(), filename=str(p)) for p in PACKAGE.glob("*.py")}
+WINGS = ("core", "sources", "parallel", "train", "plan", "lab")
+"""The subpackages, bottom to top (`parallel` and `sources` side by side): a module imports its
+own wing, a lower one, or the top-level helpers (`errors`, `files`), never a higher wing."""
+BASE, TOP = ("errors", "files"), ("cli", "__main__", "__init__")
+FILES = {
+    p.stem: p
+    for p in PACKAGE.rglob("*.py")
+    if "__pycache__" not in p.parts and not (p.stem == "__init__" and p.parent != PACKAGE)
+}
+MODULES = {m: ast.parse(p.read_text(), filename=str(p)) for m, p in FILES.items()}
+
+
+RANK = {"core": 1, "sources": 2, "parallel": 2, "train": 3, "plan": 4, "lab": 5}
+
+
+def _rank(module: str) -> int:
+    """0 for the top-level helpers, then the wings (sources beside parallel), then the command
+    line and the package's __init__."""
+    if module in BASE:
+        return 0
+    if module in TOP:
+        return max(RANK.values()) + 1
+    return RANK[FILES[module].parent.name]
+
+
+def _targets(node: ast.ImportFrom) -> list[tuple[str, list[str]]]:
+    """The package modules an `from … import …` reaches, with the names taken from each."""
+    names = [a.name for a in node.names]
+    if node.level == 0:
+        if not (node.module or "").startswith("scalebio_core"):
+            return []
+        parts = node.module.split(".")[1:]
+    else:
+        parts = [p for p in (node.module or "").split(".") if p]
+    if parts and parts[-1] in MODULES:
+        return [(parts[-1], names)]
+    modules = [(n, []) for n in names if n in MODULES]  # from <package> import a, b
+    if modules:
+        return modules
+    return [] if parts else [("__init__", names)]
 
 
 def _imports(tree: ast.Module) -> list[tuple[ast.stmt, str, list[str]]]:
@@ -16,16 +55,11 @@ def _imports(tree: ast.Module) -> list[tuple[ast.stmt, str, list[str]]]:
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module is None:  # from . import a, b
-                for alias in node.names:
-                    out.append((node, alias.name, []))
-            elif node.level == 1 or (node.module or "").startswith("scalebio_core"):
-                name = (node.module or "").removeprefix("scalebio_core").lstrip(".")
-                out.append((node, name or "__init__", [a.name for a in node.names]))
+            out.extend((node, m, names) for m, names in _targets(node))
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("scalebio_core."):
-                    out.append((node, alias.name.split(".")[1], []))
+                    out.append((node, alias.name.split(".")[-1], []))
     return out
 
 
@@ -86,7 +120,7 @@ def test_imports_inside_functions_say_why():
     with side effects) carries a comment on its line or the line before."""
     bad = []
     for m, tree in MODULES.items():
-        lines = (PACKAGE / f"{m}.py").read_text().splitlines()
+        lines = FILES[m].read_text().splitlines()
         for fn in ast.walk(tree):
             if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
@@ -106,7 +140,7 @@ def test_functions_are_short_and_the_trainer_is_small():
         if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.end_lineno - n.lineno >= 80
     ]
     assert not long, long
-    assert len((PACKAGE / "trainer.py").read_text().splitlines()) < 400
+    assert len(FILES["trainer"].read_text().splitlines()) < 400
 
 
 def test_the_step_has_no_engine_in_its_signature_or_body():
@@ -154,7 +188,9 @@ def test_every_engine_implements_the_run_interface():
     import inspect
     import typing
 
-    from scalebio_core import distributed, engines, loop
+    from scalebio_core.core import distributed
+    from scalebio_core.parallel import engines
+    from scalebio_core.train import loop
 
     members = {
         n
@@ -180,7 +216,7 @@ def test_no_cycle_through_the_benchmark_scripts():
     root = PACKAGE.parent
     loaded = {
         name
-        for f in [*root.glob("notebooks/*.ipynb"), *PACKAGE.glob("*.py")]
+        for f in [*root.glob("notebooks/*.ipynb"), *FILES.values()]
         for name in re.findall(r'benchmark\(\\?"(\w+)\\?"\)', f.read_text())
     }
     assert {"memory", "toy_scaling"} <= loaded
@@ -199,3 +235,37 @@ def test_no_cycle_through_the_benchmark_scripts():
         tree = ast.parse((root / "benchmarks" / f"{name}.py").read_text())
         direct = {dep for _, dep, _ in _imports(tree) if dep in MODULES}
         assert "experiments" not in reach(direct), name
+
+
+def test_no_wing_imports_a_higher_one():
+    """The tree is the plan: core, then sources and parallel, then train, plan and lab, then
+    the command line; the scripts that lab loads by importlib (`experiments.benchmark`) count
+    as lab's imports."""
+    import re
+
+    assert {m: FILES[m].parent.name for m in ("bilevel", "data", "engines", "loop")} == {
+        "bilevel": "core",
+        "data": "sources",
+        "engines": "parallel",
+        "loop": "train",
+    }
+    up = [
+        f"{m} ({FILES[m].parent.name}) imports {dep} ({FILES[dep].parent.name})"
+        for m, tree in MODULES.items()
+        for _, dep, _ in _imports(tree)
+        if _rank(dep) > _rank(m)
+    ]
+    root = PACKAGE.parent
+    loaded = {
+        name
+        for f in [*root.glob("notebooks/*.ipynb"), *FILES.values()]
+        for name in re.findall(r'benchmark\(\\?"(\w+)\\?"\)', f.read_text())
+    }
+    for name in sorted(loaded):  # loaded from lab: what they import sits at most at lab's level
+        tree = ast.parse((root / "benchmarks" / f"{name}.py").read_text())
+        up += [
+            f"benchmarks/{name}.py (loaded by lab) imports {dep}"
+            for _, dep, _ in _imports(tree)
+            if dep in MODULES and _rank(dep) > _rank("experiments")
+        ]
+    assert up == []

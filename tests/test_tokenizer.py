@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from scalebio_core import tokenizer as T
-from scalebio_core.corpora import multilingual_sources
+from scalebio_core.sources import tokenizer as T
+from scalebio_core.sources.corpora import multilingual_sources
 
 SAMPLES = [
     "Tom has 3 apples and buys 4 more. The answer is 7.",

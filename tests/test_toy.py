@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from scalebio_core.errors import ConfigError
-from scalebio_core.toy import (
+from scalebio_core.core.toy import (
     DT,
     conditioned_quadratic,
     exact_weighted_mean,
     least_squares,
     weighted_mean,
 )
-from scalebio_core.toy_runs import bias_sweep, run_toy
+from scalebio_core.core.toy_runs import bias_sweep, run_toy
+from scalebio_core.errors import ConfigError
 
 # The settings below are the ones docs/toys.md quotes.
 ALPHA_A, STEPS_A, LR_LAM_A = 100.0, 2000, 2.0

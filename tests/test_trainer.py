@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from scalebio_core.config import TrainConfig
 from scalebio_core.errors import ConfigError, TrainingStopped
-from scalebio_core.losses import LMFns
-from scalebio_core.runs import load_trajectory
-from scalebio_core.trainer import train
+from scalebio_core.train.config import TrainConfig
+from scalebio_core.train.losses import LMFns
+from scalebio_core.train.runs import load_trajectory
+from scalebio_core.train.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,7 +118,7 @@ def test_bad_train_config_messages():
         TrainConfig(lr_w="abc")
     with pytest.raises(ConfigError, match="steps must be of type int .*got 2.5"):
         TrainConfig(steps=2.5)
-    from scalebio_core.config import parse_overrides
+    from scalebio_core.train.config import parse_overrides
 
     assert parse_overrides(["lr_w=1e-3", "steps=20", "fsdp=true"]) == {
         "lr_w": 0.001,
@@ -130,7 +130,7 @@ def test_bad_train_config_messages():
 _FAULTS = """
 import resource, sys, torch
 if sys.argv[1] == "keep":
-    from scalebio_core.malloc import keep_freed_memory
+    from scalebio_core.train.malloc import keep_freed_memory
     print(keep_freed_memory(), file=sys.stderr)
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -164,7 +164,7 @@ def test_cpu_malloc_keep_reuses_freed_memory_without_page_faults():
 
 
 def test_lisa_n_active_larger_than_blocks(tmp_path):
-    from scalebio_core.lisa import LisaError
+    from scalebio_core.core.lisa import LisaError
 
     with pytest.raises(LisaError, match="n_active"):
         train(smoke(tmp_path, lisa_active=9), progress=False)
@@ -238,8 +238,8 @@ def test_grad_accum_follows_the_same_trajectory(tmp_path):
 
 def test_local_llama_folder_with_lisa_and_data_dir(tmp_path):
     """The real path: a model folder loaded by from_pretrained, sources from files, LISA on."""
-    from scalebio_core.corpora import build_corpus
-    from scalebio_core.models import save_tiny_model
+    from scalebio_core.sources.corpora import build_corpus
+    from scalebio_core.train.models import save_tiny_model
 
     model_dir = save_tiny_model("llama", tmp_path / "llama")
     data_dir = build_corpus("informative", n_terse=12, n_detailed=6, n_val=8).write(
@@ -268,8 +268,8 @@ def test_local_llama_folder_with_lisa_and_data_dir(tmp_path):
 
 
 def test_empty_validation_set(tmp_path):
-    from scalebio_core.corpora import build_corpus
-    from scalebio_core.data import DataError
+    from scalebio_core.sources.corpora import build_corpus
+    from scalebio_core.sources.data import DataError
 
     data_dir = build_corpus("noisy", n_per_source=4, n_val=2).write(tmp_path / "data")
     (data_dir / "validation.jsonl").write_text("")
@@ -329,8 +329,8 @@ def test_response_only_head_matches_full_forward_or_is_refused(arch, tmp_path):
     not head(hidden), so the check must refuse the fast path there."""
     import torch
 
-    from scalebio_core.losses import head_matches_forward, per_sample_loss, response_only_loss
-    from scalebio_core.models import load_model, save_tiny_model
+    from scalebio_core.train.losses import head_matches_forward, per_sample_loss, response_only_loss
+    from scalebio_core.train.models import load_model, save_tiny_model
 
     model = load_model(str(save_tiny_model(arch, tmp_path / arch)))
     g = torch.Generator().manual_seed(0)
@@ -354,9 +354,9 @@ def test_response_only_head_matches_full_forward_or_is_refused(arch, tmp_path):
 def test_lora_on_both_copies(arch, tmp_path):
     """LoRA adapters on u and w (on one shared base, the default): only they train, and their
     count is the memory model's."""
-    from scalebio_core.build import setup
-    from scalebio_core.memory import MemorySetup, model_shape, predict
-    from scalebio_core.models import load_model, save_tiny_model
+    from scalebio_core.plan.memory import MemorySetup, model_shape, predict
+    from scalebio_core.train.build import setup
+    from scalebio_core.train.models import load_model, save_tiny_model
 
     path = save_tiny_model(arch, tmp_path / arch)
     cfg = smoke(tmp_path, model=str(path), tokenizer=str(path), lora_rank=4, steps=2)

@@ -15,15 +15,22 @@ import pytest
 import torch
 from test_rundirs import _alpaca_folder
 
-from scalebio_core import BilevelConfig, BilevelProblem, solve, toy
-from scalebio_core.build import build_data, heldout_spec
-from scalebio_core.config import EMBEDDED_LR, PRETRAINED_LR, TrainConfig
-from scalebio_core.data import AUTO_MAX_LENGTH, auto_max_length, folder_roles, specs_from_dir
+from scalebio_core import BilevelConfig, BilevelProblem, solve
+from scalebio_core.core import toy
 from scalebio_core.errors import ConfigError, DataError
-from scalebio_core.memory import setup_of
-from scalebio_core.models import load_model, load_tokenizer
-from scalebio_core.pipeline import evaluate
-from scalebio_core.runs import convergence, load_trajectory
+from scalebio_core.plan.memory import setup_of
+from scalebio_core.sources.data import (
+    AUTO_MAX_LENGTH,
+    auto_max_length,
+    folder_roles,
+    specs_from_dir,
+)
+from scalebio_core.train.build import build_data, heldout_spec
+from scalebio_core.train.config import EMBEDDED_LR, PRETRAINED_LR, TrainConfig
+from scalebio_core.train.convergence import convergence
+from scalebio_core.train.models import load_model, load_tokenizer
+from scalebio_core.train.pipeline import evaluate
+from scalebio_core.train.runs import load_trajectory
 
 ROOT = Path(__file__).resolve().parent.parent
 

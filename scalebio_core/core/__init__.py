@@ -1,0 +1,13 @@
+"""The thin core: the ScaleBiO step, its distribution interface, LISA, toys, baselines' steps."""
+
+
+__all__ = [
+    "baselines",
+    "bilevel",
+    "distributed",
+    "lisa",
+    "masters",
+    "problem",
+    "toy",
+    "toy_runs",
+]

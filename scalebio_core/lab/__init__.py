@@ -1,0 +1,11 @@
+"""What the notebooks use: widgets, plots, preset runs, results, planted mixture, rehearsal."""
+
+
+__all__ = [
+    "experiments",
+    "planted",
+    "plots",
+    "rehearsal",
+    "results",
+    "widgets",
+]
