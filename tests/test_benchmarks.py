@@ -231,3 +231,7 @@ def test_readme_quotes_the_measured_paper_scale_table():
         assert q[3] == m[5].replace("-", "−") and q[4:6] == m[6:8], quote
         cfg = plan_config(None, {"model": name, "max_length": 1024, **fields}, gpus=1)
         assert m[3] == f"{plan(cfg, 1, gib).prediction['total'] / GIB:.1f}", name
+    yi = [c.strip() for c in measured[0].strip("|").split("|")]
+    peak, reserved = re.match(r"([\d.]+) \(([\d.]+)\)", yi[4]).groups()
+    front = " ".join((root / "README.md").read_text().split())  # it quotes the Yi-34B row
+    assert f"Yi-34B with LoRA peaked at {peak} GiB ({reserved} reserved)" in front
