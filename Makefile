@@ -61,17 +61,21 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is missing and cannot be installed here: the browser test will be skipped"; fi; }
 
+# notebooks: ruff reads each notebook's py:percent twin (notebooks/NN_*.py), not the .ipynb
 test: setup peers browser
-	$(BIN)/python -m ruff check scalebio_core tests benchmarks
+	$(BIN)/python -m ruff check scalebio_core tests benchmarks notebooks
 	$(BIN)/python -m ruff format --check scalebio_core tests benchmarks
 	$(BIN)/python -m pytest
 
 lab: setup
 	$(BIN)/jupyter lab notebooks
 
+# the twins are brought up to date with their notebooks, fixed, and the fixes taken back
 lint: setup
-	$(BIN)/python -m ruff check --fix scalebio_core tests benchmarks
+	$(BIN)/jupytext --sync --quiet $(NOTEBOOKS)
+	$(BIN)/python -m ruff check --fix scalebio_core tests benchmarks notebooks
 	$(BIN)/python -m ruff format scalebio_core tests benchmarks
+	$(BIN)/jupytext --sync --quiet $(NOTEBOOKS)
 
 clean:
 	rm -rf build .pytest_cache

@@ -1,6 +1,5 @@
 """The thin core: the ScaleBiO step, its distribution interface, LISA, toys, baselines' steps."""
 
-
 __all__ = [
     "baselines",
     "bilevel",

@@ -6,11 +6,17 @@ preset deciding the sizes.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from .problem import BilevelResult, loglog_slope, solve
+from ..errors import NonFiniteLossError
+from .bilevel import BilevelConfig, init_state, scalebio_step
+from .problem import BilevelResult, ParamVector, loglog_slope, solve
 from .toy import QuadraticBilevel, conditioned_quadratic, objective_error, p_error, toy_config
 
 
@@ -111,4 +117,137 @@ def condition_sweep(
     return {"kappa": np.asarray(kappas, float), "steps": np.asarray(out, float)}
 
 
-__all__ = ["ToyRun", "BiasSweep", "run_toy", "bias_sweep", "condition_sweep", "steps_to_tolerance"]
+def converges(
+    problem: QuadraticBilevel, c: BilevelConfig, target: np.ndarray, tol: float = 1e-3
+) -> bool:
+    """Whether ScaleBiO with config c ends within tol of target (a diverging run raises, and
+    does not converge)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p = solve(problem.as_problem(), c).trajectory["p"][-1]
+    except NonFiniteLossError:
+        return False
+    return bool(np.isfinite(p).all() and np.abs(p - target).max() < tol)
+
+
+def alpha_tradeoff(
+    problem: QuadraticBilevel,
+    alphas: Sequence[float],
+    steps: int,
+    lr_lam: float,
+    step_multiples: Sequence[float],
+    p_star: np.ndarray,
+) -> dict[str, list]:
+    """What a larger α buys and costs on a toy, per α (lists under these keys): the bias
+    ‖p_α − p*‖_∞ ("bias"), the errors to p* of a float64 and a float32 run ("err64", "err32"),
+    the λ updates until ‖p − p_α‖_∞ < 1e-3 ("steps"), the largest stable model step: the largest
+    of `step_multiples` × the 1/L step whose run still converges to p_α ("stable"), and the 1/L
+    step the runs take ("lr_w")."""
+    tradeoff = {
+        "alpha": [],
+        "bias": [],
+        "err64": [],
+        "err32": [],
+        "steps": [],
+        "stable": [],
+        "lr_w": [],
+    }
+    for a in alphas:
+        p_a, _ = problem.exact(alpha=a)
+        c = toy_config(problem, a, steps, lr_lam)
+        p64 = solve(problem.as_problem(), c).trajectory["p"]
+        p32 = solve(
+            problem.as_problem(init=torch.zeros(problem.d, dtype=torch.float32)), c
+        ).trajectory["p"]
+        ok = [
+            m
+            for m in step_multiples
+            if converges(problem, dataclasses.replace(c, lr_w=m * c.lr_w, lr_u=m * c.lr_u), p_a)
+        ]
+        for key, value in (
+            ("alpha", a),
+            ("bias", np.abs(p_a - p_star).max()),
+            ("err64", np.abs(p64[-1] - p_star).max()),
+            ("err32", np.abs(p32[-1] - p_star).max()),
+            ("steps", steps_to_tolerance(np.abs(p64 - p_a).max(axis=1), 1e-3)),
+            ("stable", max(ok, default=0) * c.lr_w),
+            ("lr_w", c.lr_w),
+        ):
+            tradeoff[key].append(value)
+    return tradeoff
+
+
+class LeastSquaresMinibatches:
+    """StepFns of the stochastic toy (a): a batch is (x, y, source ids), a val batch (x, y);
+    `ridge` as in `toy.least_squares`."""
+
+    def __init__(self, ridge: float = 1e-3):
+        self.ridge = ridge
+
+    def source_ids(self, batch):
+        return batch[2]
+
+    def source_losses(self, model, batch):
+        x, y, ids = batch
+        theta = model.theta
+        return 0.5 * (x @ theta - y) ** 2 + 0.5 * self.ridge * theta @ theta, ids
+
+    def val_loss(self, model, val_batch):
+        x, y = val_batch
+        return 0.5 * ((x @ model.theta - y) ** 2).mean()
+
+
+def stochastic_run(
+    problem: QuadraticBilevel,
+    samples: Sequence[tuple[np.ndarray, np.ndarray]],
+    val: tuple[np.ndarray, np.ndarray],
+    p_star: np.ndarray,
+    alpha: float,
+    lr_lam: float,
+    schedule: str,
+    steps: int,
+    seed: int,
+    per_source: int = 8,
+    val_size: int = 32,
+) -> np.ndarray:
+    """ScaleBiO on minibatches of toy (a) (`toy.least_squares_samples`: `samples` per source
+    and the validation pair `val`): `per_source` samples of each source and `val_size` of the
+    validation set per step, drawn by a generator seeded with `seed`, λ's step following
+    `schedule`; returns ‖p − p*‖_∞ after each step."""
+    x_val, y_val = val
+    gen = torch.Generator().manual_seed(seed)
+    c = dataclasses.replace(
+        toy_config(problem, alpha, steps, lr_lam), lam_schedule=schedule, warmup_ratio=0.0
+    )
+    zeros = torch.zeros(problem.d, dtype=torch.float64)
+    state = init_state(ParamVector(zeros), ParamVector(zeros), problem.names, c)
+    xs = [torch.tensor(x) for x, _ in samples]
+    ys = [torch.tensor(y) for _, y in samples]
+    xv, yv = torch.tensor(x_val), torch.tensor(y_val)
+    errors = []
+    for _ in range(steps):
+        pick = [torch.randint(len(x), (per_source,), generator=gen) for x in xs]
+        batch = (
+            torch.cat([x[i] for x, i in zip(xs, pick)]),
+            torch.cat([y[i] for y, i in zip(ys, pick)]),
+            torch.arange(len(xs)).repeat_interleave(per_source),
+        )
+        v = torch.randint(len(xv), (val_size,), generator=gen)
+        scalebio_step(state, batch, (xv[v], yv[v]), LeastSquaresMinibatches())
+        errors.append(float(np.abs(state.p.detach().numpy() - p_star).max()))
+    return np.array(errors)
+
+
+__all__ = [
+    "ToyRun",
+    "BiasSweep",
+    "run_toy",
+    "bias_sweep",
+    "condition_sweep",
+    "steps_to_tolerance",
+    "converges",
+    "alpha_tradeoff",
+    "LeastSquaresMinibatches",
+    "stochastic_run",
+]

@@ -1,6 +1,5 @@
 """What the notebooks use: widgets, plots, preset runs, results, planted mixture, rehearsal."""
 
-
 __all__ = [
     "experiments",
     "planted",

@@ -1,6 +1,8 @@
 """Figures: one style, titles that say what is shown, labelled axes, one helper that saves.
 
 Functions draw on a given matplotlib Axes and return it; `save_figure` writes `figures/NAME.png`.
+The figures of the notebooks (`plot_tour`, `plot_toy_runs`, …, at the end) make their own Figure
+from what a notebook computed and return it, so that a notebook's figure cell is one call.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -24,6 +27,9 @@ if os.environ.get("MPLBACKEND") is None and not os.environ.get("DISPLAY"):
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+
+if TYPE_CHECKING:  # annotations only: the figures of notebook 01 take its runs
+    from ..core.toy_runs import BiasSweep, ToyRun
 
 STYLE = {
     "figure.dpi": 100,
@@ -496,3 +502,441 @@ def plot_planted_weights(ax: plt.Axes, rows: Sequence[Mapping], title: str = "")
     ax.set(ylabel="final weight p_s", title=title, ylim=(0, 1))
     ax.legend(loc="upper right")
     return ax
+
+
+# The figures of the notebooks, one function each: the notebook computes, these draw.
+
+
+def plot_simplex_runs(
+    grid: np.ndarray,
+    f_grid: np.ndarray,
+    phi_grid: np.ndarray,
+    paths: Mapping[float, Sequence[np.ndarray]],
+    p_star: np.ndarray,
+    p_alpha: Mapping[float, np.ndarray],
+    path_alphas: Sequence[float],
+) -> plt.Figure:
+    """Notebook 01: the true objective F (left) and the surrogate Φ_1 (right) on the 3-simplex,
+    the ScaleBiO runs of `paths` at α = 100 (left) and α = 1 (right) from their start points,
+    the exact p*, and on the right the surrogate's minimisers p_α for `path_alphas`."""
+    fig, ax = plt.subplots(1, 2, figsize=(11, 5))
+    names = [f"source {i + 1}" for i in range(3)]
+    plot_simplex(ax[0], grid, f_grid, names, r"True objective $F(p)$, runs at $\alpha=100$")
+    plot_simplex(ax[1], grid, phi_grid, names, r"Surrogate $\Phi_1(p)$, runs at $\alpha=1$")
+    for a, axis in ((100.0, ax[0]), (1.0, ax[1])):
+        for q in paths[a]:
+            axis.plot(*simplex_xy(q).T, color="w", lw=1.5)
+            axis.plot(*simplex_xy(q[:1]).T, "o", color="w", ms=5)
+    star = simplex_xy(p_star)[0]
+    for axis in ax:
+        axis.plot(*star, "*", color="red", ms=14, mec="k", label=r"$p^*$ (exact)")
+    route = simplex_xy(np.array([p_alpha[a] for a in path_alphas]))
+    ax[1].plot(*route.T, ":", color="k", lw=1.5)
+    ax[1].plot(
+        *route.T,
+        "o",
+        color="orange",
+        ms=4,
+        mec="k",
+        mew=0.5,
+        label=r"$p_\alpha$, $\alpha$ = " + ", ".join(f"{a:g}" for a in path_alphas),
+    )
+    ax[1].plot(*simplex_xy(p_alpha[1.0])[0], "D", color="orange", ms=8, mec="k", label=r"$p_1$")
+    for axis in ax:
+        axis.legend(loc="upper left", bbox_to_anchor=(0.0, 1.02), fontsize=8)
+    return fig
+
+
+def plot_toy_runs(
+    run_a: ToyRun,
+    run_b: ToyRun,
+    run_c: ToyRun,
+    sweep_a: BiasSweep,
+    sweep_c: BiasSweep,
+    alpha_a: float,
+    alpha_b: float,
+) -> plt.Figure:
+    """Notebook 01: p against steps on toys (a) and (b) with their exact p*, the errors to p* and
+    to p_α against steps on (a), (b) and (c) (log-log), and the bias ‖p_α − p*‖ against α of
+    ScaleBiO's end points (fitted slopes) over the exact surrogate minimisers (dotted)."""
+    fig, ax = plt.subplots(2, 2, figsize=(12, 8.5))
+    plot_weights(
+        ax[0, 0],
+        run_a.p,
+        run_a.problem.names,
+        run_a.p_star,
+        legend_loc="center right",
+        title=rf"(a) least squares: $p$ against steps (dashed: exact $p^*$), $\alpha$={alpha_a}",
+    )
+    plot_weights(
+        ax[0, 1],
+        run_b.p,
+        run_b.problem.names,
+        run_b.p_star,
+        legend_loc="center right",
+        title=rf"(b) weighted mean: two weights go to exactly 0, $\alpha$={alpha_b}",
+    )
+    curves = {
+        r"(a) $\|p-p^*\|_\infty$": (np.arange(1, len(run_a.p)), run_a.p_err[1:]),
+        r"(a) $\|p-p_\alpha\|_\infty$": (np.arange(1, len(run_a.p)), run_a.p_err_alpha[1:]),
+        r"(b) $\|p-p^*\|_\infty$": (np.arange(1, len(run_b.p)), run_b.p_err[1:]),
+        r"(c) $\|p-p_\alpha\|_\infty$": (np.arange(1, len(run_c.p)), run_c.p_err_alpha[1:]),
+    }
+    plot_loglog(
+        ax[1, 0],
+        curves,
+        "step",
+        "largest weight error",
+        r"Convergence: to $p_\alpha$ fast, to $p^*$ up to the $O(1/\alpha)$ bias",
+    )
+    ax[1, 0].set_ylim(1e-12, 1)
+    ax[1, 0].legend(loc="lower left", fontsize=9)
+    plot_loglog(
+        ax[1, 1],
+        {
+            "(a) ScaleBiO": (sweep_a.alphas, sweep_a.bias_scalebio),
+            "(c) ScaleBiO": (sweep_c.alphas, sweep_c.bias_scalebio),
+        },
+        r"$\alpha$ (penalty weight)",
+        r"$\|p_\alpha-p^*\|_\infty$",
+        "Bias of the penalty surrogate against α",
+        slopes={"(a) ScaleBiO": sweep_a.slope_scalebio, "(c) ScaleBiO": sweep_c.slope_scalebio},
+    )
+    for s in (sweep_a, sweep_c):
+        ax[1, 1].loglog(s.alphas, s.bias_exact, "k:", lw=1)
+    ax[1, 1].plot([], [], "k:", label=r"exact minimiser $p_\alpha$ of the surrogate")
+    ax[1, 1].legend(loc="upper right", fontsize=9)
+    return fig
+
+
+def plot_toy_cost(
+    tradeoff: Mapping[str, Sequence[float]],
+    cond: Mapping[str, np.ndarray],
+    scaling: Sequence[Mapping],
+    tol: float,
+    run_a: ToyRun,
+    sgd_runs: Mapping[str, np.ndarray],
+) -> plt.Figure:
+    """Notebook 01, cost and rates: what a larger α buys and costs on toy (a) (`tradeoff`), the
+    models' stable step against α, λ updates against κ on (c) (`cond`), ScaleBiO against implicit
+    differentiation (`scaling`: time, then final error against `tol`), and the error against
+    steps of the deterministic run `run_a` beside the stochastic runs `sgd_runs`."""
+    fig, ax = plt.subplots(2, 3, figsize=(17, 9.5))
+    plot_alpha_tradeoff(ax[0, 0], ax[0, 1], tradeoff)
+    plot_loglog(
+        ax[0, 2],
+        {"toy (c)": (cond["kappa"], cond["steps"])},
+        r"condition number $\kappa$ of the sources",
+        r"λ updates until $\|p-p_\alpha\|_\infty<10^{-3}$",
+        "Conditioning: updates needed against κ",
+    )
+    ax[0, 2].legend(loc="upper left")
+    plot_against_implicit(ax[1, 0], ax[1, 1], scaling, tol)
+    plot_error_by_step(ax[1, 2], run_a, sgd_runs)
+    return fig
+
+
+def plot_alpha_tradeoff(
+    ax_error: plt.Axes, ax_step: plt.Axes, tradeoff: Mapping[str, Sequence[float]]
+) -> tuple[plt.Axes, plt.Axes]:
+    """Against α (`toy_runs.alpha_tradeoff`): the bias and the float64 and float32 errors to
+    p* on `ax_error`, the largest stable model step beside the 1/L step taken on `ax_step`."""
+    t = {k: np.asarray(v, float) for k, v in tradeoff.items() if k != "steps"}
+    plot_loglog(
+        ax_error,
+        {
+            r"bias $\|p_\alpha-p^*\|_\infty$ (exact)": (t["alpha"], t["bias"]),
+            "float64 run: error to $p^*$": (t["alpha"], t["err64"]),
+            "float32 run: error to $p^*$": (t["alpha"], t["err32"]),
+        },
+        r"$\alpha$ (penalty weight)",
+        r"$\|p-p^*\|_\infty$",
+        r"What a larger $\alpha$ buys and costs, toy (a)",
+    )
+    ax_error.lines[0].set(lw=5, alpha=0.45)  # the bias, under the float64 run that equals it
+    ax_error.legend(loc="lower left", fontsize=8)
+    plot_loglog(
+        ax_step,
+        {
+            "largest stable step (measured)": (t["alpha"], t["stable"]),
+            "the 1/L step the runs take": (t["alpha"], t["lr_w"]),
+        },
+        r"$\alpha$ (penalty weight)",
+        "step size of w",
+        r"The models' step falls like $1/\alpha$",
+    )
+    ax_step.legend(loc="lower left", fontsize=8)
+    return ax_error, ax_step
+
+
+def plot_against_implicit(
+    ax_time: plt.Axes, ax_error: plt.Axes, scaling: Sequence[Mapping], tol: float
+) -> tuple[plt.Axes, plt.Axes]:
+    """ScaleBiO against implicit differentiation (`benchmarks/toy_scaling.py` rows) by size d:
+    seconds until the tolerance and of the whole run on `ax_time`, the final error on
+    `ax_error` with the tolerance `tol` dotted."""
+    for method, colour in (("ScaleBiO", "C0"), ("implicit", "C3")):
+        rows = [r for r in scaling if r["method"] == method]
+        d = [r["d"] for r in rows]
+        ax_time.loglog(
+            d,
+            [r["hit_seconds"] or np.nan for r in rows],
+            "-o",
+            color=colour,
+            label=f"{method}: seconds until the tolerance",
+        )
+        ax_time.loglog(
+            d,
+            [r["seconds"] for r in rows],
+            ":s",
+            color=colour,
+            label=f"{method}: seconds of the run",
+        )
+        ax_error.loglog(d, [r["error"] for r in rows], "-o", color=colour, label=method)
+    ax_time.set(
+        xlabel="parameters d",
+        ylabel="seconds (one torch thread)",
+        title="Time: ScaleBiO against implicit differentiation",
+    )
+    # room for the legend above the runs
+    ax_time.set_ylim(top=4 * max(r["seconds"] for r in scaling))
+    ax_time.legend(loc="upper left", fontsize=8)
+    ax_error.axhline(tol, color="k", ls=":", lw=1, label=f"tolerance {tol:g}")
+    ax_error.set(
+        xlabel="parameters d",
+        ylabel=r"final $\|p-p^*\|_\infty$",
+        title="Error at the end of each run",
+    )
+    ax_error.legend(loc="best", fontsize=8)
+    return ax_time, ax_error
+
+
+def plot_error_by_step(ax: plt.Axes, run_a: ToyRun, sgd_runs: Mapping[str, np.ndarray]) -> plt.Axes:
+    """‖p − p*‖_∞ against steps: the deterministic run `run_a` (its end dotted) beside the mean
+    over seeds of each kind of stochastic run in `sgd_runs` (seeds × steps)."""
+    steps_a = np.arange(1, len(run_a.p))
+    ax.semilogy(
+        steps_a, run_a.p_err[1:], color="C0", label=r"(a) deterministic: $\|p-p^*\|_\infty$"
+    )
+    for (kind, e), colour in zip(sgd_runs.items(), ("C1", "C2")):
+        ax.semilogy(
+            np.arange(1, e.shape[1] + 1),
+            e.mean(axis=0),
+            color=colour,
+            label=f"(a) stochastic, λ step {kind} (mean of {len(e)} seeds)",
+        )
+    ax.axhline(run_a.p_err[-1], color="C0", ls=":", lw=1)
+    ax.set(xlabel="step", ylabel=r"$\|p-p^*\|_\infty$", title="Error against steps (measured)")
+    ax.legend(loc="upper right", fontsize=8)
+    return ax
+
+
+def plot_tour(
+    points: Mapping[str, Any],
+    target: Any,
+    path_w: np.ndarray,
+    path_u: np.ndarray,
+    p: np.ndarray,
+    names: Sequence[str],
+    p_star: Mapping[str, float],
+    adamw: Mapping[float, Any],
+) -> plt.Figure:
+    """Notebook 00: where w and u go among the source points `points` (tensors) and the target
+    (the hull, with a zoom near the end), the weights p against steps with plain gradient steps
+    on u and w beside the exact `p_star`, and the weights of the AdamW runs `adamw` (by lr)."""
+    fig, ax = plt.subplots(1, 3, figsize=(16, 5.2))
+    pts = np.array([v.tolist() for v in points.values()])
+    ax[0].fill(*pts.T, color="0.9", label="reachable: the hull of the sources")
+    for (name, v), colour, shift in zip(
+        points.items(), ("C0", "C1", "C2"), ((6, -12), (-58, -4), (6, -12))
+    ):
+        ax[0].plot(*v.tolist(), "o", color=colour, ms=9)
+        ax[0].annotate(name, v.tolist(), xytext=shift, textcoords="offset points", fontsize=9)
+    ax[0].plot(*target.tolist(), "*", color="red", ms=15, mec="k", label="target t")
+    ax[0].plot(0.5, 0.5, "D", color="k", ms=6, label=r"$w^*(p^*)$: the hull's point nearest t")
+    zoom = ax[0].inset_axes([0.08, 0.3, 0.36, 0.36])
+    for axis in (ax[0], zoom):
+        axis.plot(*path_u.T, "-", color="C4", lw=4, alpha=0.6, label="u (fits the mixture)")
+        axis.plot(*path_w.T, "--", color="C3", lw=1.5, label="w (pulled towards t)")
+    zoom.plot(0.5, 0.5, "D", color="k", ms=5)
+    zoom.set(
+        xlim=(0.42, 0.56),
+        ylim=(0.42, 0.56),
+        xticks=[],
+        yticks=[],
+        title="near the end",
+        aspect="equal",
+    )
+    zoom.title.set_fontsize(8)
+    ax[0].indicate_inset_zoom(zoom, edgecolor="0.4")
+    ax[0].set(xlabel="$w_1$", ylabel="$w_2$", title="Where the models go", aspect="equal")
+    ax[0].legend(loc="lower right", fontsize=8)
+    for i, (name, style, colour) in enumerate(zip(names, ("-", "--", "-"), ("C0", "C1", "C2"))):
+        ax[1].plot(p[:, i], style, color=colour, lw=3 if style == "-" else 1.5, label=name)
+        ax[1].axhline(p_star[name], color=colour, ls=":", lw=1)
+    ax[1].plot([], [], "k:", lw=1, label=r"$p^*$ (exact): ½, ½, 0")
+    ax[1].set(
+        xlabel="step",
+        ylabel="weight $p_s$",
+        ylim=(0, 1),
+        title="Plain gradient steps on u and w (α = 10)",
+    )
+    ax[1].legend(loc="center right", fontsize=8)
+    for (lr, r), style in zip(adamw.items(), ("-", "--")):
+        tr = r.trajectory["p"]
+        for i, (name, colour) in enumerate(zip(names, ("C0", "C1", "C2"))):
+            ax[2].plot(tr[:, i], style, color=colour, lw=1.5, label=f"{name}, lr {lr:g}")
+    ax[2].set(
+        xlabel="step",
+        ylabel="weight $p_s$",
+        ylim=(0, 1),
+        title="AdamW on u and w: the near weights split",
+    )
+    ax[2].legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, ncol=3)
+    return fig
+
+
+def plot_lisa_costs(
+    rows: Sequence[Mapping],
+    n_blocks: int,
+    shared_active: int,
+    steps: np.ndarray,
+    losses: Mapping[str, np.ndarray],
+    cost: Mapping[str, Mapping[str, np.ndarray]],
+    mem: Mapping[str, Mapping[str, float]],
+) -> plt.Figure:
+    """Notebook 02: which blocks train when (the trajectory `rows` of a run with LISA
+    `shared_active`), the validation loss against `steps` of each configuration (`losses`:
+    seeds × steps, moving average), time per step and final loss (`cost`: mean ± std over
+    seeds), and the memory measured for each configuration (`mem`)."""
+    fig, ax = plt.subplots(2, 3, figsize=(16, 8.5))
+    plot_lisa_raster(
+        ax[0, 0],
+        rows,
+        n_blocks,
+        title=f"Which blocks train when (LISA {shared_active}, independent draws)",
+    )
+    window = max(3, len(steps) // 12)
+    plot_smoothed(
+        ax[0, 1],
+        {label: (steps, ys) for label, ys in losses.items()},
+        window,
+        "step",
+        "validation loss L1 of w",
+        f"Loss against steps (moving average of {window})",
+    )
+    names = list(cost)
+    x = np.arange(len(names))
+    ax[0, 2].errorbar(
+        x,
+        [cost[k]["sps"].mean() for k in names],
+        [cost[k]["sps"].std() for k in names],
+        fmt="o",
+        ms=8,
+        capsize=5,
+        color="C3",
+    )
+    ax[0, 2].set_xticks(x, names)
+    ax[0, 2].set_xlim(-0.5, len(names) - 0.5)
+    ax[0, 2].set_ylim(0, None)
+    ax[0, 2].set(
+        ylabel="seconds per step (u, w and λ)", title="Time per step (mean ± std over seeds)"
+    )
+    ax2 = ax[1, 2]
+    ax2.errorbar(
+        x,
+        [cost[k]["l1"].mean() for k in names],
+        [cost[k]["l1"].std() for k in names],
+        fmt="o",
+        ms=8,
+        capsize=5,
+        color="C0",
+    )
+    ax2.set_xticks(x, names)
+    ax2.set_xlim(-0.5, len(names) - 0.5)
+    ax2.set(
+        ylabel="final L1 (mean of the last 5 values)", title="Final loss (mean ± std over seeds)"
+    )
+    labels = list(mem)
+    xm = np.arange(len(labels))
+    ax[1, 0].bar(
+        xm - 0.2,
+        [mem[k]["optimizer_state_mib"] for k in labels],
+        0.4,
+        label="optimizer state (u + w)",
+    )
+    ax[1, 0].bar(xm + 0.2, [mem[k]["grads_mib"] for k in labels], 0.4, label="gradients (u + w)")
+    ax[1, 0].set_xticks(xm, labels, rotation=20, ha="right")
+    ax[1, 0].set(ylabel="MiB", title="Measured state and gradient memory")
+    ax[1, 0].legend()
+    ax[1, 1].bar(xm, [mem[k]["peak_rss_increase_mib"] for k in labels], color="C2")
+    ax[1, 1].set_xticks(xm, labels, rotation=20, ha="right")
+    ax[1, 1].set(ylabel="MiB", title="Peak resident memory increase over the steps")
+    return fig
+
+
+def plot_math_pipeline(
+    weights: Mapping[str, float],
+    quoted: Mapping[str, float],
+    preset: str,
+    summary: Sequence[Mapping],
+    summary_tokens: Sequence[Mapping] | None,
+    n_seeds: int,
+) -> plt.Figure:
+    """Notebook 08: the learned weights against uniform beside the release's `quoted` weights,
+    then the held-out target loss and accuracy of each method (`summary`: equal examples;
+    `summary_tokens`, when given: equal tokens, beside it), over `n_seeds` seeds."""
+    fig, ax = plt.subplots(2, 2, figsize=(13, 9))
+    plot_weight_bars(
+        ax[0, 0],
+        weights,
+        reference={n: 1 / len(weights) for n in weights},
+        ref_label="uniform",
+        title=f"Learned weights ({preset}, embedded analogue)",
+    )
+    plot_weight_bars(
+        ax[0, 1],
+        quoted,
+        label="quoted, not measured here",
+        title="Quoted: the 2025 release's weights (Llama-3-8B)",
+    )
+    ax[0, 1].set_ylim(0, 0.4)
+    protocols = [("equal examples", summary, "o", -0.12)]
+    if summary_tokens:
+        protocols.append(("equal tokens", summary_tokens, "s", 0.12))
+    for key, a, what in [("loss", ax[1, 0], "target loss"), ("acc", ax[1, 1], "accuracy")]:
+        for label, summ, marker, dx in protocols:
+            if all(f"{key}_mean" in r for r in summ):
+                plot_method_losses(
+                    a,
+                    summ,
+                    key=key,
+                    label=label,
+                    marker=marker,
+                    offset=dx,
+                    title=f"Held-out problems: {what} ({n_seeds} seeds)",
+                )
+    if not all("acc_mean" in r for r in summary):
+        ax[1, 1].text(
+            0.5,
+            0.5,
+            "no accuracy: the test answers are not checkable",
+            ha="center",
+            transform=ax[1, 1].transAxes,
+        )
+    ax[1, 1].set_ylim(0, None)
+    fig.tight_layout()
+    return fig
+
+
+def plot_distance_runs(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str = ""
+) -> plt.Figure:
+    """Notebook 10: ‖p − p_planted‖ against steps of a few runs (`curves`: label → (steps,
+    distance)), in blue, then red."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for (label, (steps, dist)), c in zip(curves.items(), ["tab:blue", "tab:red"]):
+        ax.plot(steps, dist, color=c, label=label)
+    ax.set(xlabel="step", ylabel="‖p − p_planted‖", ylim=(0, None), title=title)
+    ax.legend(loc="upper right")
+    return fig

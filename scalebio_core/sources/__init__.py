@@ -1,6 +1,5 @@
 """Training data: embedded corpora, formats and tokenization, batch samplers, the tokenizer."""
 
-
 __all__ = [
     "corpora",
     "data",

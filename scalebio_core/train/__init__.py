@@ -1,6 +1,5 @@
 """A run around the core: config, models, set-up, the one loop, recipes, checkpoints, pipeline."""
 
-
 __all__ = [
     "build",
     "checkpoint",
