@@ -34,7 +34,7 @@ SEED = 0
 # %%
 import numpy as np
 
-from scalebio_core.core.lisa import find_blocks
+from scalebio_core.core.blocks import find_blocks
 from scalebio_core.lab.experiments import memory_probe, preset_config, run_preset
 from scalebio_core.lab.plots import plot_lisa_costs, save_figure
 from scalebio_core.train.models import load_model, load_tokenizer

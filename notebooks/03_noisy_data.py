@@ -91,8 +91,8 @@ noise_explorer(run_dir)
 # ## Expectations
 
 # %% tags=["expectations"]
-from scalebio_core.lab.plots import noise_rate
 from scalebio_core.lab.results import report
+from scalebio_core.sources.corpora import noise_rate
 
 order = sorted(weights, key=noise_rate)
 values = [weights[n] for n in order]

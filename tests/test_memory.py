@@ -15,7 +15,7 @@ MIB = 2**20
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "qwen2", "gemma2"])
 def test_meta_device_counts_equal_the_real_model(arch, tmp_path):
-    from scalebio_core.core.lisa import find_blocks
+    from scalebio_core.core.blocks import find_blocks
     from scalebio_core.train.models import load_model, save_tiny_model
 
     path = save_tiny_model(arch, tmp_path / arch)

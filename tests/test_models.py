@@ -12,7 +12,7 @@ import pytest
 import torch
 from huggingface_hub import constants as hub_constants
 
-from scalebio_core.core.lisa import find_blocks
+from scalebio_core.core.blocks import find_blocks
 from scalebio_core.sources.tokenizer import get_tokenizer
 from scalebio_core.train import models as M
 

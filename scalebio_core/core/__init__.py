@@ -3,6 +3,7 @@
 __all__ = [
     "baselines",
     "bilevel",
+    "blocks",
     "distributed",
     "lisa",
     "masters",

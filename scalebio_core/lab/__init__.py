@@ -2,6 +2,7 @@
 
 __all__ = [
     "experiments",
+    "paths",
     "planted",
     "plots",
     "rehearsal",

@@ -28,6 +28,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from ..sources.corpora import noise_rate  # noqa: E402
+from .paths import project_dir  # noqa: E402
+
 if TYPE_CHECKING:  # annotations only: the figures of notebook 01 take its runs
     from ..core.toy_runs import BiasSweep, ToyRun
 
@@ -44,18 +47,6 @@ STYLE = {
     "legend.frameon": False,
 }
 plt.rcParams.update(STYLE)
-
-
-def project_dir(env: str, *parts: str) -> Path:
-    """`$env` if set, else `parts` under the repository root (found upwards from the working
-    directory: a notebook runs in notebooks/), else under the working directory."""
-    if os.environ.get(env):
-        return Path(os.environ[env])
-    here = Path.cwd().resolve()
-    for d in (here, *here.parents):
-        if (d / "pyproject.toml").exists() and (d / "scalebio_core").is_dir():
-            return d.joinpath(*parts)
-    return here.joinpath(*parts)
 
 
 def figures_dir() -> Path:
@@ -233,11 +224,6 @@ def plot_weight_trajectories(
     ax.set(xlabel="step", ylabel="weight p_s", title=title)
     ax.legend(loc="best", ncol=2)
     return ax
-
-
-def noise_rate(name: str) -> float:
-    """The corruption rate in a source name such as 'noise_0.4'."""
-    return float(name.rsplit("_", 1)[-1])
 
 
 def plot_noise_weights(

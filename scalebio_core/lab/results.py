@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .plots import project_dir
+from .paths import project_dir
 
 BEGIN = "<!-- results: begin (make reproduce rewrites the last two columns) -->"
 END = "<!-- results: end -->"

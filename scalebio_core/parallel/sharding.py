@@ -1,6 +1,6 @@
 """Sharding u and w over the processes with FSDP2 (torch's `fully_shard`), and sharded checkpoints.
 
-Each decoder block (found generically by `lisa.find_blocks`) and then the whole model become one
+Each decoder block (found generically by `blocks.find_blocks`) and then the whole model become one
 FSDP unit, for both copies: every rank holds 1/N of each parameter, its gradient and its AdamW
 state, and all-gathers a block's parameters only while that block runs. Parameters are sharded
 one by one (no flat parameters), so LISA's frozen and trainable parameters can sit in one unit and
@@ -33,7 +33,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from .. import files
-from ..core.lisa import find_blocks
+from ..core.blocks import find_blocks
 from ..errors import ConfigError, ModelError
 
 SHARDS = "shards"

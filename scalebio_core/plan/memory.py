@@ -1,7 +1,7 @@
 """A memory model of ScaleBiO training: bytes per GPU for two model copies, LISA, LoRA, sharding.
 
 Parameter counts are exact and generic: the model is built from its config on PyTorch's `meta`
-device (no memory, any architecture), its decoder blocks found by `lisa.find_blocks`. Per GPU:
+device (no memory, any architecture), its decoder blocks found by `blocks.find_blocks`. Per GPU:
 
     weights      2 copies (u, w) × P × param_bytes / shards      (+ 2 gathered blocks under FSDP);
                  LoRA on one shared base (lora_base: shared): (P + 2·T) × param_bytes / shards
@@ -77,7 +77,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from ..core.lisa import find_blocks
+from ..core.blocks import find_blocks
 from ..errors import ConfigError, ModelError
 from ..parallel.engines import check_plan
 from ..train.config import TrainConfig

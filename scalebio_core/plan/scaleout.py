@@ -3,7 +3,7 @@
     python -m scalebio_core.plan.scaleout fsdp --model meta-llama/Meta-Llama-3-8B --gpus 8
 
 prints an accelerate config whose `fsdp_transformer_layer_cls_to_wrap` is the class of the
-model's decoder blocks, found by `lisa.find_blocks` on the model built from its config on the meta
+model's decoder blocks, found by `blocks.find_blocks` on the model built from its config on the meta
 device (no download of weights, any architecture). The FSDP config is FSDP version 2 (torch's
 fully_shard, per-parameter sharding): LISA mixes frozen and trainable parameters inside one FSDP
 unit, which FSDP1's flat parameters cannot hold. The trainer shards u and w itself
@@ -31,7 +31,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from ..core.lisa import find_blocks
+from ..core.blocks import find_blocks
 from ..errors import ConfigError
 from ..train.config import CONFIG_DIR, TrainConfig, merge
 from ..train.models import RANDOM_PREFIX

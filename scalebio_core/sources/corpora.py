@@ -336,6 +336,11 @@ def instruction_tasks(n_per_task: int = 200, seed: int = 0, n_val: int = 200) ->
     )
 
 
+def noise_rate(name: str) -> float:
+    """The corruption rate in a source name of the noisy corpus, such as 'noise_0.4'."""
+    return float(name.rsplit("_", 1)[-1])
+
+
 def _noise_name(rate: float) -> str:
     return f"noise_{rate:.1f}" if round(rate, 1) == rate else f"noise_{rate}"
 

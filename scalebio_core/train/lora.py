@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..core.lisa import find_blocks
+from ..core.blocks import find_blocks
 from ..errors import ConfigError
 
 

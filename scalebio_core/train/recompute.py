@@ -1,6 +1,6 @@
 """Gradient checkpointing of the decoder blocks: activations recomputed in backward.
 
-`checkpoint_blocks(model)` makes each decoder block (found generically by `lisa.find_blocks`)
+`checkpoint_blocks(model)` makes each decoder block (found generically by `blocks.find_blocks`)
 keep only its inputs in forward and run again inside backward, through torch's *non-reentrant*
 `torch.utils.checkpoint`. Non-reentrant matters for LISA: a frozen block whose inputs and weights
 do not require gradients still passes the gradient to the trainable blocks below it (reentrant
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..core.lisa import find_blocks
+from ..core.blocks import find_blocks
 
 _SUBCLASSES: dict[type, type] = {}
 
