@@ -18,9 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _requirements() -> list[str]:
-    """pyproject.toml's requirements: the package's and its test extra's."""
+    """pyproject.toml's requirements: the package's and its extras' (`all` names the others;
+    `peers` is installed by `make peers` with its own pins)."""
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    return data["project"]["dependencies"] + data["project"]["optional-dependencies"]["test"]
+    extras = data["project"]["optional-dependencies"]
+    named = [r for k, v in extras.items() if k not in ("all", "peers") for r in v]
+    return data["project"]["dependencies"] + sorted(set(named), key=named.index)
 
 
 def _pins() -> set[str]:

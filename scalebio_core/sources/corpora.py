@@ -857,7 +857,8 @@ def _django_root() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
             "the multilingual corpus reads the translated message catalogs that Django ships "
-            "(django/**/locale/*/LC_MESSAGES/django.po); install it: pip install django==5.2.19"
+            "(django/**/locale/*/LC_MESSAGES/django.po); install it: pip install "
+            "'scalebio_core[demo]' (django 5.2)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 

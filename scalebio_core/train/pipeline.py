@@ -14,6 +14,7 @@ it cannot measure them.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -332,6 +333,17 @@ def greedy_answers(model, tokenizer, data, max_new_tokens: int, batch_size: int 
     return out
 
 
+def check_grader(grader: str) -> None:
+    """Refuse, before anything trains, a grader that is unknown or whose package is missing."""
+    if grader not in ("exact", "math-verify"):
+        raise ConfigError(f"unknown grader {grader!r}: use 'exact' or 'math-verify'")
+    if grader == "math-verify" and importlib.util.find_spec("math_verify") is None:
+        raise ConfigError(
+            "grader: math-verify needs the math-verify package: pip install "
+            "'scalebio_core[math]' (or grader: exact, the final answers compared as text)."
+        )
+
+
 def grade(answer: str, expected: str, grader: str = "exact") -> bool:
     """Whether a generated answer matches the expected one.
 
@@ -343,8 +355,7 @@ def grade(answer: str, expected: str, grader: str = "exact") -> bool:
     """
     if grader == "exact":
         return extract_answer(answer) == extract_answer(expected)
-    if grader != "math-verify":
-        raise ConfigError(f"unknown grader {grader!r}: use 'exact' or 'math-verify'")
+    check_grader(grader)
     from math_verify import parse, verify  # lazy: sympy and antlr load in seconds
 
     gold = parse(extract_answer(expected))
@@ -525,7 +536,8 @@ def sft(
         raise ConfigError(
             f"{data} does not exist: write it with `python -m scalebio_core resample` first."
         )
-    tests = heldout_records(cfg)  # before training: a missing test set fails fast
+    check_grader(cfg.grader)  # before training: a grader that cannot run fails fast
+    tests = heldout_records(cfg)  # likewise a missing test set
     _, val_spec = data_specs(cfg)
     val_file = out / "data" / "validation.jsonl"
     run_cfg = cfg.replace(
