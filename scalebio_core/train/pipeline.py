@@ -18,6 +18,7 @@ import importlib.util
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,7 @@ def resample(
         raise ConfigError(f"n must be a whole number >= 1, got {n!r}.")
     rng = np.random.default_rng(seed)
     out: list[dict] = []
+    repeated: list[str] = []
     for name, count in zip(weights, _largest_remainder(w, n)):
         pool = pools[name]
         if count == 0:
@@ -108,6 +110,16 @@ def resample(
             raise ConfigError(f"source {name!r} has weight but no records.")
         idx = np.concatenate([rng.permutation(len(pool)) for _ in range(-(-count // len(pool)))])
         out.extend({**pool[i], "source": name} for i in idx[:count].tolist())
+        if count > len(pool):
+            repeated.append(f"{name}: {count} draws of {len(pool)} records")
+    if repeated:
+        warnings.warn(
+            "resampling repeats records of sources smaller than their draws ("
+            + "; ".join(repeated)
+            + "): each such record appears about draws/records times. Ask for fewer records "
+            "(--n) or give those sources more data.",
+            stacklevel=2,
+        )
     if add_validation:
         if validation is None:
             raise ConfigError("add_validation needs the validation records.")
@@ -175,6 +187,42 @@ def _check_resample_out(target: Path, overwrite: bool, limit: int) -> None:
         )
 
 
+def _check_run_files(run_dir: Path, weights: Mapping[str, float] | None) -> None:
+    needed = [runs.CONFIG] + ([runs.WEIGHTS] if weights is None else [])
+    for missing in [run_dir / f for f in needed if not (run_dir / f).exists()]:
+        raise ConfigError(f"{missing} does not exist: give a finished run directory.")
+
+
+def resample_rows(
+    run_dir: str | os.PathLike[str],
+    n: int,
+    seed: int = 0,
+    add_validation: bool = False,
+    weights: Mapping[str, float] | None = None,
+) -> list[dict]:
+    """`n` records of a run's sources drawn by its weights.json (or `weights`): `resample` on the
+    sources its config.yaml names."""
+    run_dir = Path(run_dir)
+    _check_run_files(run_dir, weights)
+    cfg = read_run_config(run_dir)
+    if weights is None:
+        weights = read_weights(
+            run_dir / runs.WEIGHTS,
+            "the run writes it at its end and at every checkpoint: rewrite it by resuming the "
+            f"run (python -m scalebio_core train --config {run_dir / runs.CONFIG} --resume), "
+            "or give the weights to use (--weights FILE; weights= in Python).",
+        )
+    specs, val_spec = data_specs(cfg)
+    return resample(
+        weights,
+        load_sources(specs),
+        n,
+        seed=seed,
+        validation=load_records(val_spec),
+        add_validation=add_validation,
+    )
+
+
 def resample_run(
     run_dir: str | os.PathLike[str],
     n: int,
@@ -188,29 +236,30 @@ def resample_run(
     to `out` (default: <run>/resampled.jsonl). An existing file there is refused, unless
     `overwrite` and it is an earlier output of resample (`is_resample_output`)."""
     run_dir = Path(run_dir)
-    needed = [runs.CONFIG] + ([runs.WEIGHTS] if weights is None else [])
-    for missing in [run_dir / f for f in needed if not (run_dir / f).exists()]:
-        raise ConfigError(f"{missing} does not exist: give a finished run directory.")
-    cfg = read_run_config(run_dir)
+    _check_run_files(run_dir, weights)
     target = Path(out) if out else run_dir / RESAMPLED
-    _check_resample_out(target, overwrite, 8 * cfg.max_record_bytes)  # JSON escapes, "source"
-    if weights is None:
-        weights = read_weights(
-            run_dir / runs.WEIGHTS,
-            "the run writes it at its end and at every checkpoint: rewrite it by resuming the "
-            f"run (python -m scalebio_core train --config {run_dir / runs.CONFIG} --resume), "
-            "or give the weights to use (--weights FILE; weights= in Python).",
-        )
-    specs, val_spec = data_specs(cfg)
-    rows = resample(
-        weights,
-        load_sources(specs),
-        n,
-        seed=seed,
-        validation=load_records(val_spec),
-        add_validation=add_validation,
+    limit = 8 * read_run_config(run_dir).max_record_bytes  # JSON escapes, "source"
+    _check_resample_out(target, overwrite, limit)
+    return write_jsonl(target, resample_rows(run_dir, n, seed, add_validation, weights))
+
+
+def mixture(
+    run_dir: str | os.PathLike[str],
+    n: int,
+    seed: int = 0,
+    add_validation: bool = False,
+    weights: Mapping[str, float] | None = None,
+) -> Any:
+    """The learned mixture as a `datasets.Dataset` for TRL's `SFTTrainer` (or any trainer):
+    `n` records of the run's sources drawn by its weights (`resample`: exact counts by largest
+    remainders, a source's records reused in a new order only once it runs out, said in a
+    warning), in TRL's prompt–completion format: columns `prompt`, `completion`, `source`."""
+    import datasets  # lazy: the datasets library loads in about a second
+
+    rows = resample_rows(run_dir, n, seed, add_validation, weights)
+    return datasets.Dataset.from_list(
+        [{"prompt": r["prompt"], "completion": r["response"], "source": r["source"]} for r in rows]
     )
-    return write_jsonl(target, rows)
 
 
 # ---------------------------------------------------------------- the held-out target set
