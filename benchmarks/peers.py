@@ -520,13 +520,14 @@ def run_lm_child(method: str, tiny: bool, budget: float) -> dict:
 
 def fine_tune(weights: dict[str, float], tiny: bool, workdir: Path, name: str) -> float:
     """Held-out loss of a fresh model fine-tuned on a resample by `weights` (same n, steps)."""
+    from scalebio_core import files
     from scalebio_core.train import runs
     from scalebio_core.train.pipeline import resample_run, sft
 
     run_dir = workdir / "planted_run"
     cfg = lm_config(tiny, str(run_dir))
     if not (run_dir / runs.CONFIG).exists():
-        runs.write_yaml(run_dir / runs.CONFIG, cfg.to_dict())
+        files.write_yaml(run_dir / runs.CONFIG, cfg.to_dict())
     out = workdir / f"sft_{name.replace(' ', '_')}"
     n, steps = (120, 3) if tiny else (3000, 250)
     data = resample_run(run_dir, n, out / "data" / "train.jsonl", seed=0, weights=weights)

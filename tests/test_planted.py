@@ -12,6 +12,7 @@ import pytest
 from scalebio_core.lab import planted
 from scalebio_core.sources.corpora import PLANTED_STYLES, build_corpus, planted_weights
 from scalebio_core.train import runs
+from scalebio_core.train.convergence import convergence
 
 
 def test_the_validation_set_follows_the_planted_mixture_exactly_and_the_sources_share_prompts():
@@ -123,6 +124,6 @@ def test_a_doremi_verdict_names_doremis_knob_not_lambdas():
         {"step": t, "phase": "proxy", "p": {"a": 0.5 + 0.004 * t, "b": 0.5 - 0.004 * t}}
         for t in range(60)
     ]
-    verdict = runs.convergence(rows)
+    verdict = convergence(rows)
     assert verdict["verdict"] == "moving" and "raise doremi_eta" in verdict["text"]
     assert "lr_lam" not in verdict["text"]

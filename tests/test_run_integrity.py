@@ -355,16 +355,16 @@ def test_a_disk_too_small_for_the_first_checkpoint_is_said_by_the_command_line(s
 
 
 def test_a_full_disk_under_any_write_names_the_device_and_keeps_the_old_file(tmp_path, monkeypatch):
-    from scalebio_core.train import runs
+    from scalebio_core import files
 
     target = tmp_path / "kept.json"
-    runs.write_json(target, {"old": 1})
+    files.write_json(target, {"old": 1})
 
     def no_space(*a, **k):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", no_space)
     with pytest.raises(DiskFullError, match=r"no space left on .* \(mounted at /.*kept.json"):
-        runs.write_json(target, {"new": 2})
+        files.write_json(target, {"new": 2})
     assert json.loads(target.read_text()) == {"old": 1}
     assert not list(tmp_path.glob(".tmp-*"))

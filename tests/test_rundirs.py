@@ -252,6 +252,7 @@ def test_an_unwritable_run_folder_is_named_before_anything_is_built(tmp_path, mo
     with pytest.raises(ConfigError, match=r"cannot write the run folder .*file/run"):
         train(smoke(tmp_path, out_dir=str(tmp_path / "file" / "run")), progress=False)
 
+    import scalebio_core.files as files
     import scalebio_core.train.runs as runs
 
     real_open = os.open
@@ -271,7 +272,7 @@ def test_an_unwritable_run_folder_is_named_before_anything_is_built(tmp_path, mo
 
     monkeypatch.setattr(runs.os, "replace", fails)
     with pytest.raises(FileNotFoundError, match="No such file"):
-        runs.write_text(tmp_path / "x.txt", "hello")
+        files.write_text(tmp_path / "x.txt", "hello")
     assert not list(tmp_path.glob(".tmp-*"))  # and its temporary file is gone
 
 
