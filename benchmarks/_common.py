@@ -52,6 +52,40 @@ def write_section(path: Path, title: str, lines: list[str]) -> None:
     path.write_text(text.rstrip() + "\n")
 
 
+# ------------------------------------------------ resident memory (Linux /proc)
+
+
+def status_kib(key: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: now; VmHWM: the peak since the last reset)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def reset_peak() -> bool:
+    """Restart VmHWM from the present resident set (/proc/self/clear_refs); False where the
+    kernel does not allow it (then only the process's lifetime peak, ru_maxrss, is known)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_kib(reset: bool) -> int:
+    """The peak resident set in KiB: since `reset_peak` when it succeeded, else the lifetime
+    peak of the process (ru_maxrss)."""
+    if reset:
+        return status_kib("VmHWM")
+    import resource  # lazy: only the fallback reads it
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak  # bytes there, KiB on Linux
+
+
 # ------------------------------------------------ models and data of the LLM benchmarks
 
 WORDS = (

@@ -38,7 +38,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_lines, save_data, save_model, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    machine_lines,
+    peak_kib,
+    reset_peak,
+    save_data,
+    save_model,
+    status_kib,
+    write_section,
+)
 
 SIZES = {  # name: GPT2Config shape
     "1M": {"n_layer": 4, "n_embd": 128, "n_head": 4, "vocab_size": 2048},
@@ -61,13 +69,6 @@ MIB = 2**20
 # ------------------------------------------------------------------ the child
 
 
-def _status_mib(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child(spec: dict) -> dict:  # runs in a fresh subprocess
     import accelerate  # noqa: F401  (imports first: the baseline holds no model bytes)
     import torch
@@ -81,7 +82,7 @@ def child(spec: dict) -> dict:  # runs in a fresh subprocess
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    before = _status_mib("VmRSS")
+    before = status_kib("VmRSS") / 1024
     cfg = train_config(
         Path(spec["model"]), Path(spec["data"]), Path(spec["out"]), spec["batch"], spec["seq"]
     )
@@ -89,18 +90,14 @@ def child(spec: dict) -> dict:  # runs in a fresh subprocess
     fns = LMFns()
     for i in range(spec["warmup"]):
         run_step(s, i, fns)
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        reset = True
-    except OSError:
-        reset = False
+    reset = reset_peak()
     times, cpu = [], []
     for i in range(spec["warmup"], spec["warmup"] + spec["steps"]):
         t0, c0 = time.perf_counter(), time.process_time()
         run_step(s, i, fns)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    peak = _status_mib("VmHWM")
+    peak = peak_kib(reset) / 1024
     models = (s.state.w, s.state.u)
     state = sum(
         p.numel() * p.element_size()

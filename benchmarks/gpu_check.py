@@ -44,7 +44,6 @@ import json
 import platform
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -52,7 +51,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_name, machine_lines, write_section  # noqa: E402
+from _common import cpu_name, machine_lines, peak_kib, reset_peak, write_section  # noqa: E402
 
 from scalebio_core.core.baselines import plain_step  # noqa: E402
 from scalebio_core.core.bilevel import BilevelConfig, init_state, scalebio_step  # noqa: E402
@@ -251,46 +250,15 @@ def tiny_architecture(name: str, folder: Path) -> str:
     from scalebio_core.train.models import MODEL_CONFIGS
 
     d = json.loads((MODEL_CONFIGS / f"{name.replace('/', '__')}.json").read_text())
-    heads = 4
     kv = d.get("num_key_value_heads")
+    if kv is not None:  # grouped-query attention stays grouped: 4 heads share 2 key/value heads
+        d["num_key_value_heads"] = 2 if kv < d["num_attention_heads"] else 4
     d.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, vocab_size=1024)
-    d["num_attention_heads"] = heads
-    if kv is not None:
-        d["num_key_value_heads"] = 2 if kv < d.get("num_attention_heads", kv) else heads
+    d["num_attention_heads"] = 4
     path = folder / f"{name.replace('/', '__')}-tiny" / "config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(d))
     return str(path)
-
-
-class HostPeak:
-    """The peak resident memory of this process while the block runs (sampled every 20 ms from
-    /proc/self/statm; where that file does not exist, the process's lifetime peak)."""
-
-    def __enter__(self) -> HostPeak:
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _rss(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * 4096
-        except OSError:
-            import resource
-
-            scale = 1 if sys.platform == "darwin" else 1024
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._rss())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
 
 
 def paper_case(name: str, gpu_gib: float, fields: dict, a: argparse.Namespace, tmp: Path) -> dict:
@@ -323,9 +291,10 @@ def paper_case(name: str, gpu_gib: float, fields: dict, a: argparse.Namespace, t
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        with HostPeak() as host:
-            s = setup(cfg)
-        row["setup_s"], row["host_gib"] = time.perf_counter() - t0, host.peak / GIB
+        reset = reset_peak()  # the set-up's peak resident set (else the process's so far)
+        s = setup(cfg)
+        row["setup_s"] = time.perf_counter() - t0
+        row["host_gib"] = peak_kib(reset) * 1024 / GIB
         where = {p.device.type for p in s.state.w.parameters()}
         row["on"] = "/".join(sorted(where))
         g = torch.Generator().manual_seed(0)

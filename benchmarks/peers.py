@@ -56,7 +56,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toy_scaling as ts  # noqa: E402
-from _common import machine_lines, write_section  # noqa: E402
+from _common import machine_lines, reset_peak, status_kib, write_section  # noqa: E402
 
 from scalebio_core.core.problem import ParamVector  # noqa: E402
 
@@ -378,8 +378,8 @@ def lm_child(method: str, tiny: bool, budget: float) -> dict:
         losses, ids = fns.source_losses(model, mb)
         return weighted_lower_loss(losses, ids, p, s.divisor)[0]
 
-    ts._reset_peak()
-    rss0 = ts._status_kib("VmRSS")
+    reset_peak()
+    rss0 = status_kib("VmRSS")
     start = time.perf_counter()
     if method == "ScaleBiO":
         t = 0
@@ -481,7 +481,7 @@ def lm_child(method: str, tiny: bool, budget: float) -> dict:
             record(up.p())
             t += 1
     seconds = time.perf_counter() - start
-    peak = ts._status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return {
         "names": names,
         "trace": trace,

@@ -45,7 +45,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -57,7 +56,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_lines, write_section  # noqa: E402
+from _common import machine_lines, peak_kib, reset_peak, status_kib, write_section  # noqa: E402
 
 from scalebio_core.core.bilevel import BilevelConfig, init_state, scalebio_step  # noqa: E402
 from scalebio_core.core.problem import BilevelProblem, ParamVector, ProblemFns  # noqa: E402
@@ -244,23 +243,6 @@ METHODS = {"ScaleBiO": run_scalebio, "implicit": run_implicit}
 # ------------------------------------------------------------------ measurement (child side)
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def child(method: str, d: int, s: Settings, p_star: list[float]) -> dict:
     """Build the toy, run one method, return final p, loop wall time and peak RSS increase."""
     torch.set_num_threads(s.threads)
@@ -269,12 +251,12 @@ def child(method: str, d: int, s: Settings, p_star: list[float]) -> dict:
     run(DiagonalBilevel(10, tiny), tiny, Monitor(None, 0.0))  # warm-up: torch's lazy init
     toy = DiagonalBilevel(d, s)
     gc.collect()
-    reset = _reset_peak()
-    rss0 = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset = reset_peak()
+    rss0 = status_kib("VmRSS") if reset else peak_kib(reset)
     monitor = Monitor(torch.tensor(p_star, dtype=DT), s.tol)
     p = run(toy, s, monitor)
     seconds = time.perf_counter() - monitor.start
-    peak = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_kib(reset)
     return {
         "p": p.tolist(),
         "seconds": seconds,

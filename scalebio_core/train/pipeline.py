@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 
@@ -254,8 +255,6 @@ def mixture(
     `n` records of the run's sources drawn by its weights (`resample`: exact counts by largest
     remainders, a source's records reused in a new order only once it runs out, said in a
     warning), in TRL's prompt–completion format: columns `prompt`, `completion`, `source`."""
-    import datasets  # lazy: the datasets library loads in about a second
-
     rows = resample_rows(run_dir, n, seed, add_validation, weights)
     return datasets.Dataset.from_list(
         [{"prompt": r["prompt"], "completion": r["response"], "source": r["source"]} for r in rows]
