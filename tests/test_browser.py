@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from scalebio_core.core.distributed import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "build" / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _smoke_copy(src: Path, dst: Path) -> None:
@@ -53,7 +48,7 @@ def lab(tmp_path):
     work = tmp_path / "lab"
     work.mkdir()
     _smoke_copy(ROOT / "notebooks" / "03_noisy_data.ipynb", work / "03_smoke.ipynb")
-    port, token = _free_port(), "scalebio-test-token"
+    port, token = free_port(), "scalebio-test-token"
     env = {
         **os.environ,
         "SCALEBIO_RUNS": str(tmp_path / "runs"),

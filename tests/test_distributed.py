@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from scalebio_core.core.distributed import run_group
+from scalebio_core.core.distributed import free_port, run_launch
 from scalebio_core.plan.scaleout import accelerate_config
 from scalebio_core.train.runs import load_trajectory, read_jsonl
 
@@ -35,14 +34,13 @@ BASE = {
 }
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cmd(
-    out_dir: Path, processes: int, resume: bool = False, config_file: Path | None = None, **extra
+    out_dir: Path,
+    processes: int,
+    resume: bool = False,
+    config_file: Path | None = None,
+    port: int = 0,
+    **extra,
 ) -> list[str]:
     overrides = [
         f"{k}={json.dumps(v)}" for k, v in {**BASE, **extra, "out_dir": str(out_dir)}.items()
@@ -59,7 +57,7 @@ def _cmd(
             "--config_file",
             str(config_file),
             "--main_process_port",
-            str(_port()),
+            str(port or free_port()),
             *train,
         ]
     # --multi_gpu without GPUs runs gloo on the CPU; --cpu would silently run one process
@@ -75,7 +73,7 @@ def _cmd(
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        str(_port()),
+        str(port or free_port()),
         *train,
     ]
 
@@ -86,15 +84,18 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def _run(
     out_dir: Path, processes: int, resume: bool = False, config_file: Path | None = None, **extra
 ) -> None:
-    cmd = _cmd(out_dir, processes, resume, config_file, **extra)
-    out = run_group(cmd, cwd=ROOT, env=ENV, timeout=600)
+    def cmd(port: int) -> list[str]:
+        return _cmd(out_dir, processes, resume, config_file, port, **extra)
+
+    out = run_launch(cmd, cwd=ROOT, env=ENV, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
 
 def _fails(out_dir: Path, processes: int, **extra) -> str:
     """Run the trainer as `_run` does, expecting it to fail; its stderr."""
-    cmd = _cmd(out_dir, processes, **extra)
-    out = run_group(cmd, cwd=ROOT, env=ENV, timeout=300)
+    out = run_launch(
+        lambda port: _cmd(out_dir, processes, port=port, **extra), cwd=ROOT, env=ENV, timeout=300
+    )
     assert out.returncode != 0
     return out.stderr
 
@@ -372,12 +373,15 @@ def launch_probe(tmp_path: Path, probe: str, cfg: dict) -> dict[int, dict]:
     script, results = tmp_path / "probe.py", tmp_path / "results"
     script.write_text(probe)
     results.mkdir()
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_port()), str(script), json.dumps(cfg), str(results),
-    ]  # fmt: skip
-    out = run_group(cmd, cwd=ROOT, env=ENV, timeout=600)
+
+    def cmd(port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port), str(script), json.dumps(cfg), str(results),
+        ]  # fmt: skip
+
+    out = run_launch(cmd, cwd=ROOT, env=ENV, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {int(f.stem[4:]): json.loads(f.read_text()) for f in results.glob("rank*.json")}
     assert set(rows) == {0, 1}, (rows, out.stdout[-2000:])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from test_distributed import BASE, launch_probe
 
-from scalebio_core.core.distributed import run_group
+from scalebio_core.core.distributed import run_group, run_launch
 
 AT_EXIT_PROBE = """
 import atexit, json, sys
@@ -74,3 +74,17 @@ def test_a_finished_command_leaves_no_straggler(tmp_path):
     while _alive(child) and time.time() < deadline:
         time.sleep(0.05)
     assert not _alive(child)
+
+
+def test_a_launch_whose_port_was_taken_runs_again_on_another(tmp_path):
+    marker, ports = tmp_path / "tried", []
+
+    def command(port: int) -> list[str]:  # the first launch finds its port taken, as torch says
+        ports.append(port)
+        return ["sh", "-c", f"[ -f {marker} ] && echo ran || {{ touch {marker}; "
+                "echo 'EADDRINUSE: address already in use' >&2; exit 1; }"]  # fmt: skip
+
+    out = run_launch(command, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ran" and len(ports) == 2
+    failing = run_launch(lambda port: ["sh", "-c", "echo other >&2; exit 3"], timeout=60)
+    assert failing.returncode == 3  # any other failure is returned at once

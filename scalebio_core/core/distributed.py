@@ -28,6 +28,7 @@ import copy
 import functools
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -265,6 +266,31 @@ def run_group(
     finally:
         _stop_group(proc)  # on every path; after a normal end: ranks a launcher left behind
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for a launch's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+PORT_TAKEN = ("eaddrinuse", "address already in use")
+"""How a launcher says that its rendezvous port was taken."""
+
+
+def run_launch(
+    command: Callable[[int], Sequence[str]], tries: int = 3, **kwargs: Any
+) -> subprocess.CompletedProcess:
+    """`run_group` of a multi-process launch, `command(port)` for a free rendezvous port. A port
+    is chosen free and bound by the launcher a moment later; when another process took it in
+    between (the launcher fails at once with EADDRINUSE), the launch runs again on another port,
+    up to `tries` times. Output is captured (`kwargs` as `run_group`'s)."""
+    for _ in range(tries):
+        out = run_group(command(free_port()), **kwargs)
+        if out.returncode == 0 or not any(t in (out.stderr or "").lower() for t in PORT_TAKEN):
+            return out
+    return out
 
 
 @contextlib.contextmanager

@@ -27,7 +27,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import datasets
 import yaml
 from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
-from ..core.distributed import run_group
+from ..core.distributed import free_port, run_group
 from ..errors import ConfigError
 from ..plan.memory import load_config
 from ..plan.scaleout import block_class
@@ -316,12 +315,6 @@ def _smaller(d: dict, processes: int) -> dict[str, Any]:
     return out
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _read_plan(folder: Path) -> tuple[dict, dict | None]:
     """The run config (checked) and the accelerate config (None: one GPU) `emit` wrote."""
     config = folder / "config.yaml"
@@ -381,7 +374,7 @@ def _rehearsal_command(
     acc_file = work / "accelerate.yaml"
     acc_file.write_text(yaml.safe_dump(_rehearsal_accelerate(acc, cfg, cfg["model"], say)))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    return [*launch, str(acc_file), "--main_process_port", str(_port()), *train]
+    return [*launch, str(acc_file), "--main_process_port", str(free_port()), *train]
 
 
 def _checked(folder: Path, out: Path, code: int, processes: int) -> int:
