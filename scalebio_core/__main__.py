@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
 from .cli import main
+from .core.distributed import leave
 
-sys.exit(main())
+leave(main())

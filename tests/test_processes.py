@@ -5,6 +5,7 @@ exception", SIGABRT, seen as a test failing at random), and nothing a command st
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -88,3 +89,24 @@ def test_a_launch_whose_port_was_taken_runs_again_on_another(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == "ran" and len(ports) == 2
     failing = run_launch(lambda port: ["sh", "-c", "echo other >&2; exit 3"], timeout=60)
     assert failing.returncode == 3  # any other failure is returned at once
+
+
+LEAVE = """
+import atexit, sys, torch
+from scalebio_core.core.distributed import ended_at_exit, leave
+if sys.argv[1] == "group":  # a launched rank: a process group of its own
+    torch.distributed.init_process_group("gloo", init_method=f"file://{sys.argv[2]}", rank=0,
+                                         world_size=1)
+    ended_at_exit()
+atexit.register(lambda: print("exit functions ran", flush=True))
+print("work done", end="")  # unflushed
+leave(3)
+"""
+
+
+@pytest.mark.parametrize("kind", ["plain", "group"])
+def test_leave_runs_the_exit_functions_and_keeps_the_status(tmp_path, kind):
+    out = run_group([sys.executable, "-c", LEAVE, kind, str(tmp_path / "store")], timeout=120)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert out.stdout == "work doneexit functions ran\n", out.stdout
+    assert "terminate called" not in out.stderr

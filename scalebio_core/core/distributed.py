@@ -26,10 +26,12 @@ import atexit
 import contextlib
 import copy
 import functools
+import gc
 import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -224,19 +226,55 @@ def end_processes() -> None:
     """Destroy this process's process group, if it has one (idempotent).
 
     Every exit path must call it while the interpreter is still whole: gloo's worker threads may
-    still hold tensors of finished operations, and if the group is left to the interpreter's own
-    teardown, freeing them there can abort the process ("terminate called without an active
-    exception", SIGABRT) after its work is done. `ended_at_exit` makes it the last thing a
-    process does on a normal exit; the command line also calls it in its `finally`."""
+    still hold tensors of finished operations, and if they free them during the interpreter's
+    own teardown, taking the GIL there aborts the process ("terminate called without an active
+    exception", SIGABRT) after its work is done. `ended_at_exit` runs it at a normal exit; the
+    command line calls it in its `finally` and then leaves without the teardown (`leave`)."""
+    global _had_group
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    _had_group = True
+    # DeepSpeed keeps references to the groups (its backend, its group registry): its own
+    # destroy releases them as well
+    ds = sys.modules.get("deepspeed.comm")
+    if ds is not None and getattr(ds, "cdb", None) is not None and ds.cdb.is_initialized():
+        ds.destroy_process_group()
+    else:
         dist.destroy_process_group()
+    gc.collect()
+    # a group still referenced elsewhere keeps its worker threads; this lets them take the GIL
+    # and free what they hold now, while the interpreter is whole
+    time.sleep(GLOO_SETTLE_S)
+
+
+GLOO_SETTLE_S = 0.5
+"""Seconds a process that ends its group waits with the GIL released (`end_processes`)."""
+
+_had_group = False
+"""Whether this process had a process group (a launched rank), for `leave`."""
 
 
 @functools.cache
 def ended_at_exit() -> None:
     """Register `end_processes` to run at interpreter exit (once per process: cached)."""
     atexit.register(end_processes)
+
+
+def leave(code: int) -> None:
+    """End the process with status `code`. A launched rank (it had a process group) skips the
+    interpreter's teardown: the exit functions run, the output is flushed, and the process ends
+    at once, so no thread of a library's process group (DeepSpeed holds them past
+    `end_processes`) is left to free its tensors while the interpreter is being torn down. Any
+    other process exits normally."""
+    dist = torch.distributed
+    if not (_had_group or (dist.is_available() and dist.is_initialized())):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # end_processes among them; trackers and logging flush theirs
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def run_group(
