@@ -74,14 +74,17 @@ def test_the_library_requires_the_training_stack_only():
     assert '-e ".[all,test]"' in make  # make setup: everything, at the tested pins
 
 
-def _run(args: list[str], env_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
+def _run(
+    args: list[str], env_dir: Path, cwd: Path, python: tuple[str, ...] = ("-m", "scalebio_core")
+) -> subprocess.CompletedProcess:
+    """`python -m scalebio_core ARGS` (or `python PYTHON… ARGS`) with the extras blocked."""
     env_dir.mkdir(exist_ok=True)
     (env_dir / "sitecustomize.py").write_text(SITECUSTOMIZE)
     import os
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(env_dir), str(ROOT)])}
     return subprocess.run(
-        [sys.executable, "-m", "scalebio_core", *args],
+        [sys.executable, *python, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -112,3 +115,26 @@ def test_the_cli_trains_without_notebooks_django_or_math_verify(tmp_path):
     out = _run([*sft, "--out", str(tmp_path / "ft")], block, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "ft" / "eval.json").exists()
+
+
+TRAINER_STEP = """
+import datasets
+from scalebio_core.sources.corpora import build_corpus
+from scalebio_core.train.hf_trainer import ScaleBiOConfig, ScaleBiOTrainer
+
+corpus = build_corpus("noisy", n_per_source=12, n_val=8)
+sources = {n: datasets.Dataset.from_list(r) for n, r in corpus.sources.items()}
+args = ScaleBiOConfig(output_dir="hf", max_steps=2, per_device_train_batch_size=6,
+                      max_length=64, save_strategy="no", use_cpu=True, disable_tqdm=True)
+target = datasets.Dataset.from_list(corpus.validation)
+trainer = ScaleBiOTrainer("embedded:nano", args, sources, target)
+trainer.train()
+print(len(trainer.history), sorted(trainer.weights))
+"""
+
+
+def test_a_trainer_step_runs_without_the_extras(tmp_path):
+    out = _run(["-c", TRAINER_STEP], tmp_path / "block", tmp_path, python=())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("2 ["), out.stdout[-500:]
+    assert (tmp_path / "hf" / "weights.json").is_file()

@@ -424,6 +424,12 @@ def _normalise(where: str, rec: Any, fmt: str) -> dict[str, str]:
     }
 
 
+def normalise_record(where: str, rec: Any, fmt: str = "auto") -> dict[str, str]:
+    """One record of any format the data layer reads (`fmt` 'auto': its keys decide) as
+    ``{"prompt", "response"}``; `where` names it in errors."""
+    return _normalise(where, rec, _detect(where, rec) if fmt == "auto" else fmt)
+
+
 def load_records(spec: SourceSpec) -> list[dict]:
     """The spec's records, normalised to ``{"prompt", "response"}`` (text: empty prompt)."""
     where = f"source {spec.name!r}"

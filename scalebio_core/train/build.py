@@ -89,13 +89,32 @@ class Setup:
         return self.dist.device
 
 
+@dataclass(frozen=True)
+class Given:
+    """What a caller hands over as objects instead of names in the config (the Trainer path,
+    `hf_trainer.ScaleBiOTrainer`): a model, a tokenizer, and the records of the training sources
+    and of the target (validation) set, already normalised to {"prompt", "response"}. The config
+    still holds every other field; its `model` is then a label of the given model."""
+
+    model: nn.Module | None = None
+    tokenizer: Any = None
+    sources: dict[str, list[dict]] | None = None
+    target: list[dict] | None = None
+
+
 # ------------------------------------------------------------------ data
 
 
-def data_specs(cfg: TrainConfig) -> tuple[list[SourceSpec], SourceSpec]:
+def data_specs(cfg: TrainConfig, given: Given | None = None) -> tuple[list[SourceSpec], SourceSpec]:
     """The training sources' SourceSpecs and the validation set's, as the config gives them
-    (each with the config's max_record_bytes, unless a source of `sources` sets its own)."""
+    (each with the config's max_record_bytes, unless a source of `sources` sets its own), or as
+    records a caller handed over (`Given`)."""
     most = {"max_record_bytes": cfg.max_record_bytes}
+    if given is not None and given.sources is not None:
+        if not given.target:
+            raise ConfigError("no target set: give the records that define the target (L1).")
+        specs = [SourceSpec(name=n, records=tuple(r), **most) for n, r in given.sources.items()]
+        return specs, SourceSpec(name="validation", records=tuple(given.target), **most)
     if cfg.sources:
         if not cfg.validation:
             raise ConfigError(
@@ -152,11 +171,12 @@ class Data:
     files), "tokenized": SHA-256 of the tokenized training and validation sets}."""
 
 
-def build_data(cfg: TrainConfig, tokenizer: Any) -> Data:
+def build_data(cfg: TrainConfig, tokenizer: Any, given: Given | None = None) -> Data:
     """Read, check and tokenize the sources and the validation set (cached); max_length 'auto'
     is chosen from their token lengths (`data.auto_max_length`)."""
     cache = cache_root() / "tokenized"
-    specs, val_spec = data_specs(cfg)
+    specs, val_spec = data_specs(cfg, given)
+    model = model_ref(cfg, given)
     records = load_sources(specs)
     val_records = load_records(val_spec)
     held = {"validation": val_records}
@@ -173,9 +193,9 @@ def build_data(cfg: TrainConfig, tokenizer: Any) -> Data:
         )
     how = ""
     if cfg.max_length == "auto":
-        n, how = auto_max_length({**records, **held}, tokenizer, context_limit(cfg.model))
+        n, how = auto_max_length({**records, **held}, tokenizer, context_limit(model))
         cfg = cfg.replace(max_length=n)
-    check_context(cfg.model, cfg.max_length)
+    check_context(model, cfg.max_length)
     rules = data_rules(cfg)
     train = tokenize(records, tokenizer, cfg.max_length, cache_dir=cache, **rules)
     val = tokenize({"validation": val_records}, tokenizer, cfg.max_length, cache_dir=cache, **rules)
@@ -193,6 +213,11 @@ def build_data(cfg: TrainConfig, tokenizer: Any) -> Data:
         "tokenized": {"train": tokenized_sha(train), "validation": tokenized_sha(val)},
     }
     return Data(cfg, train, val, table + (f"\n{how}" if how else ""), fingerprint)
+
+
+def model_ref(cfg: TrainConfig, given: Given | None = None) -> str | nn.Module:
+    """The model a run trains: the one a caller handed over, else the config's name."""
+    return given.model if given is not None and given.model is not None else cfg.model
 
 
 def tokenizer_name(cfg: TrainConfig) -> str:
@@ -216,12 +241,18 @@ def _whole_models(accelerator: Any) -> contextlib.AbstractContextManager:
 
 
 def build_state(
-    cfg: TrainConfig, dist: RunDistribution, tokenizer: Any, names: tuple[str, ...], copies: int
+    cfg: TrainConfig,
+    dist: RunDistribution,
+    tokenizer: Any,
+    names: tuple[str, ...],
+    copies: int,
+    given_model: nn.Module | None = None,
 ) -> BilevelState:
     """w (LoRA when asked) and u = a copy of w (or w itself), in the run's dtype, with
     recomputing blocks when asked, built and placed by the distribution (`build_models`), then
     their optimizers, prepared for the distribution. With LoRA on a shared base (lora_base:
-    shared) one model holding both adapters is built, and w and u are its two views."""
+    shared) one model holding both adapters is built, and w and u are its two views.
+    `given_model`: w is that model object (a caller's), not one loaded by the config's name."""
     dtype = "bfloat16" if cfg.precision == "bf16-weights" else "float32"
     shared = copies == 2 and cfg.lora_rank > 0 and cfg.lora_base == "shared"
 
@@ -232,6 +263,9 @@ def build_state(
         return model
 
     def whole(device: torch.device | None) -> nn.Module:
+        if given_model is not None:
+            check_compatible(given_model, tokenizer)
+            return lora(given_model)
         with _whole_models(dist.accelerator):  # each copy built whole; its engine partitions it
             model = load_model(
                 cfg.model,
@@ -245,6 +279,11 @@ def build_state(
         return lora(model)
 
     def empty() -> nn.Module:
+        if given_model is not None:
+            raise ConfigError(
+                "a model object cannot be sharded from rank 0 (FSDP): give the model's name or "
+                "folder instead."
+            )
         model = empty_model(cfg.model, len(tokenizer), dtype, cfg.attn_implementation)
         check_compatible(model, tokenizer)  # on every rank, before rank 0 broadcasts
         return lora(model)
@@ -272,19 +311,24 @@ def _check_tracker(cfg: TrainConfig) -> None:
         )
 
 
-def setup(cfg: TrainConfig, accelerator: Any = None, copies: int = 2) -> Setup:
-    """Data, samplers, the models and their state; `copies=1` (plain fine-tuning): u is w."""
+def setup(
+    cfg: TrainConfig, accelerator: Any = None, copies: int = 2, given: Given | None = None
+) -> Setup:
+    """Data, samplers, the models and their state; `copies=1` (plain fine-tuning): u is w.
+    `given`: a model, tokenizer and records handed over as objects (`Given`)."""
     _check_tracker(cfg)
     accelerator = accelerator or make_accelerator(cfg)
     dist = choose(cfg, accelerator, copies)
     if dist.device.type == "cpu" and cfg.cpu_malloc == "keep":
         keep_freed_memory()  # once per process; see malloc.py (time only, no result changes)
-    if cfg.max_length != "auto":
-        check_context(cfg.model, cfg.max_length)  # before the tokenizer is trained or loaded
-    tokenizer = load_tokenizer(tokenizer_name(cfg), vocab_size=cfg.vocab_size)
-    data = build_data(cfg, tokenizer)
+    if cfg.max_length != "auto":  # before the tokenizer is trained or loaded
+        check_context(model_ref(cfg, given), cfg.max_length)
+    tokenizer = given.tokenizer if given is not None and given.tokenizer is not None else None
+    tokenizer = tokenizer or load_tokenizer(tokenizer_name(cfg), vocab_size=cfg.vocab_size)
+    data = build_data(cfg, tokenizer, given)
     cfg, train, val = data.cfg, data.train, data.val
-    state = build_state(cfg, dist, tokenizer, train.names, copies)
+    given_model = given.model if given is not None else None
+    state = build_state(cfg, dist, tokenizer, train.names, copies, given_model)
     lisa = None
     if cfg.lisa_active > 0:
         lisa = make_lisa_pair(

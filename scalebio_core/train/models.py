@@ -491,27 +491,37 @@ def check_compatible(model: nn.Module, tokenizer: Any) -> None:
         )
 
 
-def model_config(name_or_path: str) -> Any:
+def model_config(name_or_path: str | nn.Module) -> Any:
     """The model's config alone (embedded, `random:<architecture>`, a local folder, or the hub's
-    cache), no weights."""
+    cache), no weights; a model object's own config."""
+    if isinstance(name_or_path, nn.Module):
+        return name_or_path.config
     if _is_embedded(name_or_path) or is_random(name_or_path):
         return architecture(name_or_path)
     return _from_pretrained(AutoConfig.from_pretrained, name_or_path, "config", ("config.json",))
 
 
-def context_limit(name_or_path: str) -> int | None:
+def model_label(name_or_path: str | nn.Module) -> str:
+    """How messages name a model: its name, or a model object's name_or_path (else its class)."""
+    if isinstance(name_or_path, nn.Module):
+        config = getattr(name_or_path, "config", None)
+        return getattr(config, "name_or_path", "") or type(name_or_path).__name__
+    return name_or_path
+
+
+def context_limit(name_or_path: str | nn.Module) -> int | None:
     """The positions the model can embed (None where its config does not say)."""
     text = model_config(name_or_path).get_text_config()
     return getattr(text, "n_positions", None) or getattr(text, "max_position_embeddings", None)
 
 
-def check_context(name_or_path: str, max_length: int) -> None:
+def check_context(name_or_path: str | nn.Module, max_length: int) -> None:
     """Refuse a max_length beyond the positions the model can embed, before anything runs."""
     limit = context_limit(name_or_path)
     if limit is not None and max_length > limit:
         raise ConfigError(
-            f"max_length = {max_length} but {name_or_path} embeds at most {limit} positions: set "
-            f"max_length <= {limit}, or choose a model with a longer context."
+            f"max_length = {max_length} but {model_label(name_or_path)} embeds at most {limit} "
+            f"positions: set max_length <= {limit}, or choose a model with a longer context."
         )
 
 

@@ -255,7 +255,12 @@ def mixture(
     `n` records of the run's sources drawn by its weights (`resample`: exact counts by largest
     remainders, a source's records reused in a new order only once it runs out, said in a
     warning), in TRL's prompt–completion format: columns `prompt`, `completion`, `source`."""
-    rows = resample_rows(run_dir, n, seed, add_validation, weights)
+    return prompt_completion(resample_rows(run_dir, n, seed, add_validation, weights))
+
+
+def prompt_completion(rows: list[dict]) -> Any:
+    """Drawn records as a `datasets.Dataset` in TRL's prompt–completion format (columns
+    `prompt`, `completion`, `source`)."""
     return datasets.Dataset.from_list(
         [{"prompt": r["prompt"], "completion": r["response"], "source": r["source"]} for r in rows]
     )

@@ -57,6 +57,27 @@ def run_step(
     return m, active, batch, val_batch
 
 
+def scalebio_row(s: Setup, t: int, m: dict, active: tuple | None, tokens: int) -> dict:
+    """A ScaleBiO step's row of trajectory.jsonl (docs/run-folder.md) from its metrics."""
+    return {
+        "step": t,
+        "p": dict(zip(s.names, m["p"])),
+        "L1": m["L1"],
+        "L2_w": m["L2_w"],
+        "L2_u": m["L2_u"],
+        "gap": m["gap"],
+        "alpha": m["alpha"],
+        "lr_w": m["lr_w"],
+        "lr_u": m["lr_u"],
+        "lr_lam": m["lr_lam"],
+        "lisa_w": active and list(active[0]),
+        "lisa_u": active and list(active[1]),
+        "tokens": tokens,
+        "loss_w": dict(zip(s.names, m["loss_w"])),
+        "loss_u": dict(zip(s.names, m["loss_u"])),
+    }
+
+
 def _top_weights(p: dict[str, float], n: int = 3) -> str:
     return " ".join(
         f"{k}={v:.2f}" for v, k in sorted(((v, k) for k, v in p.items()), reverse=True)[:n]
@@ -94,24 +115,7 @@ class ScaleBiORun(_Checkpointed):
         s = self.setup
         m, active, batch, val_batch = run_step(s, t, self.fns)
         tokens = count_tokens(s, batch, val_batch)
-        row = {
-            "step": t,
-            "p": dict(zip(s.names, m["p"])),
-            "L1": m["L1"],
-            "L2_w": m["L2_w"],
-            "L2_u": m["L2_u"],
-            "gap": m["gap"],
-            "alpha": m["alpha"],
-            "lr_w": m["lr_w"],
-            "lr_u": m["lr_u"],
-            "lr_lam": m["lr_lam"],
-            "lisa_w": active and list(active[0]),
-            "lisa_u": active and list(active[1]),
-            "tokens": tokens,
-            "loss_w": dict(zip(s.names, m["loss_w"])),
-            "loss_u": dict(zip(s.names, m["loss_u"])),
-        }
-        return row, tokens
+        return scalebio_row(s, t, m, active, tokens), tokens
 
     def weights(self) -> dict[str, float]:
         return self.setup.state.weights()
