@@ -295,3 +295,13 @@ def test_evaluate_runs_on_w(tmp_path):
     hf.train()
     metrics = hf.evaluate(eval_dataset=datasets.Dataset.from_list(rows))
     assert 0 < metrics["eval_loss"] < 20
+
+
+def test_the_readme_lines_run_as_printed(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text().split("### From your Trainer", 1)[1]
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert len(scope["trainer"].history) == 40
+    assert (tmp_path / "runs" / "hf" / "weights.json").is_file()
