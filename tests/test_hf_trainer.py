@@ -169,7 +169,7 @@ def test_a_crashed_run_resumes_from_its_checkpoint_on_the_same_trajectory(tmp_pa
 def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     first = _trainer(tmp_path / "a", _args(tmp_path / "a", save_strategy="steps", save_steps=2))
     first.train()
-    other = _trainer(tmp_path / "b", _args(tmp_path / "b", lr_lam=0.5))
+    other = _trainer(tmp_path / "b", _args(tmp_path / "b", sampler="union"))
     with pytest.raises(ConfigError, match="another run"):
         other.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
 

@@ -37,6 +37,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from .. import files
+from ..core.bilevel import SCHEDULES, BilevelConfig
 from ..core.distributed import ended_at_exit
 from ..errors import ConfigError, DataError
 from ..sources.data import normalise_record
@@ -48,7 +49,6 @@ from .models import load_model, load_tokenizer, model_label
 from .pipeline import prompt_completion, resample
 from .trainer import lm_fns, run_step, scalebio_row
 
-SCHEDULERS = {"cosine": "cosine", "constant": "constant"}
 OPTIMS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "sgd": "sgd"}
 
 
@@ -62,42 +62,42 @@ class ScaleBiOConfig(TrainingArguments):
     and w's blocks), `save_steps` as their names say;
     `lr_scheduler_type` is 'cosine' (default) or 'constant'; `optim` an AdamW or 'sgd'."""
 
-    alpha: float = 10.0
+    alpha: float = BilevelConfig.alpha
     """Penalty weight of the lower level (10 for GPT-2, 100 for LLMs in the paper)."""
-    tau: float = 1.0
+    tau: float = BilevelConfig.tau
     """Growth of alpha per outer iteration (1: constant)."""
-    tau_every: int = 1
+    tau_every: int = BilevelConfig.tau_every
     """Steps per outer iteration for tau."""
-    alpha_max: float = math.inf
+    alpha_max: float = BilevelConfig.alpha_max
     """Upper bound on alpha when tau > 1."""
     lr_u: float | None = None
     """Learning rate of the follower u (default: learning_rate, as w's)."""
-    lr_lam: float = 1e-2
+    lr_lam: float = BilevelConfig.lr_lam
     """Learning rate of the logits λ."""
-    lam_optimizer: str = "adamw"
+    lam_optimizer: str = BilevelConfig.lam_optimizer
     """Optimizer of λ: 'adamw' or 'sgd'."""
     clip_norm: float | None = None
     """Max gradient norm of u and w (None: alpha, the paper's). The Trainer's max_grad_norm
     stays 0: ScaleBiO's step clips."""
-    estimator: str = "auto"
+    estimator: str = TrainConfig.estimator
     """Per-source divisor of L2: 'auto', 'expected', 'realized' (docs/config.md)."""
-    sampler: str = "balanced"
+    sampler: str = TrainConfig.sampler
     """'balanced' (every batch holds every source) or 'union'."""
     target_batch_size: int | None = None
     """Target-set samples per step over every process (default: the training batch)."""
-    max_length: int | str = "auto"
+    max_length: int | str = TrainConfig.max_length
     """Tokens per sample, or 'auto' (the 95th percentile of the records' lengths)."""
     lisa_active: int = 0
     """Decoder blocks trained at a time (0: LISA off)."""
-    lisa_interval: int = 20
+    lisa_interval: int = TrainConfig.lisa_interval
     """Steps between LISA redraws."""
     lisa_share: bool = False
     """u and w use the same LISA draw."""
     lisa_layers_path: str | None = None
     """Dotted path of the decoder blocks where they cannot be found generically."""
-    lisa_train_embeddings: bool = True
+    lisa_train_embeddings: bool = TrainConfig.lisa_train_embeddings
     """Embeddings, head and final norm train under LISA."""
-    lora_base: str = "shared"
+    lora_base: str = TrainConfig.lora_base
     """With a LoRA config: 'shared' (u and w two adapters on one base) or 'copies'."""
     source_column: str = "source"
     """The column naming each row's source when train_dataset is one Dataset."""
@@ -111,8 +111,8 @@ class ScaleBiOConfig(TrainingArguments):
         optim = getattr(self.optim, "value", self.optim)
         problems = [
             (
-                schedule in SCHEDULERS,
-                f"lr_scheduler_type must be one of {sorted(SCHEDULERS)} (ScaleBiO's schedules "
+                schedule in SCHEDULES,
+                f"lr_scheduler_type must be one of {sorted(SCHEDULES)} (ScaleBiO's schedules "
                 f"of u, w and λ), not {schedule!r}",
             ),
             (optim in OPTIMS, f"optim must be one of {sorted(OPTIMS)}, not {optim!r}"),
@@ -217,7 +217,7 @@ def run_config(
         steps = max(1, math.ceil(args.num_train_epochs * n_records / batch))
     warm = args.warmup_steps
     ratio = warm if warm < 1 else (warm - 0.5) / steps  # ceil(ratio · steps) = warm steps
-    schedule = SCHEDULERS[getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)]
+    schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     flat: dict[str, Any] = {
         "model": model,
         "tokenizer": "given",
@@ -233,7 +233,6 @@ def run_config(
         "gradient_checkpointing": bool(args.activation_checkpointing),
         "seed": args.seed,
         "out_dir": args.output_dir,
-        "checkpoint_every": max(1, int(args.save_steps)) if args.save_steps >= 1 else 50,
         "alpha": args.alpha,
         "tau": args.tau,
         "tau_every": args.tau_every,
