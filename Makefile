@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 # Optional: a torch index, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu for a CPU build
 TORCH_INDEX ?=
+export TORCH_INDEX
 STAMP  := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 PRESET ?= quick

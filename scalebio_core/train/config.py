@@ -30,6 +30,8 @@ from ..sources.data import MAX_RECORD_BYTES
 from .runs import CONFIG
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+if not CONFIG_DIR.is_dir():  # an installed wheel: configs/ ships inside the package
+    CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = ("smoke", "quick", "paper")
 """The preset sections a file of configs/ may hold beside `defaults`."""
 
@@ -334,8 +336,9 @@ def preset_path(config: str | Path) -> Path:
         path = CONFIG_DIR / f"{path}.yaml"
     if not path.exists():
         raise ConfigError(
-            f"config file {path} does not exist (a preset name is looked up in {CONFIG_DIR}: run "
-            "from a checkout of the repository)."
+            f"config file {path} does not exist (a name without a folder is looked up in "
+            f"{CONFIG_DIR}: one of {sorted(p.stem for p in CONFIG_DIR.glob('*.yaml'))}; "
+            "or give the path of a YAML file)."
         )
     return path
 
