@@ -28,7 +28,7 @@
 #
 # | notebook | question |
 # |---|---|
-# | `00_tour` | this map, the symbol table, a custom problem in ten lines |
+# | `00_tour` | this map, the symbol table, a custom problem in ten lines, the command line and the Trainer on one run |
 # | `01_bilevel_toy` | does the step find provably optimal weights; how does the penalty's bias fall with α? |
 # | `02_lisa` … | LLM data reweighting with LISA (later notebooks: noisy data, languages, informative sources, scale-out) |
 #
@@ -122,6 +122,74 @@ fig = plot_tour(c, t, path_w, path_u, result.trajectory["p"], problem.names, P_S
 print(save_figure(fig, "00_tour"))
 
 # %% [markdown]
+# ## The same method on a language model, from the command line and from your Trainer
+#
+# On a language model a source's loss $\bar\ell_s$ is the mean token loss of its records, and $u$
+# and $w$ are two copies of the model. The package runs that problem two ways through the same
+# `scalebio_step`: the command line (`python -m scalebio_core train`) and `ScaleBiOTrainer`,
+# transformers' `Trainer` for those who fine-tune with one (`docs/trainer.md`). Below, both learn
+# the weights of three sources whose answers are corrupted at rates 0, 0.5 and 1, with the clean
+# validation set as the target, on the package's small random-init model. The command line takes
+# the `smoke` preset of `configs/noisy.yaml`; the Trainer gets the same values spelled out as
+# `ScaleBiOConfig` fields, and the same seed. The two runs should give one trajectory.
+
+# %%
+import json
+import shlex
+import subprocess
+import sys
+import time
+
+import datasets
+import matplotlib.pyplot as plt
+
+from scalebio_core.lab.experiments import runs_root
+from scalebio_core.lab.plots import plot_weights
+from scalebio_core.sources.corpora import build_corpus
+from scalebio_core.train.hf_trainer import ScaleBiOConfig, ScaleBiOTrainer
+from scalebio_core.train.runs import load_trajectory
+
+LM_STEPS = 20 if PRESET == "smoke" else 150
+CORPUS = {"n_per_source": 200, "n_val": 64, "noise_rates": [0.0, 0.5, 1.0]}
+folder = runs_root() / "00_tour" / time.strftime("%Y%m%d-%H%M%S")  # a new folder each time
+command = ["-m", "scalebio_core", "train", "--config", "noisy", "--preset", "smoke",
+           f"out_dir={folder / 'cli'}", f"steps={LM_STEPS}", "batch_size=48", f"seed={SEED}",
+           f"corpus_args={json.dumps(CORPUS)}"]
+print("python " + shlex.join(command))
+done = subprocess.run([sys.executable, *command], capture_output=True, text=True)
+if done.returncode:
+    raise RuntimeError(f"the command line run failed:\n{done.stderr[-2000:]}")
+cli = load_trajectory(folder / "cli")
+
+# %%
+corpus = build_corpus("noisy", **CORPUS)
+sources = {name: datasets.Dataset.from_list(rows) for name, rows in corpus.sources.items()}
+target = datasets.Dataset.from_list(corpus.validation)
+args = ScaleBiOConfig(
+    output_dir=str(folder / "trainer"), max_steps=LM_STEPS, seed=SEED,
+    per_device_train_batch_size=48, target_batch_size=8, max_length=80,
+    learning_rate=2e-3, weight_decay=5e-4, warmup_steps=0.03,  # w's and u's AdamW
+    alpha=10.0, lr_lam=0.3, lam_optimizer="sgd",  # the penalty and λ's plain gradient steps
+    logging_steps=max(1, LM_STEPS // 5), save_strategy="no", use_cpu=True,
+)
+trainer = ScaleBiOTrainer("embedded:nano", args, sources, target)
+trainer.train()
+hf_p = np.array([[row["p"][name] for name in cli["names"]] for row in trainer.history])
+lm_gap = float(np.abs(hf_p - cli["p"]).max())
+print(f"largest difference in any weight at any of the {LM_STEPS} steps: {lm_gap:.1e}")
+print("command line:", {k: round(v, 4) for k, v in cli["weights"].items()})
+print("Trainer:     ", {k: round(v, 4) for k, v in trainer.weights.items()})
+
+# %%
+fig, ax = plt.subplots(figsize=(6.5, 3.6))
+plot_weights(ax, cli["p"], cli["names"], steps=cli["step"],
+             title="Weights from the command line (lines) and ScaleBiOTrainer (circles)")
+every = max(1, LM_STEPS // 15)
+for i, line in enumerate(ax.get_lines()[: len(cli["names"])]):
+    ax.plot(cli["step"][::every], hf_p[::every, i], "o", mfc="none", color=line.get_color())
+print(save_figure(fig, "00_tour_trainer"))
+
+# %% [markdown]
 # ## Expectations
 
 # %%
@@ -132,11 +200,17 @@ assert abs(result.weights["near"] - result.weights["also_near"]) < 0.05, result.
 if PRESET != "smoke":  # the text below: with AdamW on u and w the symmetric weights drift apart
     assert max(split.values()) > 0.05, split
 print("the far source is filtered out; the two near sources share the weight")
+assert lm_gap < 1e-6, lm_gap  # one step function: the Trainer and the command line agree
+if PRESET != "smoke":  # 20 steps barely move the weights
+    assert cli["weights"]["noise_0.0"] > cli["weights"]["noise_1.0"], cli["weights"]
 
 report("00_tour", PRESET,
        f"The far source ends at weight {result.weights['far']:.3f}; the two near sources share "
        f"the rest, {result.weights['near']:.3f} and {result.weights['also_near']:.3f}; with AdamW on u "
-       f"and w they end {max(split.values()):.2f} apart.")
+       f"and w they end {max(split.values()):.2f} apart. ScaleBiOTrainer follows the command "
+       "line " + ("exactly" if lm_gap == 0 else f"to {lm_gap:.0e}") + f" over {LM_STEPS} LM "
+       f"steps (clean {cli['weights']['noise_0.0']:.2f}, corrupted "
+       f"{cli['weights']['noise_1.0']:.2f}).")
 
 # %% [markdown]
 # **Result.** The far source's weight falls towards zero and the two symmetric sources split the rest
@@ -147,3 +221,6 @@ report("00_tour", PRESET,
 # (the right panel, and the split printed above).
 # On LLMs the gap is measured on noisy batches anyway; notebook 01 checks the step against exact
 # solutions with plain gradient descent.
+# On the language model, the command line and `ScaleBiOTrainer` give one trajectory (the second
+# figure, and the difference printed above): the Trainer path adds transformers' loop, logging and
+# checkpoints around the same step, not another method.
