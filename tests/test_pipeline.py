@@ -292,7 +292,8 @@ def test_grade_exact_and_math_verify():
     expected = "48 in April and 24 in May. The answer is 72."
     assert grade("So 72 in all. The answer is 72.", expected)
     assert not grade("The answer is 72.0.", expected)  # exact: the strings differ
-    assert not grade("\\boxed{72}", expected)
+    assert grade("so the total is \\boxed{72}", expected)  # exact: the last \\boxed{} is the answer
+    assert not grade("\\boxed{72.0}", expected) and not grade("\\boxed{7}", expected)
     # math-verify compares the final answers as expressions, in any of the usual notations
     for said in ("The answer is 72.0.", "so the total is \\boxed{72}", "$72$"):
         assert grade(said, expected, "math-verify"), said

@@ -293,9 +293,13 @@ def reference_answer(record: Record) -> str:
 
 
 def extract_answer(text: str) -> str:
-    """The answer in a worked output ("... The answer is N."); else the stripped text."""
+    """The answer in a worked output ("... The answer is N.", or the last \\boxed{N}); else the
+    stripped text."""
     m = re.search(r"The answer is (.+?)\.?\s*$", text)
-    return m.group(1) if m else text.strip()
+    if m:
+        return m.group(1)
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    return boxed[-1].strip() if boxed else text.strip()
 
 
 def _draw(r: random.Random, task: str, detailed: bool = False) -> Record:

@@ -39,6 +39,7 @@ from ..sources.data import (
 )
 from ..sources.sampling import BatchSampler, collate
 from ..sources.tokenizer import cache_root
+from . import nullband
 from .config import TrainConfig
 from .identity import data_fingerprint, run_identity, tokenized_sha
 from .lora import add_lora, add_shared_lora, shared_views
@@ -75,6 +76,9 @@ class Setup:
     """The sources and held-out sets read (`data.source_table`), printed as a run starts."""
     fingerprint: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The data's fingerprint (`Data.fingerprint`), part of the run's identity."""
+    halves: bool = False
+    """Whether the training sources are split into halves for the null band (`nullband`):
+    `names` are then the halves."""
 
     def identity(self) -> dict[str, Any]:
         """The run's identity (`identity.run_identity`): what its checkpoints carry."""
@@ -169,6 +173,8 @@ class Data:
     fingerprint: dict[str, Any]
     """What the run reads (`identity`): {"files": SHA-256 per data file (or per source without
     files), "tokenized": SHA-256 of the tokenized training and validation sets}."""
+    halves: bool = False
+    """Whether each training source is split into two halves (`nullband`)."""
 
 
 def build_data(cfg: TrainConfig, tokenizer: Any, given: Given | None = None) -> Data:
@@ -205,6 +211,21 @@ def build_data(cfg: TrainConfig, tokenizer: Any, given: Given | None = None) -> 
     for data in (train, val):
         say_dropped(data, cfg.max_length)
     table = source_table([*specs, val_spec, *([tests] if tests else [])], shown, cfg.max_length)
+    halves, band_note = False, ""
+    if nullband.wanted(cfg):
+        why = nullband.infeasible(cfg, dict(zip(train.names, train.counts().tolist())))
+        if why and cfg.null_band == "halves":
+            raise ConfigError(f"null_band=halves cannot run: {why}.")
+        halves = why is None
+        band_note = (
+            "null band: each source is split into two random halves, weighed apart; their "
+            "differences measure how far weights move by chance (null_band=off: one weight per "
+            "source, no band)"
+            if halves
+            else f"null band off: {why}"
+        )
+        if halves:
+            train = nullband.split(train, cfg.seed)
     fingerprint = {
         "files": {
             **data_fingerprint(specs, records),
@@ -212,7 +233,8 @@ def build_data(cfg: TrainConfig, tokenizer: Any, given: Given | None = None) -> 
         },
         "tokenized": {"train": tokenized_sha(train), "validation": tokenized_sha(val)},
     }
-    return Data(cfg, train, val, table + (f"\n{how}" if how else ""), fingerprint)
+    notes = "".join(f"\n{x}" for x in (band_note, how) if x)
+    return Data(cfg, train, val, table + notes, fingerprint, halves)
 
 
 def model_ref(cfg: TrainConfig, given: Given | None = None) -> str | nn.Module:
@@ -360,6 +382,7 @@ def setup(
         lisa=lisa,
         table=data.table,
         fingerprint=data.fingerprint,
+        halves=data.halves,
     )
 
 

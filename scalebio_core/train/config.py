@@ -27,6 +27,7 @@ from ..core.bilevel import BilevelConfig
 from ..errors import ConfigError, check_all, check_types
 from ..files import load_yaml
 from ..sources.data import MAX_RECORD_BYTES
+from .nullband import NULL_BANDS
 from .runs import CONFIG
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -95,11 +96,13 @@ class TrainConfig:
     """Held-out target set to evaluate fine-tuned models (SourceSpec fields); embedded corpora
     default to their test split (multilingual) or a fresh draw of the validation distribution."""
     exact_match: str = "auto"
-    """Exact-match accuracy of the test answers: 'on', 'off', 'auto' (templated corpora)."""
+    """Exact-match accuracy of the test answers: 'on', 'off', 'auto' (the templated corpora, and
+    your data where nine in ten held-out answers are short: `pipeline.short_answers`)."""
     grader: str = "exact"
-    """How an answer is checked: 'exact' (the text after "The answer is", else the whole answer,
-    must equal the expected one) or 'math-verify' (the `math-verify` package parses both answers,
-    \\boxed{} and LaTeX included, and compares them as mathematical expressions)."""
+    """How an answer is checked: 'exact' (the text after "The answer is", else the last
+    \\boxed{}, else the whole answer, must equal the expected one) or 'math-verify' (the
+    `math-verify` package parses both answers, \\boxed{} and LaTeX included, and compares them
+    as mathematical expressions)."""
     max_length: int | str = field(default="auto", metadata={"kinds": (int, str)})
     """Tokens per sample (prompt + response), truncated from the right; 'auto': the 95th
     percentile of the sources' token lengths, rounded up to a multiple of 16, at most the model's
@@ -162,6 +165,11 @@ class TrainConfig:
     """ScaleBiO's step (`bilevel.BilevelConfig`): set its fields by their own names."""
     method: str = "scalebio"
     """'scalebio', or a baseline: 'uniform', 'natural', 'validation' (only), 'doremi'."""
+    null_band: str = "auto"
+    """How far the weights move by chance (`nullband`): 'halves' splits each source into two
+    random halves that the run weighs apart, and reports each weight against the band their
+    differences give; 'auto': halves for ScaleBiO on your data (data_dir, sources), off for
+    the embedded corpora; 'off'."""
     doremi: DoReMiConfig = field(default_factory=DoReMiConfig)
     """DoReMi's weights (`baselines.DoReMiConfig`): set its fields as doremi_<field>."""
     # -- LISA
@@ -267,6 +275,7 @@ class TrainConfig:
                 (self.lora_base in LORA_BASES, f"lora_base must be one of {LORA_BASES}"),
                 (self.tracker in TRACKERS, f"tracker must be one of {TRACKERS}"),
                 (self.method in METHODS, f"method must be one of {METHODS}"),
+                (self.null_band in NULL_BANDS, f"null_band must be one of {NULL_BANDS}"),
                 (
                     self.exact_match in ("auto", "on", "off"),
                     "exact_match must be auto, on or off",
@@ -376,4 +385,7 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
     """The run config a run folder records (its config.yaml): keys added to the config since
     the run take their defaults; ConfigError, naming the file, for one that is damaged."""
     path = Path(run_dir) / CONFIG
-    return TrainConfig.from_dict(load_yaml(path.read_text(), path))
+    saved = load_yaml(path.read_text(), path)
+    if isinstance(saved, dict) and "method" in saved:
+        saved.setdefault("null_band", "off")  # a run from before the null band had none
+    return TrainConfig.from_dict(saved)

@@ -27,7 +27,7 @@ from .. import files
 from ..core.distributed import RunDistribution
 from ..errors import ConfigError, Interrupted, NonFiniteLossError, TrainingStopped
 from ..parallel.engines import make_accelerator, processes
-from . import convergence, runs
+from . import convergence, nullband, runs
 from .config import TrainConfig, read_run_config
 from .identity import IDENTITY, RESUME_CHANGEABLE, RESUME_IGNORED
 
@@ -238,13 +238,31 @@ def _start_folder(method: Method, cfg: TrainConfig, run_dir: Path, mode: str) ->
     method.save(run_dir, method.weights())
 
 
-def write_verdict(run_dir: Path, weighted: bool) -> dict | None:
+def write_verdict(
+    run_dir: Path,
+    weighted: bool,
+    halves: dict[str, float] | None = None,
+    sight: dict | None = None,
+) -> dict | None:
     """The convergence verdict of a finished run (`convergence.convergence`) into verdict.json, and
-    said on stderr; None for a run without weights to learn."""
+    said on stderr; None for a run without weights to learn. `halves`: the final weights of the
+    null band's halves (`nullband`): convergence is judged on the sources (halves summed), and
+    the band joins the verdict and null_band.json. `sight`: what the run can tell about its model
+    (`pipeline.model_sight`), said after the verdict."""
     rows = runs.read_jsonl(run_dir / runs.TRAJECTORY)
     if not weighted or not rows or not isinstance(rows[0].get("p"), dict):
         return None
+    if halves:
+        rows = [nullband.combine_row(r) for r in rows]
     verdict = convergence.convergence(rows)
+    if halves:
+        band = nullband.band(halves)
+        files.write_json(run_dir / nullband.NULL_BAND, band)
+        verdict["null_band"] = band
+        verdict["text"] += f"; {band['summary']}"
+    if sight:
+        verdict["model_sight"] = sight
+        verdict["text"] += "".join(f"; {note}" for note in sight["notes"])
     files.write_json(run_dir / convergence.VERDICT, verdict)
     print(f"{run_dir}: {verdict['text']}", file=sys.stderr, flush=True)
     return verdict
@@ -291,7 +309,9 @@ def _finish(method, cfg, run_dir, start, lock, progress, callback, stop) -> dict
         weights = method.weights()
         if method.dist.is_main and weights:  # a method without weights (sft) writes none
             files.write_json(run_dir / runs.WEIGHTS, weights)
-            write_verdict(run_dir, method.learns_weights and len(weights) > 1)
+            halves = getattr(method, "half_weights", lambda: None)()
+            sight = getattr(method, "sight", lambda: None)()
+            write_verdict(run_dir, method.learns_weights and len(weights) > 1, halves, sight)
         method.dist.barrier()
     finally:
         if lock is not None:

@@ -48,6 +48,10 @@ from .losses import per_sample_loss
 from .trainer import lm_fns
 
 CHECKABLE_CORPORA = ("instruction", "noisy", "informative", "math")
+SHORT_WORDS, SHORT_CHARS = 4, 40
+SIGHT_RECORDS = 100
+"""Target records a run on your data answers at its end (`model_sight`)."""
+CHANCE_MARGIN = 0.05
 TEST_SEED_OFFSET = 7919  # the held-out draw's corpus seed: seed + this
 EVAL = "eval.json"
 RESAMPLED = "resampled.jsonl"
@@ -321,11 +325,26 @@ def write_example_folder(
     return out
 
 
-def checkable(cfg) -> bool:
-    """Whether the target set's answers can be checked by exact match."""
+def short_answers(records: Sequence[dict], share: float = 0.9) -> bool:
+    """Whether at least `share` of the records' responses end in a short answer that a grader
+    can check: "The answer is N.", \\boxed{N}, a letter, a number, a few words (at most
+    SHORT_WORDS words and SHORT_CHARS characters after `extract_answer`)."""
+    if not records:
+        return False
+    answers = [extract_answer(r["response"]) for r in records]
+    short = [0 < len(a) <= SHORT_CHARS and len(a.split()) <= SHORT_WORDS for a in answers]
+    return sum(short) >= share * len(records)
+
+
+def checkable(cfg, records: Sequence[dict] | None = None) -> bool:
+    """Whether the target set's answers can be checked by exact match: exact_match 'on' or
+    'off'; 'auto': the templated corpora, and data of your own (data_dir, sources, test) whose
+    held-out `records` end in short answers (`short_answers`)."""
     if cfg.exact_match != "auto":
         return cfg.exact_match == "on"
-    return not (cfg.sources or cfg.data_dir or cfg.test) and cfg.corpus in CHECKABLE_CORPORA
+    if cfg.sources or cfg.data_dir or cfg.test:
+        return records is not None and short_answers(records)
+    return cfg.corpus in CHECKABLE_CORPORA
 
 
 # ---------------------------------------------------------------- evaluation
@@ -400,11 +419,11 @@ def check_grader(grader: str) -> None:
 def grade(answer: str, expected: str, grader: str = "exact") -> bool:
     """Whether a generated answer matches the expected one.
 
-    "exact": the final answers (`extract_answer`: the text after "The answer is", else the whole
-    stripped text) are equal strings. "math-verify": the `math-verify` package extracts the final
-    answer of each (\\boxed{}, LaTeX or a plain expression) and compares them as sympy
-    expressions, so "72", "$72$" and "\\boxed{72.0}" agree; the expected answer is parsed first
-    and an answer it cannot parse counts as wrong.
+    "exact": the final answers (`extract_answer`: the text after "The answer is", else the last
+    \\boxed{}, else the whole stripped text) are equal strings. "math-verify": the
+    `math-verify` package extracts the final answer of each (\\boxed{}, LaTeX or a plain
+    expression) and compares them as sympy expressions, so "72", "$72$" and "\\boxed{72.0}"
+    agree; the expected answer is parsed first and an answer it cannot parse counts as wrong.
     """
     if grader == "exact":
         return extract_answer(answer) == extract_answer(expected)
@@ -462,6 +481,62 @@ def evaluate(
             for a, r in list(zip(answers, records))[:5]
         ]
     return out
+
+
+# ---------------------------------------------------------------- can the model see it?
+
+
+def model_sight(s: Any) -> dict | None:
+    """What a run on your data (data_dir, sources) can tell about its model, said with the
+    verdict: None for the embedded corpora.
+
+    - `note`, for a randomly initialised embedded model: it learns only from these records, so
+      it separates sources by their form (language, format, length), not by correctness.
+    - Where the target's answers are checkable (`checkable`): w answers up to SIGHT_RECORDS
+      target records greedily; its accuracy is set against chance, the share of the most common
+      answer (what always giving one answer scores). At chance, the model cannot tell a right
+      answer from a wrong one, so weights on correctness would be noise. w was trained on the
+      target set, so this accuracy is an upper bound on what the model can do there.
+    Single-process runs only (a sharded w cannot generate from one process)."""
+    cfg = s.cfg
+    if not (cfg.data_dir or cfg.sources):
+        return None
+    fix = "use a pretrained model: model=gpt2 (or a hub name, or a folder with a model)"
+    out: dict[str, Any] = {"model": cfg.model, "notes": [], "blind": False}
+    if str(cfg.model).startswith("embedded"):
+        out["blind"] = True
+        out["notes"].append(
+            f"the model ({cfg.model}) is randomly initialised and learns only from these "
+            "records: it can separate sources by form (language, format, length), not by "
+            "correctness"
+        )
+    _, val_spec = data_specs(cfg)
+    records = load_records(val_spec)[:SIGHT_RECORDS]
+    if s.dist.world == 1 and checkable(cfg, records):
+        try:
+            result = evaluate(
+                s.state.w, s.tokenizer, records, cfg.max_length, True, data_rules(cfg), cfg.grader
+            )
+        except (DataError, ConfigError) as e:  # the run is done; say why there is no accuracy
+            result = None
+            out["notes"].append(f"target accuracy not measured: {e}")
+        if result is not None:
+            answers = [extract_answer(r["response"]) for r in records]
+            chance = max(answers.count(a) for a in set(answers)) / len(answers)
+            acc = result["accuracy"]
+            out |= {"accuracy": acc, "chance": chance, "n": result["n_test"]}
+            said = (
+                f"the trained model (w) answers {acc:.0%} of {result['n_test']} target "
+                f"questions (grader {cfg.grader}); always giving the most common answer "
+                f"scores {chance:.0%}"
+            )
+            if acc <= chance + CHANCE_MARGIN:
+                out["blind"] = True
+                said += ": at chance, so it cannot tell a right answer from a wrong one"
+            out["notes"].append(said)
+    if out["blind"]:
+        out["notes"].append(f"for weights that reflect correctness, {fix}")
+    return out if out["notes"] else None
 
 
 # ---------------------------------------------------------------- fine-tuning on a resampled set
@@ -622,7 +697,7 @@ def sft(
     s, steps = method.setup, method.total
     rules = data_rules(cfg)
     result = evaluate(
-        s.state.w, s.tokenizer, tests, s.cfg.max_length, checkable(cfg), rules, cfg.grader
+        s.state.w, s.tokenizer, tests, s.cfg.max_length, checkable(cfg, tests), rules, cfg.grader
     )
     result.update({"steps": steps, "tokens": method.seen, "data": str(data), "seed": run_cfg.seed})
     if method.dist.is_main:

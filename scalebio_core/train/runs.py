@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..files import CHECKPOINT_FILE, CHECKPOINTS, TMP_PREFIX, disk_full, file_mode, write_text
+from . import nullband
 
 CONFIG, TRAJECTORY, WEIGHTS, TIMING = (
     "config.yaml",
@@ -160,7 +161,9 @@ def _spans(steps: list[int]) -> str:
 
 
 def load_trajectory(run_dir: str | Path) -> dict[str, Any]:
-    """A run's trajectory as arrays: step, p (steps × K), L1, L2_w, L2_u, gap, alpha, names."""
+    """A run's trajectory as arrays: step, p (steps × K), L1, L2_w, L2_u, gap, alpha, names.
+    A run with the null band's halves (`nullband`): p and names are the sources' (halves
+    summed), `halves` and `half_names` the halves'; `null_band` its band (null_band.json)."""
     run_dir = Path(run_dir)
     path = run_dir / TRAJECTORY
     if not path.exists():
@@ -168,8 +171,15 @@ def load_trajectory(run_dir: str | Path) -> dict[str, Any]:
     rows = read_jsonl(path)
     if not rows:
         raise ValueError(f"{path} is empty: the run has not finished a step yet.")
+    out: dict[str, Any] = {}
+    if nullband.is_split(rows[0]["p"]):
+        out["half_names"] = list(rows[0]["p"])
+        out["halves"] = np.array([[r["p"][n] for n in out["half_names"]] for r in rows])
+        rows = [nullband.combine_row(r) for r in rows]
+        if (run_dir / nullband.NULL_BAND).exists():
+            out["null_band"] = json.loads((run_dir / nullband.NULL_BAND).read_text())
     names = list(rows[0]["p"])
-    out: dict[str, Any] = {"names": names, "step": np.array([r["step"] for r in rows])}
+    out |= {"names": names, "step": np.array([r["step"] for r in rows])}
     out["p"] = np.array([[r["p"][n] for n in names] for r in rows])
     for key in ("L1", "L2_w", "L2_u", "gap", "alpha"):
         out[key] = np.array([r.get(key, np.nan) for r in rows], float)

@@ -20,7 +20,7 @@ from ..core.bilevel import MicroBatches, scalebio_step
 from ..errors import ConfigError
 from ..parallel.engines import processes
 from ..sources.data import load_sources
-from . import checkpoint, loop, runs
+from . import checkpoint, loop, nullband, runs
 from .build import Setup, count_tokens, data_specs, setup, step_batches, train_batch
 from .config import TrainConfig
 from .losses import LMFns
@@ -118,10 +118,23 @@ class ScaleBiORun(_Checkpointed):
         return scalebio_row(s, t, m, active, tokens), tokens
 
     def weights(self) -> dict[str, float]:
-        return self.setup.state.weights()
+        """p by source; with the null band's halves (`nullband`), each source's halves summed."""
+        p = self.setup.state.weights()
+        return nullband.combine(p) if self.setup.halves else p
+
+    def sight(self) -> dict | None:
+        """What the run can tell about its model on your data (`pipeline.model_sight`)."""
+        from .pipeline import model_sight  # pipeline builds on this module
+
+        return model_sight(self.setup)
+
+    def half_weights(self) -> dict[str, float] | None:
+        """p by half of a source, for the null band (None without halves)."""
+        return self.setup.state.weights() if self.setup.halves else None
 
     def postfix(self, row: dict) -> str:
-        return f"L1={row['L1']:.3f} " + _top_weights(row["p"])
+        p = nullband.combine(row["p"]) if self.setup.halves else row["p"]
+        return f"L1={row['L1']:.3f} " + _top_weights(p)
 
 
 class DoReMiRun(_Checkpointed):
