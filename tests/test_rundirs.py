@@ -442,10 +442,11 @@ def test_the_convergence_verdict_reads_the_trajectory(tmp_path, capsys):
     n = 200
     assert convergence(rows([0.5 + 1e-4 * i / n for i in range(n)]))["verdict"] == "not moved"
     moving = convergence(rows([0.5 + 0.3 * i / n for i in range(n)]))
-    assert moving["verdict"] == "moving" and "still moving 0.15 per 100 steps" in moving["text"]
+    assert moving["verdict"] == "moving"
+    assert moving["text"].startswith("moving (not converged): p moves 0.15 per 100 steps")
     assert convergence(rows([0.5]))["verdict"] == "too short"  # one step
     settled = convergence(rows([0.8 - 0.3 * 0.9**i for i in range(n)]))
-    assert settled["verdict"] == "settled" and settled["text"].startswith("converged")
+    assert settled["verdict"] == "settled" and settled["text"].startswith("settled (converged)")
 
     train(smoke(tmp_path, steps=8), progress=False)  # a real run ends with its verdict
     verdict = json.loads((tmp_path / "run" / "verdict.json").read_text())

@@ -95,7 +95,7 @@ def test_two_sources_and_held_out_sets_run_with_defaults_through_the_cli(tmp_pat
     assert lines[head + 4].split()[1] == str(data / "test.jsonl")
     chosen = next(x for x in lines if x.startswith("max_length = "))
     assert "(auto: the 95th percentile of 82 records' token lengths is" in chosen
-    assert "too few steps (3) to judge convergence" in out.stderr
+    assert "too short: 3 steps are too few to judge" in out.stderr
     verdict = json.loads((run / "verdict.json").read_text())
     assert verdict["verdict"] == "too short"
     cfg = (run / "config.yaml").read_text()

@@ -21,7 +21,8 @@ def convergence(rows: list[dict], tail: float = 0.25) -> dict[str, Any]:
     nothing yet); "moving" when the last quarter carries more than a tenth of the whole move (a
     steady trend carries a quarter); "drifting" when p barely moves there but λ's gradient still
     points one way (for some source its mean over the tail is more than DRIFT_Z standard errors
-    from 0: a decayed lr_lam, not a stationary point, holds p still); else "settled".
+    from 0: a decayed lr_lam, not a stationary point, holds p still); else "settled". The
+    sentence (`text`, printed as the run ends) starts with the verdict's word, as verdict.json.
     """
     names = list(rows[0]["p"])
     p = np.array([[r["p"][n] for n in names] for r in rows])
@@ -48,18 +49,18 @@ def convergence(rows: list[dict], tail: float = 0.25) -> dict[str, Any]:
     knob = "doremi_eta" if "phase" in rows[0] else "lr_lam"  # DoReMi's weights step, or λ's
     if len(rows) < MIN_STEPS:
         state = "too short"
-        text = f"too few steps ({len(rows)}) to judge convergence: run at least {MIN_STEPS}"
+        text = f"too short: {len(rows)} steps are too few to judge; run at least {MIN_STEPS}"
     elif total < UNMOVED:
         state = "not moved"
         text = (
-            f"not converged: p has not moved (at most {total:.2g} from its start in "
-            f"{len(rows)} steps); raise {knob} or run longer"
+            f"not moved (not converged): p is at most {total:.2g} from its start after "
+            f"{len(rows)} steps; raise {knob} or run longer"
         )
     elif recent > SETTLED_SHARE * total:
         state = "moving"
         text = (
-            f"not converged: p still moving {rate:.2g} per 100 steps {span} ({recent / total:.0%} "
-            f"of its whole move); run longer or raise {knob}"
+            f"moving (not converged): p moves {rate:.2g} per 100 steps {span} "
+            f"({recent / total:.0%} of its whole move); run longer or raise {knob}"
         )
     elif drift is not None and drift > DRIFT_Z:
         state = "drifting"
@@ -70,12 +71,16 @@ def convergence(rows: list[dict], tail: float = 0.25) -> dict[str, Any]:
             else ""
         )
         text = (
-            f"not converged: p moved only {recent:.2g} {span}{fell}, but λ's gradient still "
-            f"points one way ({drift:.1f} standard errors from 0); run longer or raise lr_lam"
+            f"drifting (not converged): p moved only {recent:.2g} {span}{fell}, but λ's "
+            f"gradient still points one way ({drift:.1f} standard errors from 0); run longer or "
+            "raise lr_lam"
         )
     else:
         state = "settled"
-        text = f"converged: p moved {recent:.2g} {span} ({recent / total:.0%} of its whole move)"
+        text = (
+            f"settled (converged): p moved {recent:.2g} {span} ({recent / total:.0%} of its "
+            "whole move)"
+        )
     if grads:
         text += f"; λ-gradient norm {grad:.2g}"
         if drift is not None and state == "settled":
