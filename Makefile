@@ -37,12 +37,14 @@ $(PEERS_STAMP): $(STAMP)
 
 peers: $(PEERS_STAMP)
 
-# the notebooks' training runs go to build/runs, made afresh each time (regenerable)
+# the notebooks' training runs go to build/runs, made afresh each time (regenerable); only this
+# target writes the committed figures/ (elsewhere, e.g. `make lab`, they go to build/figures)
 # each notebook's result sentence and runtime go to build/results; at quick they rewrite the
 # README table's last two columns (scalebio_core/lab/results.py)
 reproduce: setup
 	@rm -rf build/runs build/results && mkdir -p build/notebooks build/runs build/results figures
-	@set -e; export SCALEBIO_RUNS=$(CURDIR)/build/runs SCALEBIO_RESULTS=$(CURDIR)/build/results; \
+	@set -e; export SCALEBIO_RUNS=$(CURDIR)/build/runs SCALEBIO_RESULTS=$(CURDIR)/build/results \
+		SCALEBIO_FIGURES=$(CURDIR)/figures; \
 	for nb in $(NOTEBOOKS); do \
 		name=$$(basename $$nb); start=$$(date +%s); \
 		echo "== $$name (PRESET=$(PRESET))"; \

@@ -33,7 +33,8 @@
 # | `02_lisa` … | LLM data reweighting with LISA (later notebooks: noisy data, languages, informative sources, scale-out) |
 #
 # Every notebook has a `parameters` cell with `PRESET` (`smoke` for tests, `quick` for a CPU in
-# minutes, `paper` for real models on GPUs) and saves its headline figure to `figures/`.
+# minutes, `paper` for real models on GPUs) and saves its headline figure to `build/figures/`
+# (`make reproduce`: to the committed `figures/`).
 
 # %% tags=["parameters"]
 PRESET = "quick"

@@ -42,16 +42,22 @@ DATA_DIR = None  # your folder; None: an example folder written from an embedded
 
 # %%
 import json
-import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from scalebio_core.lab.experiments import preset_config, run_preset, runs_root
+from scalebio_core.lab.experiments import (
+    finetune,
+    preset_config,
+    run_preset,
+    runs_root,
+    seconds_text,
+    training_seconds,
+)
 from scalebio_core.lab.plots import plot_weights, save_figure
 from scalebio_core.lab.widgets import weight_viewer
 from scalebio_core.train.convergence import VERDICT
-from scalebio_core.train.pipeline import EVAL, resample_run, sft, write_example_folder
+from scalebio_core.train.pipeline import write_example_folder
 from scalebio_core.train.runs import load_trajectory
 
 # the example folder's size and the fine-tunings', per preset (the run's sizes: configs/your_data.yaml)
@@ -82,15 +88,20 @@ for f in sorted(DATA_DIR.iterdir()):
 # response, or a prompt that fills `max_length`), the samples and tokens kept, and the share cut at
 # `max_length`; the validation and test sets get a row each, and the chosen `max_length` and why
 # come last. A progress bar with the time to go follows, and the convergence verdict ends the run.
+#
+# The run's folder is named by the preset and a key of everything that made it: the config and
+# the SHA-256 of every file of the folder it reads. Another folder, or the same folder with a file
+# changed, gets a run of its own. Run the cell again and the finished run is reused: it says so,
+# with the time its steps took, and shows its table again.
 
 # %%
 cfg = preset_config("your_data", PRESET, data_dir=str(DATA_DIR), seed=SEED)
 print(f"model {cfg.model}: lr_w = lr_u = {cfg.bilevel.lr_w} (the model's default), "
       f"lr_lam {cfg.bilevel.lr_lam}, max_length {cfg.max_length}, {cfg.steps} steps, "
       f"batch {cfg.batch_size}")
-start = time.perf_counter()
 run_dir = run_preset("your_data", PRESET, progress=True, data_dir=str(DATA_DIR), seed=SEED)
-run_seconds = time.perf_counter() - start
+run_seconds = training_seconds(run_dir)  # the steps' own time, from timing.jsonl
+took = seconds_text(run_seconds)
 traj = load_trajectory(run_dir)
 weights = traj["weights"]
 verdict = json.loads((run_dir / VERDICT).read_text())
@@ -104,21 +115,16 @@ print(verdict["text"])
 # `round(N·p_s)` records of each source. A fresh model is then fine-tuned on those records
 # (`python -m scalebio_core sft --data RUN/resampled.jsonl --out FOLDER data_dir=DATA_DIR`), and
 # another on the same number of records drawn uniformly over the sources. Both are scored on
-# `test.jsonl`, which neither the weights nor the fine-tunings have seen.
+# `test.jsonl`, which neither the weights nor the fine-tunings have seen. Each fine-tuning is kept
+# in a folder named by the run, the weights, the sizes and the test set: a finished one is read
+# back (and says so), never one of another folder.
 
 # %%
 uniform = {n: 1 / len(weights) for n in weights}
 results = {}
+sft_cfg = cfg.replace(steps=SIZES["sft_steps"])
 for name, w in (("ScaleBiO", weights), ("uniform", uniform)):
-    out = runs_root() / f"your_data_{PRESET}_sft_{name}"
-    if (out / EVAL).exists():  # a finished fine-tuning of this folder is read back
-        results[name] = json.loads((out / EVAL).read_text())
-        continue
-    # overwrite=True: a fine-tuning of this loop stopped before its eval.json is redone
-    data = resample_run(run_dir, SIZES["n"], out / "data" / "train.jsonl", seed=SEED, weights=w,
-                        overwrite=True)
-    sft_cfg = cfg.replace(steps=SIZES["sft_steps"], out_dir=str(out))
-    results[name] = sft(sft_cfg, data, out, progress=False, overwrite=True)
+    results[name] = finetune(run_dir, sft_cfg, name, w, SIZES["n"], seed=SEED)
 for name, r in results.items():
     print(f"{name:9s} held-out loss {r['target_loss']:.4f} on {r['n_test']} test records")
 
@@ -159,12 +165,12 @@ example = (DATA_DIR / "manifest.json").exists() and "noise_0.0" in weights
 if example and PRESET != "smoke":
     assert weights["noise_0.0"] > weights["noise_1.0"], weights
 gain = results["uniform"]["target_loss"] - results["ScaleBiO"]["target_loss"]
-print(f"run: {run_seconds:.0f} s; {verdict['verdict']}; held-out loss ScaleBiO "
+print(f"run: {took} of training steps; {verdict['verdict']}; held-out loss ScaleBiO "
       f"{results['ScaleBiO']['target_loss']:.4f}, uniform {results['uniform']['target_loss']:.4f} "
       f"({gain:+.4f} in ScaleBiO's favour)")
 
 report("09_your_data", PRESET,
-       f"Weights {verdict['verdict']} after {run_seconds:.0f} s; held-out loss ScaleBiO "
+       f"Weights {verdict['verdict']} after {took}; held-out loss ScaleBiO "
        f"{results['ScaleBiO']['target_loss']:.4f} vs uniform "
        f"{results['uniform']['target_loss']:.4f} (one seed).")
 

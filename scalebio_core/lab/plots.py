@@ -1,6 +1,7 @@
 """Figures: one style, titles that say what is shown, labelled axes, one helper that saves.
 
-Functions draw on a given matplotlib Axes and return it; `save_figure` writes `figures/NAME.png`.
+Functions draw on a given matplotlib Axes and return it; `save_figure` writes `NAME.png` in
+`figures_dir()` (`build/figures/`; `make reproduce`: the committed `figures/`).
 The figures of the notebooks (`plot_tour`, `plot_toy_runs`, …, at the end) make their own Figure
 from what a notebook computed and return it, so that a notebook's figure cell is one call.
 """
@@ -50,8 +51,10 @@ plt.rcParams.update(STYLE)
 
 
 def figures_dir() -> Path:
-    """`$SCALEBIO_FIGURES` if set, else `figures/` at the repository root."""
-    return project_dir("SCALEBIO_FIGURES", "figures")
+    """`$SCALEBIO_FIGURES` if set, else `build/figures/` at the repository root: a notebook run
+    from JupyterLab leaves the committed `figures/` alone; only `make reproduce` writes there
+    (it sets `$SCALEBIO_FIGURES`)."""
+    return project_dir("SCALEBIO_FIGURES", "build", "figures")
 
 
 def save_figure(fig: plt.Figure, name: str) -> Path:

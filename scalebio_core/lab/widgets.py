@@ -19,6 +19,7 @@ from ..core.toy_runs import run_toy
 from ..errors import ConfigError
 from ..plan.memory import HEADROOM, PAPER_MODELS, model_shape
 from ..plan.scaleout import GPU_GIB, GPUS, emit, memory_argv, plan_command, plan_config, plan_run
+from ..train import nullband
 from ..train.config import LORA_BASES, PRECISIONS, load_preset
 from ..train.convergence import VERDICT
 from ..train.runs import TRAJECTORY, load_trajectory, read_jsonl
@@ -233,6 +234,8 @@ class LivePlot:
         self.widget = W.Image(format="png")
 
     def __call__(self, row: dict, setup=None) -> None:
+        if nullband.is_split(row["p"]):  # the null band's halves: draw the sources
+            row = nullband.combine_row(row)
         self.rows.append(row)
         if len(self.rows) % self.every:
             return
