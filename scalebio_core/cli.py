@@ -8,6 +8,7 @@ import os
 import shlex
 import signal
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,62 @@ from .train.config import (
 from .train.pipeline import read_weights, resample_run, sft
 from .train.trainer import train
 
+COMMON_KEYS = {
+    "data_dir": "your data: a folder of one .jsonl/.json/.txt file per source, validation.jsonl "
+    "and test.jsonl",
+    "out_dir": "the run folder to write (config.yaml, weights.json, verdict.json, …)",
+    "steps": "training steps",
+    "model": "embedded:tiny (random init, offline: it tells sources apart by form, not by "
+    "correctness), a hub name (gpt2) or a model folder",
+    "exact_match": "accuracy of the test answers: on, off, auto (on where they are short)",
+    "grader": "how an answer is checked: exact, or math-verify (\\boxed{}, LaTeX)",
+    "seed": "seed of the model initialisation and the batches",
+}
+"""The keys `train --help` lists, with their meaning (docs/config.md lists every key)."""
+SFT_KEYS = {
+    "data_dir": "the run's data folder: its validation and test sets score the model (or give "
+    "--config RUN/config.yaml)",
+    "model": COMMON_KEYS["model"],
+    "steps": "fine-tuning steps (--token-budget sets them from a token count instead)",
+    "lr_w": "learning rate of the fine-tuning (default: by the model, 2e-3 for an embedded one, "
+    "1e-5 for a pretrained one)",
+    "exact_match": COMMON_KEYS["exact_match"],
+    "grader": COMMON_KEYS["grader"],
+    "seed": "seed of the model initialisation and the batches",
+}
+
+
+def keys_help(keys: dict[str, str]) -> str:
+    """The epilog of a command's --help: each key, its default and meaning; where all are."""
+    default = TrainConfig().to_dict()  # the flat keys: a key that is none fails here
+    width = max(map(len, keys)) + 4
+    lines = ["common keys (key=value; values are YAML: steps=400, exact_match=on):"]
+    for key, meaning in keys.items():
+        value = default[key]
+        if value is not None and "default:" not in meaning:
+            meaning += f" (default: {value})"
+        lines += textwrap.wrap(
+            meaning, 96, initial_indent=f"  {key:<{width - 2}}", subsequent_indent=" " * width
+        )
+    lines += textwrap.wrap(
+        "every key, with its default and meaning: docs/config.md (the fields of TrainConfig, "
+        "scalebio_core/train/config.py); the commands and their options: docs/cli.md",
+        96,
+    )
+    return "\n".join(lines)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser: train, resample, sft, memory."""
     parser = argparse.ArgumentParser(prog="python -m scalebio_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Intermixed)
-    t = sub.add_parser("train", help="run ScaleBiO and write a run directory")
+    t = sub.add_parser(
+        "train",
+        help="run ScaleBiO and write a run directory",
+        description="Learn data weights (ScaleBiO, or a baseline: method=…) into out_dir.",
+        epilog=keys_help(COMMON_KEYS),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t.add_argument("--config", help="YAML config (a run's config.yaml, or a preset file)")
     t.add_argument("--preset", help="preset section of the config file: smoke, quick, paper")
     t.add_argument("--resume", action="store_true", help="continue the run in out_dir")
@@ -72,7 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--overwrite", action="store_true", help="replace resample's own earlier --out file"
     )
-    f = sub.add_parser("sft", help="fine-tune a fresh model on resampled data and evaluate it")
+    f = sub.add_parser(
+        "sft",
+        help="fine-tune a fresh model on resampled data and evaluate it",
+        description="Fine-tune a fresh model on a resampled file, then score it on the held-out "
+        "test set (eval.json).",
+        epilog=keys_help(SFT_KEYS),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     f.add_argument("--config", help="YAML config of the sources, model and hyperparameters")
     f.add_argument("--preset", help="preset section of the config file")
     f.add_argument("--data", required=True, help="resampled JSON Lines file")

@@ -211,3 +211,52 @@ def test_overrides_stand_before_between_and_after_the_options(tmp_path):
     assert (args.gpus, args.model, args.overrides) == (2, ["m"], ["steps=3", "lr_w=1e-3"])
     with pytest.raises(SystemExit):  # an unknown option is still refused
         parser.parse_args(["train", "steps=3", "--bogus", "seed=1"])
+
+
+def test_on_and_off_are_taken_as_yaml_gives_them(tmp_path):
+    """Issue 30: `exact_match=on` on the command line was refused (YAML reads on as true)."""
+    from scalebio_core.cli import _train_config, build_parser
+
+    for text, value in [("on", "on"), ("yes", "on"), ("true", "on"), ("off", "off"), ("no", "off")]:
+        given = parse_overrides([f"exact_match={text}"])
+        assert TrainConfig(**given).exact_match == value, text
+    assert TrainConfig(**parse_overrides(["exact_match='on'"])).exact_match == "on"
+    assert TrainConfig(**parse_overrides(["null_band=off"])).null_band == "off"
+    with pytest.raises(ConfigError, match=r"null_band got on, yes or true .* \('auto', 'halves'"):
+        TrainConfig(**parse_overrides(["null_band=on"]))
+    path = tmp_path / "c.yaml"
+    path.write_text("exact_match: on\nnull_band: off\n")
+    args = build_parser().parse_args(["train", "--config", str(path), "exact_match=off"])
+    assert TrainConfig.from_dict(_train_config(args)).exact_match == "off"
+    cfg = TrainConfig.from_dict(load_preset(path))
+    assert (cfg.exact_match, cfg.null_band) == ("on", "off")
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # config.yaml holds the text
+
+
+def test_a_run_on_its_own_data_names_no_corpus():
+    """Issue 30: a data_dir run's config.yaml claimed `corpus: noisy`, which it never read."""
+    assert TrainConfig().corpus == "noisy" and TrainConfig(corpus="math").corpus == "math"
+    assert TrainConfig(corpus=None).corpus == "noisy"  # null: the default corpus
+    assert TrainConfig(data_dir="d").to_dict()["corpus"] is None
+    assert TrainConfig(data_dir="d", corpus="noisy") == TrainConfig(data_dir="d")  # old files
+    given = {"sources": [{"name": "a", "path": "a.jsonl"}], "validation": {"path": "v.jsonl"}}
+    assert TrainConfig(**given).corpus is None
+    assert TrainConfig(data_dir="d").replace(data_dir=None).corpus == "noisy"
+    with pytest.raises(ConfigError, match="corpus must be the name of an embedded corpus"):
+        TrainConfig(corpus=3)
+
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_help_lists_the_common_keys_and_where_all_are(command, capsys):
+    from scalebio_core.cli import COMMON_KEYS, SFT_KEYS, main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    keys = COMMON_KEYS if command == "train" else SFT_KEYS
+    want = ["data_dir", "model", "exact_match", "seed", "steps"]
+    want += ["out_dir"] if command == "train" else []
+    assert set(want) <= set(keys)
+    for key, meaning in keys.items():
+        assert f"{key} {' '.join(meaning.split())}" in out, key
+    assert "docs/config.md" in out and "exact_match=on" in out

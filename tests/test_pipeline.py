@@ -335,3 +335,65 @@ def test_sft_is_a_run_like_every_method(tmp_path):
         held.release()
     with pytest.raises(ConfigError, match="python -m scalebio_core sft --data FILE --out DIR"):
         train(smoke(tmp_path, "m", method="sft"), progress=False)
+
+
+def _leaky_run(tmp_path: Path) -> tuple[Path, Path]:
+    """A data folder (the example folder: two sources of 30 records) whose test.jsonl also holds
+    5 records of the source noise_0.0, and a run folder on it weighing that source 0.9 (a
+    config.yaml and weights.json are all `resample` reads)."""
+    from scalebio_core.files import write_yaml
+    from scalebio_core.sources.data import SourceSpec, load_records
+    from scalebio_core.train.pipeline import write_example_folder
+
+    data = write_example_folder(
+        tmp_path / "data", "noisy", n_per_source=30, n_val=12, noise_rates=[0.0, 1.0]
+    )
+    source = SourceSpec(name="noise_0.0", path=str(data / "noise_0.0.jsonl"))
+    leaked = [{"prompt": r["prompt"], "response": r["response"]} for r in load_records(source)]
+    with open(data / "test.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in leaked[:5]))
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = TrainConfig(data_dir=str(data), model="embedded:nano", out_dir=str(run))
+    write_yaml(run / "config.yaml", cfg.to_dict())
+    (run / "weights.json").write_text(json.dumps({"noise_0.0": 0.9, "noise_1.0": 0.1}))
+    return data, run
+
+
+def test_resample_says_repeats_and_test_records_in_one_clean_line_each(tmp_path):
+    """Issue 30, items 3 and 5: `resample --n` beyond a source's size said no repeat factor, and
+    nothing of the test records it wrote; warnings echoed source paths and code lines."""
+    data, run = _leaky_run(tmp_path)
+    n_test = len((data / "test.jsonl").read_text().splitlines())
+    py = [sys.executable, "-m", "scalebio_core"]
+    done = subprocess.run(
+        [*py, "resample", "--run", str(run), "--n", "90"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["counts"] == {"noise_0.0": 81, "noise_1.0": 9}
+    lines = done.stderr.splitlines()
+    assert lines and all(x.startswith("warning: ") for x in lines), lines  # no path, no code
+    said = "\n".join(lines)
+    assert "noise_0.0: 81 draws of 30 records, each record about 2.7 times" in said
+    assert f"5 of {n_test} test records are in the training data too (resampled.jsonl: 5)" in said
+    assert "validation records" not in said  # the example folder's validation set is apart
+
+
+def test_sft_warns_of_test_records_it_trains_on_and_takes_exact_match_on(tmp_path):
+    """Issue 30: sft said nothing of the test records in resampled.jsonl; `exact_match=on` on
+    the command line was refused (YAML reads on as true)."""
+    data, run = _leaky_run(tmp_path)
+    n_test = len((data / "test.jsonl").read_text().splitlines())
+    with pytest.warns(UserWarning, match="resampling repeats records"):
+        resampled = resample_run(run, 60)
+    py = [sys.executable, "-m", "scalebio_core", "sft", "--data", str(resampled)]
+    args = ["--out", str(tmp_path / "sft"), "--no-progress", f"data_dir={data}"]
+    args += ["model=embedded:nano", "steps=1", "batch_size=4", "exact_match=on"]
+    done = subprocess.run([*py, *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "accuracy" in json.loads(done.stdout)  # exact_match=on reached the evaluation
+    warned = [x for x in done.stderr.splitlines() if x.startswith("warning: ")]
+    assert f"5 of {n_test} test records are in the training data too (resampled.jsonl: 5)" in (
+        "\n".join(warned)
+    )
+    assert not [x for x in done.stderr.splitlines() if "Warning:" in x or ".py:" in x]

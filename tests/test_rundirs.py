@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from test_trainer import SMOKE, nan_at_fourth_validation_loss, smoke
 
 from scalebio_core.errors import ConfigError, DataError, TrainingStopped
+from scalebio_core.files import load_yaml
 from scalebio_core.train.config import TrainConfig
 from scalebio_core.train.losses import LMFns
 from scalebio_core.train.runs import RunLock, load_trajectory, read_jsonl
@@ -427,10 +429,35 @@ def test_held_out_files_take_their_roles_and_leaks_are_counted(tmp_path, capsys)
     ]
     said = " ".join(str(w.message) for w in seen)
     assert load_trajectory(tmp_path / "run")["names"] == ["a", "b"]  # test.jsonl is not trained on
-    assert "the test set also holds records of training sources (a: 2)" in said
+    assert "2 of 2 test records are in the training data too (a.jsonl: 2)" in said
+    assert load_yaml((tmp_path / "run" / "config.yaml").read_text())["corpus"] is None
     (data / "dev.jsonl").write_text((data / "val.jsonl").read_text())
     with pytest.raises(DataError, match=r"several validation sets \(dev.jsonl, val.jsonl\)"):
         train(smoke(tmp_path, data_dir=str(data), steps=1, out_dir=str(tmp_path / "r2")))
+
+
+def test_a_data_dir_run_recorded_with_the_default_corpus_still_resumes(tmp_path):
+    """Issue 30, item 5: a data_dir run's config.yaml claimed `corpus: noisy`; it now records
+    null. A run folder written before (config.yaml and checkpoint identity say noisy) resumes."""
+    data = _alpaca_folder(tmp_path / "data")
+    cfg = smoke(tmp_path, data_dir=str(data), steps=2, checkpoint_every=1)
+    assert cfg.corpus is None and TrainConfig(**{**cfg.to_dict(), "corpus": "noisy"}) == cfg
+    with pytest.warns(UserWarning):
+        first = train(cfg, progress=False)
+    run = tmp_path / "run"
+    saved = load_yaml((run / "config.yaml").read_text())
+    assert saved["corpus"] is None
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, "corpus": "noisy"}))  # as before
+    ckpt = run / "checkpoints" / "last.pt"
+    sd = torch.load(ckpt, weights_only=False)
+    sd["identity"]["config"]["corpus"] = "noisy"
+    torch.save(sd, ckpt)
+    with pytest.warns(UserWarning):
+        assert train(cfg, resume=True, progress=False) == pytest.approx(first)
+    sd["identity"]["config"]["seed"] = 5  # the identity is compared: another run is refused
+    torch.save(sd, ckpt)
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match="seed"):
+        train(cfg, resume=True, progress=False)
 
 
 def test_the_convergence_verdict_reads_the_trajectory(tmp_path, capsys):

@@ -9,8 +9,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "scalebio_core"
 WINGS = ("core", "sources", "parallel", "train", "plan", "lab")
 """The subpackages, bottom to top (`parallel` and `sources` side by side): a module imports its
-own wing, a lower one, or the top-level helpers (`errors`, `files`), never a higher wing."""
-BASE, TOP = ("errors", "files"), ("cli", "__main__", "__init__")
+own wing, a lower one, or the top-level helpers (`errors`, `files`, `messages`), never a higher
+wing."""
+BASE, TOP = ("errors", "files", "messages"), ("cli", "__main__", "__init__")
 FILES = {
     p.stem: p
     for p in PACKAGE.rglob("*.py")

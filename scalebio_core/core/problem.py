@@ -15,7 +15,6 @@ runs here: the problem becomes a one-parameter-tensor module and a full batch of
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import messages
 from ..errors import ConfigError
 from .bilevel import BilevelConfig, BilevelState, check_source_names, init_state, scalebio_step
 
@@ -254,7 +254,7 @@ def solve(
     traj = {k: np.asarray(v, dtype=float) for k, v in rows.items()}
     warning = collapse(traj, problem.names)
     if warning:
-        warnings.warn(warning, stacklevel=2)
+        messages.warn(warning, stacklevel=2)
     return BilevelResult(trajectory=traj, weights=state.weights(), state=state, warning=warning)
 
 

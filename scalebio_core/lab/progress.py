@@ -22,7 +22,7 @@ SHOWN = ("L1", "loss", "target_loss")
 def in_notebook() -> bool:
     """Whether the code runs in a Jupyter kernel (JupyterLab, papermill), where a widget shows,
     rather than in a terminal or a plain Python process."""
-    try:
+    try:  # IPython is there only with the notebooks extra; without it, no kernel either
         from IPython import get_ipython
     except ImportError:
         return False
@@ -58,7 +58,7 @@ class RunProgress:
                 if self.show:
                     print(table, flush=True)
             if self.show:
-                from tqdm.notebook import tqdm
+                from tqdm.notebook import tqdm  # in a kernel only: it needs ipywidgets
 
                 start = int(row.get("step", 0))
                 self.bar = tqdm(total=self.total, initial=start, desc=self.desc, unit="step")

@@ -35,7 +35,6 @@ import json
 import os
 import pickle
 import re
-import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ import datasets
 import torch
 from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
+from .. import messages
 from ..errors import DataError
 from ..files import save_torch
 from .sampling import IGNORE, NO_PAD
@@ -603,18 +603,32 @@ def held_out_files(path: str | os.PathLike[str]) -> dict[str, Path]:
 
 
 def leaks(
-    sources: Mapping[str, list[dict]], held_out: Mapping[str, list[dict]]
-) -> dict[str, dict[str, int]]:
-    """Per held-out set, how many records of each training source it also holds (the same prompt
-    and response): held-out data that training would see."""
-    out: dict[str, dict[str, int]] = {}
+    sources: Mapping[str, list[dict]],
+    held_out: Mapping[str, list[dict]],
+    where: Mapping[str, str] | None = None,
+) -> list[str]:
+    """One line per held-out set (validation, test) whose records the training data also holds
+    (the same prompt and response): how many of its records, in which sources (named by
+    `where`, e.g. their file, else by name), and the fix. Held-out data that training sees reads
+    too well; these lines are what `build_data`, `sft` and `resample` warn."""
+    where = where or {}
+    keys = {n: {(r["prompt"], r["response"]) for r in v} for n, v in sources.items()}
+    seen = set().union(*keys.values()) if keys else set()
+    out = []
     for role, recs in held_out.items():
-        keys = {(r["prompt"], r["response"]) for r in recs}
-        found = {
-            n: sum((r["prompt"], r["response"]) in keys for r in v) for n, v in sources.items()
+        found = sum((r["prompt"], r["response"]) in seen for r in recs)
+        if not found:
+            continue
+        per = {
+            where.get(n, n): sum((r["prompt"], r["response"]) in k for r in recs)
+            for n, k in keys.items()
         }
-        if any(found.values()):
-            out[role] = {n: c for n, c in found.items() if c}
+        shown = ", ".join(f"{n}: {c}" for n, c in per.items() if c)
+        out.append(
+            f"{found} of {len(recs)} {role} records are in the training data too ({shown}): "
+            f"the model trains on them, so the {role} set's loss reads low (and its accuracy "
+            f"high). Remove them from the training data or from the {role} set."
+        )
     return out
 
 
@@ -626,9 +640,9 @@ def specs_from_dir(path: str | os.PathLike[str]) -> list[SourceSpec]:
     files = list(roles.sources)
     held_out = sorted(f.name for f in (roles.validation, roles.test) if f is not None)
     if held_out:
-        warnings.warn(f"{root}: {', '.join(held_out)} held out, not trained on.", stacklevel=2)
+        messages.warn(f"{root}: {', '.join(held_out)} held out, not trained on.", stacklevel=2)
     if roles.skipped:
-        warnings.warn(
+        messages.warn(
             f"{root}: skipped {', '.join(roles.skipped)}: a source is one {'/'.join(SUFFIXES)} "
             "file of the folder (subfolders and other formats are not read).",
             stacklevel=2,
@@ -640,7 +654,7 @@ def specs_from_dir(path: str | os.PathLike[str]) -> list[SourceSpec]:
     if not files:
         raise DataError(f"{root} has no {'/'.join(SUFFIXES)} source files (besides validation).")
     if len(files) == 1:
-        warnings.warn(
+        messages.warn(
             f"{root}: one source ({files[0].name}): its weight is 1 whatever the run does; "
             "reweighting needs two or more source files.",
             stacklevel=2,
@@ -857,7 +871,7 @@ def say_dropped(data: TokenizedData, max_length: int) -> list[str]:
                 "left (truncate_prompts)"
             )
     for line in lines:
-        warnings.warn(line, stacklevel=2)
+        messages.warn(line, stacklevel=2)
     return lines
 
 
@@ -982,7 +996,7 @@ def _load_cache(path: Path, names: Sequence[str]) -> TokenizedData | None:
         return data
     except CACHE_ERRORS as e:
         why = (str(e).split(". ")[0] or type(e).__name__)[:120]
-        warnings.warn(
+        messages.warn(
             f"{path}: a tokenized-cache file that cannot be read ({why}); deleted, tokenizing "
             "again and rewriting it.",
             stacklevel=3,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import messages
 from ..core.bilevel import BilevelState, MicroBatches, init_state
 from ..core.distributed import RunDistribution
 from ..core.lisa import Lisa, make_lisa_pair
@@ -189,14 +189,9 @@ def build_data(cfg: TrainConfig, tokenizer: Any, given: Given | None = None) -> 
     tests = heldout_spec(cfg) if (cfg.data_dir or cfg.sources) else None
     if tests is not None:
         held["test"] = load_records(tests)
-    for role, counts in leaks(records, held).items():
-        warnings.warn(
-            f"the {role} set also holds records of training sources ("
-            + ", ".join(f"{n}: {c}" for n, c in counts.items())
-            + "): the model trains on them, so held-out losses read low. Remove them from "
-            "the sources or from the held-out set.",
-            stacklevel=2,
-        )
+    files_of = {s.name: Path(s.path).name for s in specs if s.path}
+    for line in leaks(records, held, files_of):
+        messages.warn(line, stacklevel=2)
     how = ""
     if cfg.max_length == "auto":
         n, how = auto_max_length({**records, **held}, tokenizer, context_limit(model))

@@ -11,13 +11,12 @@ and the identity of its run (`identity.py`), which a resume checks before it loa
 from __future__ import annotations
 
 import random
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import files
+from .. import files, messages
 from ..errors import ConfigError
 from . import runs
 from .build import Setup
@@ -105,7 +104,7 @@ def check_identity(
     """Refuse a checkpoint (`path`, its identity `saved`) that belongs to another run than `now`,
     naming what differs; returns the data changes accepted (`accept_data_change`)."""
     if saved is None:
-        warnings.warn(
+        messages.warn(
             f"{path} was written by an older version, without its run's identity: whether it "
             "belongs to this run (config, model, data) cannot be checked.",
             stacklevel=3,

@@ -67,6 +67,15 @@ def model_defaults(model: Any) -> dict[str, float]:
     return {"lr_w": lr, "lr_u": lr}
 
 
+EXACT_MATCH = ("auto", "on", "off")
+CHOICES = {"exact_match": EXACT_MATCH, "null_band": NULL_BANDS}
+SWITCHES = {"exact_match": {True: "on", False: "off"}, "null_band": {False: "off"}}
+"""Text fields whose values include on or off, by the text each boolean stands for: YAML (a
+config file, key=value on the command line) reads on, yes and true as True and off, no and false
+as False, so `exact_match=on` arrives as True and means 'on'."""
+DEFAULT_CORPUS = "noisy"
+"""The embedded corpus of a config that names no data (no data_dir, no sources, no corpus)."""
+
 BILEVEL_KEYS = tuple(f.name for f in dataclasses.fields(BilevelConfig) if f.name != "total_steps")
 DOREMI_KEYS = {FLAT_PREFIX + f.name: f.name for f in dataclasses.fields(DoReMiConfig)}
 
@@ -80,8 +89,9 @@ class TrainConfig:
     """
 
     # -- data
-    corpus: str = "noisy"
-    """Embedded corpus (scalebio_core.sources.corpora.CORPORA); ignored when data_dir is set."""
+    corpus: str | None = field(default=DEFAULT_CORPUS, metadata={"kinds": (str, type(None))})
+    """Embedded corpus (scalebio_core.sources.corpora.CORPORA); None (null) when data_dir or
+    sources give the data (a corpus given with them is not used, and not recorded)."""
     corpus_args: dict = field(default_factory=dict)
     """Keyword arguments of the embedded corpus (sizes, noise rates, seed)."""
     data_dir: str | None = None
@@ -212,6 +222,9 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}.")
         kwargs = {**model_defaults(kwargs.get("model", own["model"].default)), **kwargs}
+        kwargs |= _switches(kwargs)
+        own_data = kwargs.get("data_dir") or kwargs.get("sources")
+        kwargs["corpus"] = None if own_data else kwargs.get("corpus") or DEFAULT_CORPUS
         for name, f in own.items():
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             object.__setattr__(self, name, kwargs.get(name, default))
@@ -236,6 +249,10 @@ class TrainConfig:
         check_all(
             "TrainConfig",
             [
+                (
+                    self.corpus is None or isinstance(self.corpus, str),
+                    f"corpus must be the name of an embedded corpus; got {self.corpus!r}",
+                ),
                 (self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}"),
                 (self.estimator in ESTIMATORS, f"estimator must be one of {ESTIMATORS}"),
                 (self.precision in PRECISIONS, f"precision must be one of {tuple(PRECISIONS)}"),
@@ -277,7 +294,7 @@ class TrainConfig:
                 (self.method in METHODS, f"method must be one of {METHODS}"),
                 (self.null_band in NULL_BANDS, f"null_band must be one of {NULL_BANDS}"),
                 (
-                    self.exact_match in ("auto", "on", "off"),
+                    self.exact_match in EXACT_MATCH,
                     "exact_match must be auto, on or off",
                 ),
                 (self.grader in GRADERS, f"grader must be one of {GRADERS}"),
@@ -309,6 +326,23 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         return cls(**d)
+
+
+def _switches(kwargs: Mapping[str, Any]) -> dict[str, str]:
+    """The `SWITCHES` fields given as booleans, as their text (True: 'on' for exact_match)."""
+    out = {}
+    for name, words in SWITCHES.items():
+        value = kwargs.get(name)
+        if not isinstance(value, bool):
+            continue
+        if value not in words:
+            said = "on, yes or true" if value else "off, no or false"
+            raise ConfigError(
+                f"TrainConfig: {name} got {said} (YAML reads each as {value}), which {name} "
+                f"does not take: give one of {CHOICES[name]}."
+            )
+        out[name] = words[value]
+    return out
 
 
 # ------------------------------------------------------------------ presets and overrides

@@ -11,6 +11,28 @@ VERDICT = "verdict.json"
 SETTLED_SHARE, UNMOVED, MIN_STEPS, DRIFT_Z = 0.1, 0.01, 40, 3.0
 
 
+def _lam_grads(rows: list[dict], p: np.ndarray, names: list[str]) -> tuple[list, Any, Any]:
+    """λ's gradient α·(diag(p) − p pᵀ)(l̄(w) − l̄(u)) at each of `rows` (ScaleBiO rows), its mean
+    norm, and the drift: the largest |mean| / standard error of one source's gradient (None
+    under 3 rows)."""
+    grads: list[np.ndarray] = []
+    for r, q in zip(rows, p):
+        if "loss_w" in r and "loss_u" in r:
+            w, u = (
+                [r[key][n] for n in names] if isinstance(r[key], dict) else r[key]
+                for key in ("loss_w", "loss_u")
+            )
+            d = np.asarray(w, float) - np.asarray(u, float)
+            grads.append(r["alpha"] * q * (d - q @ d))
+    grad = float(np.mean([np.linalg.norm(g) for g in grads])) if grads else None
+    drift = None
+    if len(grads) >= 3:
+        g = np.asarray(grads)
+        se = g.std(0, ddof=1) / np.sqrt(len(g))
+        drift = float(np.max(np.abs(g.mean(0)) / np.maximum(se, 1e-30)))
+    return grads, grad, drift
+
+
 def convergence(rows: list[dict], tail: float = 0.25) -> dict[str, Any]:
     """Whether the weights p of a run have settled, from its trajectory rows.
 
@@ -30,21 +52,7 @@ def convergence(rows: list[dict], tail: float = 0.25) -> dict[str, Any]:
     total = float(np.abs(p - p[0]).max())
     recent = float(np.abs(p[-1] - p[-k]).max())
     rate = recent / max(k - 1, 1) * 100
-    grads: list[np.ndarray] = []
-    for r, q in zip(rows[-k:], p[-k:]):
-        if "loss_w" in r and "loss_u" in r:
-            w, u = (
-                [r[key][n] for n in names] if isinstance(r[key], dict) else r[key]
-                for key in ("loss_w", "loss_u")
-            )
-            d = np.asarray(w, float) - np.asarray(u, float)
-            grads.append(r["alpha"] * q * (d - q @ d))
-    grad = float(np.mean([np.linalg.norm(g) for g in grads])) if grads else None
-    drift = None  # the largest |mean| / standard error of one source's λ-gradient over the tail
-    if len(grads) >= 3:
-        g = np.asarray(grads)
-        se = g.std(0, ddof=1) / np.sqrt(len(g))
-        drift = float(np.max(np.abs(g.mean(0)) / np.maximum(se, 1e-30)))
+    grads, grad, drift = _lam_grads(rows[-k:], p[-k:], names)
     span = f"over the last {k} of {len(rows)} steps"
     knob = "doremi_eta" if "phase" in rows[0] else "lr_lam"  # DoReMi's weights step, or λ's
     if len(rows) < MIN_STEPS:

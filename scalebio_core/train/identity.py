@@ -101,11 +101,20 @@ def run_identity(
     }
 
 
+def _read(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config as it is compared: on a run's own data (data_dir, sources) the
+    corpus is not read, whatever is recorded (checkpoints before it was null say 'noisy')."""
+    out = dict(config)
+    if out.get("data_dir") or out.get("sources"):
+        out.pop("corpus", None)
+    return out
+
+
 def differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, list[str]]:
     """What differs between a checkpoint's identity (`saved`) and this run's (`now`), by part:
     "config", "model" and "data" (the files, and the tokenized sets), as lines to show."""
     out: dict[str, list[str]] = {"config": [], "model": [], "data": []}
-    a, b = saved.get("config", {}), now.get("config", {})
+    a, b = _read(saved.get("config", {})), _read(now.get("config", {}))
     for k in sorted(set(a) | set(b)):
         if a.get(k) != b.get(k):
             out["config"].append(f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} in this run")

@@ -3,7 +3,7 @@
     resample(...)        N examples drawn from the sources by the learned weights
     sft(cfg, data, ...)  plain fine-tuning of a fresh model on them (the trainer, weights fixed)
     evaluate(...)        target loss on a held-out target set; exact-match accuracy where the
-                         answers are checkable ("The answer is N." or a terse answer)
+                         answers are checkable (`evaluation`, re-exported here)
 
 The held-out target set of an embedded corpus is a fresh draw of its validation distribution
 (another seed) with every record that also occurs in the training sources or the validation set
@@ -14,11 +14,9 @@ it cannot measure them.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,31 +25,26 @@ import datasets
 import numpy as np
 import torch
 
-from .. import files
+from .. import files, messages
 from ..core.baselines import VALIDATION, plain_step
 from ..errors import ConfigError, DataError
-from ..sources.corpora import build_corpus, extract_answer
+from ..sources.corpora import build_corpus
 from ..sources.data import (
-    DROP_REASONS,
     SourceSpec,
+    leaks,
     load_records,
     load_sources,
     read_lines,
-    tokenize,
 )
-from ..sources.sampling import collate
 from . import loop, runs
 from .build import count_tokens, data_rules, data_specs, heldout_spec, setup, train_batch
 from .config import TrainConfig, read_run_config
+from .evaluation import check_grader, checkable, evaluate, grade
+
+__all__ = ["check_grader", "checkable", "evaluate", "grade"]  # evaluation's, for older callers
 from .loop import Callback
-from .losses import per_sample_loss
 from .trainer import lm_fns
 
-CHECKABLE_CORPORA = ("instruction", "noisy", "informative", "math")
-SHORT_WORDS, SHORT_CHARS = 4, 40
-SIGHT_RECORDS = 100
-"""Target records a run on your data answers at its end (`model_sight`)."""
-CHANCE_MARGIN = 0.05
 TEST_SEED_OFFSET = 7919  # the held-out draw's corpus seed: seed + this
 EVAL = "eval.json"
 RESAMPLED = "resampled.jsonl"
@@ -116,13 +109,16 @@ def resample(
         idx = np.concatenate([rng.permutation(len(pool)) for _ in range(-(-count // len(pool)))])
         out.extend({**pool[i], "source": name} for i in idx[:count].tolist())
         if count > len(pool):
-            repeated.append(f"{name}: {count} draws of {len(pool)} records")
+            repeated.append(
+                f"{name}: {count} draws of {len(pool)} records, each record about "
+                f"{count / len(pool):.1f} times"
+            )
     if repeated:
-        warnings.warn(
+        messages.warn(
             "resampling repeats records of sources smaller than their draws ("
             + "; ".join(repeated)
-            + "): each such record appears about draws/records times. Ask for fewer records "
-            "(--n) or give those sources more data.",
+            + "): a model fine-tuned on them sees those records that often. Ask for fewer "
+            "records (--n; n= in Python) or give those sources more data.",
             stacklevel=2,
         )
     if add_validation:
@@ -204,9 +200,12 @@ def resample_rows(
     seed: int = 0,
     add_validation: bool = False,
     weights: Mapping[str, float] | None = None,
+    where: str = "the drawn records",
 ) -> list[dict]:
     """`n` records of a run's sources drawn by its weights.json (or `weights`): `resample` on the
-    sources its config.yaml names."""
+    sources its config.yaml names. Warns when the drawn records (named `where`, e.g. the file
+    they go to) hold records of the validation set (beyond those `add_validation` appends) or of
+    the test set (`data.leaks`): held-out data that a fine-tuning on them would train on."""
     run_dir = Path(run_dir)
     _check_run_files(run_dir, weights)
     cfg = read_run_config(run_dir)
@@ -218,14 +217,23 @@ def resample_rows(
             "or give the weights to use (--weights FILE; weights= in Python).",
         )
     specs, val_spec = data_specs(cfg)
-    return resample(
+    validation = load_records(val_spec)
+    rows = resample(
         weights,
         load_sources(specs),
         n,
         seed=seed,
-        validation=load_records(val_spec),
+        validation=validation,
         add_validation=add_validation,
     )
+    drawn = [r for r in rows if r["source"] != VALIDATION]  # not the validation set's own
+    lines = leaks({where: drawn}, {"validation": validation})
+    test = heldout_spec(cfg) if (cfg.data_dir or cfg.sources) else None  # a corpus's: disjoint
+    if test is not None:
+        lines += leaks({where: rows}, {"test": load_records(test)})
+    for line in lines:
+        messages.warn(line, stacklevel=3)
+    return rows
 
 
 def resample_run(
@@ -245,7 +253,8 @@ def resample_run(
     target = Path(out) if out else run_dir / RESAMPLED
     limit = 8 * read_run_config(run_dir).max_record_bytes  # JSON escapes, "source"
     _check_resample_out(target, overwrite, limit)
-    return write_jsonl(target, resample_rows(run_dir, n, seed, add_validation, weights))
+    rows = resample_rows(run_dir, n, seed, add_validation, weights, where=target.name)
+    return write_jsonl(target, rows)
 
 
 def mixture(
@@ -323,220 +332,6 @@ def write_example_folder(
     write_jsonl(out / "validation.jsonl", val)  # a templated corpus repeats some records
     write_jsonl(out / "test.jsonl", heldout_records(cfg))
     return out
-
-
-def short_answers(records: Sequence[dict], share: float = 0.9) -> bool:
-    """Whether at least `share` of the records' responses end in a short answer that a grader
-    can check: "The answer is N.", \\boxed{N}, a letter, a number, a few words (at most
-    SHORT_WORDS words and SHORT_CHARS characters after `extract_answer`)."""
-    if not records:
-        return False
-    answers = [extract_answer(r["response"]) for r in records]
-    short = [0 < len(a) <= SHORT_CHARS and len(a.split()) <= SHORT_WORDS for a in answers]
-    return sum(short) >= share * len(records)
-
-
-def checkable(cfg, records: Sequence[dict] | None = None) -> bool:
-    """Whether the target set's answers can be checked by exact match: exact_match 'on' or
-    'off'; 'auto': the templated corpora, and data of your own (data_dir, sources, test) whose
-    held-out `records` end in short answers (`short_answers`)."""
-    if cfg.exact_match != "auto":
-        return cfg.exact_match == "on"
-    if cfg.sources or cfg.data_dir or cfg.test:
-        return records is not None and short_answers(records)
-    return cfg.corpus in CHECKABLE_CORPORA
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def target_loss(model, data, pad_id: int, batch_size: int = 32) -> float:
-    """Mean per-sample loss (response tokens) over a tokenized set, in eval mode."""
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total = 0.0
-    try:
-        for i in range(0, len(data), batch_size):
-            b = collate(data, range(i, min(i + batch_size, len(data))), pad_id)
-            b = {k: v.to(device) for k, v in b.items()}
-            total += float(per_sample_loss(model, b).sum())
-    finally:
-        model.train(was)
-    return total / len(data)
-
-
-@torch.no_grad()
-def greedy_answers(model, tokenizer, data, max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy continuations of each sample's prompt (left-padded batches), decoded to text."""
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    prompts = [ids[lab == -100] for ids, lab in zip(data.input_ids, data.labels)]
-    limit = getattr(model.config, "n_positions", None) or getattr(
-        model.config, "max_position_embeddings", 10**9
-    )
-    out: list[str] = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i : i + batch_size]
-            t = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), t), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), t), dtype=torch.long)
-            for r, p in enumerate(chunk):
-                ids[r, t - len(p) :] = p
-                mask[r, t - len(p) :] = 1
-            new = max(1, min(max_new_tokens, limit - t))
-            gen = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=new,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=eos,
-            )[:, t:]
-            for row in gen.tolist():
-                row = row[: row.index(eos)] if eos in row else row
-                out.append(tokenizer.decode(row, skip_special_tokens=True))
-    finally:
-        model.train(was)
-    return out
-
-
-def check_grader(grader: str) -> None:
-    """Refuse, before anything trains, a grader that is unknown or whose package is missing."""
-    if grader not in ("exact", "math-verify"):
-        raise ConfigError(f"unknown grader {grader!r}: use 'exact' or 'math-verify'")
-    if grader == "math-verify" and importlib.util.find_spec("math_verify") is None:
-        raise ConfigError(
-            "grader: math-verify needs the math-verify package: pip install "
-            "'scalebio_core[math]' (or grader: exact, the final answers compared as text)."
-        )
-
-
-def grade(answer: str, expected: str, grader: str = "exact") -> bool:
-    """Whether a generated answer matches the expected one.
-
-    "exact": the final answers (`extract_answer`: the text after "The answer is", else the last
-    \\boxed{}, else the whole stripped text) are equal strings. "math-verify": the
-    `math-verify` package extracts the final answer of each (\\boxed{}, LaTeX or a plain
-    expression) and compares them as sympy expressions, so "72", "$72$" and "\\boxed{72.0}"
-    agree; the expected answer is parsed first and an answer it cannot parse counts as wrong.
-    """
-    if grader == "exact":
-        return extract_answer(answer) == extract_answer(expected)
-    check_grader(grader)
-    from math_verify import parse, verify  # lazy: sympy and antlr load in seconds
-
-    gold = parse(extract_answer(expected))
-    if not gold:
-        raise DataError(
-            f"math-verify cannot parse the expected answer {expected[-80:]!r}: the test set's "
-            "answers must end in a number or expression (e.g. 'The answer is 72.' or \\boxed{72})"
-        )
-    return bool(verify(gold, parse(answer)))
-
-
-def evaluate(
-    model,
-    tokenizer,
-    records: list[dict],
-    max_length: int,
-    exact_match: bool,
-    rules: dict | None = None,
-    grader: str = "exact",
-) -> dict:
-    """Target loss on `records`; accuracy of greedy answers when `exact_match`, checked by
-    `grade(answer, expected, grader)`.
-
-    `rules` (strict, max_drop_share, truncate_prompts) as the run's data: records without
-    response tokens are dropped and counted in "dropped", or refused (`data.tokenize`); by
-    default each must count.
-    """
-    data = tokenize({"test": records}, tokenizer, max_length, **(rules or {}))
-    counts = data.dropped.get("test", {})
-    dropped = sum(counts.get(k, 0) for k in DROP_REASONS)
-    if exact_match and counts.get("prompt that fills max_length", 0):
-        raise DataError(
-            f"the test set: {counts['prompt that fills max_length']} prompts fill max_length = "
-            f"{max_length}, so their answers cannot be graded; raise max_length or set "
-            "truncate_prompts: true."
-        )
-    records = [r for r in records if r["response"].strip()]  # those tokenize kept
-    out: dict[str, Any] = {
-        "n_test": len(records),
-        "dropped": dropped,
-        "target_loss": target_loss(model, data, tokenizer.pad_token_id),
-    }
-    if exact_match:
-        longest = max(int((lab != -100).sum()) for lab in data.labels)
-        answers = greedy_answers(model, tokenizer, data, max_new_tokens=longest + 4)
-        hits = [grade(a, r["response"], grader) for a, r in zip(answers, records, strict=True)]
-        out["accuracy"] = float(np.mean(hits))
-        out["grader"] = grader
-        out["examples"] = [
-            {"prompt": r["prompt"][-80:], "expected": r["response"], "answer": a}
-            for a, r in list(zip(answers, records))[:5]
-        ]
-    return out
-
-
-# ---------------------------------------------------------------- can the model see it?
-
-
-def model_sight(s: Any) -> dict | None:
-    """What a run on your data (data_dir, sources) can tell about its model, said with the
-    verdict: None for the embedded corpora.
-
-    - `note`, for a randomly initialised embedded model: it learns only from these records, so
-      it separates sources by their form (language, format, length), not by correctness.
-    - Where the target's answers are checkable (`checkable`): w answers up to SIGHT_RECORDS
-      target records greedily; its accuracy is set against chance, the share of the most common
-      answer (what always giving one answer scores). At chance, the model cannot tell a right
-      answer from a wrong one, so weights on correctness would be noise. w was trained on the
-      target set, so this accuracy is an upper bound on what the model can do there.
-    Single-process runs only (a sharded w cannot generate from one process)."""
-    cfg = s.cfg
-    if not (cfg.data_dir or cfg.sources):
-        return None
-    fix = "use a pretrained model: model=gpt2 (or a hub name, or a folder with a model)"
-    out: dict[str, Any] = {"model": cfg.model, "notes": [], "blind": False}
-    if str(cfg.model).startswith("embedded"):
-        out["blind"] = True
-        out["notes"].append(
-            f"the model ({cfg.model}) is randomly initialised and learns only from these "
-            "records: it can separate sources by form (language, format, length), not by "
-            "correctness"
-        )
-    _, val_spec = data_specs(cfg)
-    records = load_records(val_spec)[:SIGHT_RECORDS]
-    if s.dist.world == 1 and checkable(cfg, records):
-        try:
-            result = evaluate(
-                s.state.w, s.tokenizer, records, cfg.max_length, True, data_rules(cfg), cfg.grader
-            )
-        except (DataError, ConfigError) as e:  # the run is done; say why there is no accuracy
-            result = None
-            out["notes"].append(f"target accuracy not measured: {e}")
-        if result is not None:
-            answers = [extract_answer(r["response"]) for r in records]
-            chance = max(answers.count(a) for a in set(answers)) / len(answers)
-            acc = result["accuracy"]
-            out |= {"accuracy": acc, "chance": chance, "n": result["n_test"]}
-            said = (
-                f"the trained model (w) answers {acc:.0%} of {result['n_test']} target "
-                f"questions (grader {cfg.grader}); always giving the most common answer "
-                f"scores {chance:.0%}"
-            )
-            if acc <= chance + CHANCE_MARGIN:
-                out["blind"] = True
-                said += ": at chance, so it cannot tell a right answer from a wrong one"
-            out["notes"].append(said)
-    if out["blind"]:
-        out["notes"].append(f"for weights that reflect correctness, {fix}")
-    return out if out["notes"] else None
 
 
 # ---------------------------------------------------------------- fine-tuning on a resampled set
@@ -656,7 +451,8 @@ def sft(
     and eval.json (target loss, accuracy) into `out_dir` (`SFT_FILES`). `out_dir` must be new,
     empty (the data file may lie in it) or an earlier output of sft; that one is replaced only
     with `overwrite` (its other files are kept), never a folder of other files
-    (`check_sft_out`).
+    (`check_sft_out`). Records of the validation or the test set in `data` are warned of, with
+    counts (`data.leaks`): the run's config names the test set (a data folder's test file too).
     """
     out = Path(out_dir)
     check_sft_out(out, Path(data), overwrite)
@@ -667,12 +463,17 @@ def sft(
     check_grader(cfg.grader)  # before training: a grader that cannot run fails fast
     tests = heldout_records(cfg)  # likewise a missing test set
     _, val_spec = data_specs(cfg)
+    test_spec = heldout_spec(cfg)  # named in the run's config: its records are checked for leaks
+    test = cfg.test or (
+        {"path": str(Path(test_spec.path).resolve())} if test_spec and test_spec.path else None
+    )
     val_file = out / "data" / "validation.jsonl"
     run_cfg = cfg.replace(
         method="sft",
         sources=[{"name": "train", "path": str(Path(data).resolve())}],
         validation={"path": str(val_file)},
         data_dir=None,
+        test=test,
         sampler="union",
         estimator="expected",
         lisa_active=0,

@@ -11,7 +11,6 @@ import fcntl
 import json
 import os
 import socket
-import warnings
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import messages
 from ..errors import ConfigError, DataError
 from ..files import CHECKPOINT_FILE, CHECKPOINTS, TMP_PREFIX, disk_full, file_mode, write_text
 from . import nullband
@@ -139,7 +139,7 @@ def covered_rows(path: Path, n_steps: int) -> list[dict]:
             "Nothing was changed. Restore it from a copy, or start a new run in a new out_dir."
         )
     if inside:
-        warnings.warn(
+        messages.warn(
             f"{path}: damaged lines between whole rows left out ("
             + "; ".join(f"line {n}: {t!r}" for n, t in inside[:5])
             + f"); every step 0..{n_steps - 1} is there.",

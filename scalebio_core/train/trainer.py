@@ -20,7 +20,7 @@ from ..core.bilevel import MicroBatches, scalebio_step
 from ..errors import ConfigError
 from ..parallel.engines import processes
 from ..sources.data import load_sources
-from . import checkpoint, loop, nullband, runs
+from . import checkpoint, evaluation, loop, nullband, runs
 from .build import Setup, count_tokens, data_specs, setup, step_batches, train_batch
 from .config import TrainConfig
 from .losses import LMFns
@@ -124,9 +124,7 @@ class ScaleBiORun(_Checkpointed):
 
     def sight(self) -> dict | None:
         """What the run can tell about its model on your data (`pipeline.model_sight`)."""
-        from .pipeline import model_sight  # pipeline builds on this module
-
-        return model_sight(self.setup)
+        return evaluation.model_sight(self.setup)
 
     def half_weights(self) -> dict[str, float] | None:
         """p by half of a source, for the null band (None without halves)."""
