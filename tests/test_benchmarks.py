@@ -235,3 +235,22 @@ def test_readme_quotes_the_measured_paper_scale_table():
     peak, reserved = re.match(r"([\d.]+) \(([\d.]+)\)", yi[4]).groups()
     front = " ".join((root / "README.md").read_text().split())  # it quotes the Yi-34B row
     assert f"Yi-34B with LoRA peaked at {peak} GiB ({reserved} reserved)" in front
+
+
+def test_allreduce_tiny_gives_the_same_sums_in_fewer_calls(tmp_path):
+    """2 gloo processes reduce the same gradients per tensor and in buckets; the script raises
+    when a sum differs, and the table says how many calls each way made."""
+    import subprocess
+
+    script = benchmark("gpu_check").__file__.replace("gpu_check.py", "allreduce.py")
+    out = tmp_path / "RESULTS.md"
+    done = subprocess.run(
+        [sys.executable, script, "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r.split("|")[2].strip(): r for r in done.stdout.splitlines() if r.startswith("| ")}
+    assert _numbers(rows["per tensor"])[0] == 28 and _numbers(rows["buckets"])[0] == 1
+    assert "equal to the bit" in out.read_text()

@@ -1,7 +1,8 @@
 """The distributions of several processes, one per engine, and the one place that chooses.
 
     Ddp    whole copies of u and w on every process (over accelerate's process group):
-           gradients all-reduced (summed) before clipping
+           gradients all-reduced (summed) before clipping, small ones in flat buckets
+           (`all_reduce_grads`)
     Fsdp   FSDP2 (`sharding.py`): each rank holds 1/N of every parameter, gradient and optimizer
            state; FSDP reduce-scatters the gradients in backward, the norm is that of the whole
            sharded gradient
@@ -15,7 +16,6 @@ Each implements `distributed.Distribution` (the interface of the steps) on top o
 from __future__ import annotations
 
 import contextlib
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from torch import nn
 
+from .. import messages
 from ..core.distributed import Local, RunDistribution, ended_at_exit
 from ..errors import ConfigError
 from . import sharding, zero
@@ -34,6 +35,49 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     out = t.clone()
     torch.distributed.all_reduce(out)
     return out
+
+
+BUCKET_BYTES = 25 * 2**20
+"""Bytes of small gradients one all-reduce carries (DDP's own default bucket size)."""
+LARGE_BYTES = 2**20
+"""A gradient this large is reduced in place, on its own: copying it into a bucket and back
+costs more than the call it would save (`benchmarks/allreduce.py`)."""
+
+
+def all_reduce_grads(params: Any, bucket_bytes: int = BUCKET_BYTES) -> int:
+    """Sum the gradients of `params` over the processes in place, in few calls: a gradient of
+    LARGE_BYTES or more is reduced on its own, in place; the small ones (biases, norms: most of
+    a model's tensors, little of its bytes) of one dtype and device are concatenated into flat
+    buckets of about `bucket_bytes`, each reduced in one call and copied back. Each element is
+    summed over the same ranks as by one call per tensor, so the sums are the same to the bit.
+    Returns the number of all-reduce calls."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    calls = 0
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if g.numel() * g.element_size() >= LARGE_BYTES:
+            torch.distributed.all_reduce(g)
+            calls += 1
+        else:
+            groups.setdefault((g.dtype, g.device), []).append(g)
+    for grads in groups.values():
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for i, g in enumerate(grads):
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+            if size >= bucket_bytes or i == len(grads) - 1:
+                flat = torch.cat([x.reshape(-1) for x in bucket])
+                torch.distributed.all_reduce(flat)
+                offset = 0
+                for x in bucket:
+                    x.copy_(flat[offset : offset + x.numel()].view_as(x))
+                    offset += x.numel()
+                calls += 1
+                bucket, size = [], 0
+    return calls
 
 
 class MultiProcess(Local):
@@ -55,9 +99,7 @@ class Ddp(MultiProcess):
     """Whole copies of u and w on every process; gradients are summed before clipping."""
 
     def clip_and_step(self, model: nn.Module, opt: torch.optim.Optimizer, max_norm: float) -> float:
-        for p in model.parameters():
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
+        all_reduce_grads(model.parameters())
         return super().clip_and_step(model, opt, max_norm)
 
 
@@ -157,7 +199,7 @@ def make_accelerator(cfg: Any) -> Accelerator:
 def _offload_on_gpus(kind: str, offload: bool, device: torch.device) -> bool:
     """Offload moves shards from GPU to CPU memory: on a CPU it is ignored, with a warning."""
     if offload and device.type == "cpu":
-        warnings.warn(
+        messages.warn(
             f"{kind} offload ignored: it moves the shards from the GPUs to CPU memory, and this "
             "run is on the CPU already.",
             stacklevel=3,
