@@ -109,6 +109,35 @@ print({k: round(v, 4) for k, v in weights.items()})
 print(verdict["text"])
 
 # %% [markdown]
+# ## Is a weight a finding?
+#
+# A weight means something only if it moved further than chance would move it, and if the model
+# can see what the sources differ in. On your data the run measures the first itself: each source
+# is split at random into two halves that the run weighs as sources of their own. The halves of
+# one source hold the same kind of data, so their weights differ by chance alone; from those
+# differences comes the null band, $1/K \pm t\cdot s$ ($s$: the root mean square of the K half
+# differences, $t$: Student's t at 95 % with K degrees of freedom). A source above the band holds
+# more weight than chance gives, one below less, one inside cannot be told from the rest by this
+# run. For the second, the verdict says when the model is a randomly initialised one (it separates
+# sources by form: language, format, length; not by correctness) and, where the answers are
+# checkable, how often the trained model answers the target's questions beside chance. The band
+# is shaded in the figure below.
+
+# %%
+band = verdict.get("null_band")
+if band is None:
+    print("no null band in this run (the start table says why)")
+else:
+    print(f"null band {band['low']:.3f} … {band['high']:.3f}")
+    for name, v in band["sources"].items():
+        print(f"  {name:16s} {v['weight']:.3f}  halves {v['halves'][0]:.3f} + "
+              f"{v['halves'][1]:.3f}  {v['where']}")
+sight = verdict.get("model_sight") or {}
+if "accuracy" in sight:
+    print(f"the trained model answers {sight['accuracy']:.0%} of {sight['n']} target questions; "
+          f"chance (the most common answer): {sight['chance']:.0%}")
+
+# %% [markdown]
 # ## From weights to a fine-tuned model
 #
 # `weights.json` resamples the sources: `python -m scalebio_core resample --run RUN --n N` draws
@@ -132,6 +161,9 @@ for name, r in results.items():
 fig, ax = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
 plot_weights(ax[0], traj["p"], traj["names"], steps=traj["step"],
              title=f"Weights of the folder's sources ({PRESET} preset, default settings)")
+if band is not None:  # what chance alone gives, from the halves of each source
+    ax[0].axhspan(band["low"], band["high"], color="0.85", zorder=0, label="null band")
+    ax[0].legend(fontsize=8, ncol=2)
 names = list(results)
 losses = [results[n]["target_loss"] for n in names]
 bars = ax[1].bar(names, losses, color=["tab:blue", "tab:gray"], width=0.6)  # axis from zero
@@ -164,13 +196,20 @@ assert verdict["verdict"] in ("too short", "not moved", "moving", "drifting", "s
 example = (DATA_DIR / "manifest.json").exists() and "noise_0.0" in weights
 if example and PRESET != "smoke":
     assert weights["noise_0.0"] > weights["noise_1.0"], weights
+    assert band["sources"]["noise_0.0"]["where"] == "above", band  # the clean source is a finding
 gain = results["uniform"]["target_loss"] - results["ScaleBiO"]["target_loss"]
 print(f"run: {took} of training steps; {verdict['verdict']}; held-out loss ScaleBiO "
       f"{results['ScaleBiO']['target_loss']:.4f}, uniform {results['uniform']['target_loss']:.4f} "
       f"({gain:+.4f} in ScaleBiO's favour)")
 
+beyond = ""
+if band is not None:
+    sides = {w: [n for n, v in band["sources"].items() if v["where"] == w] for w in ("above", "below")}
+    said = [f"{w} the null band: {', '.join(ns)}" for w, ns in sides.items() if ns]
+    said[1:] = [s.replace(" the null band", " it") for s in said[1:]]
+    beyond = "; " + ("; ".join(said) if said else "every source inside the null band")
 report("09_your_data", PRESET,
-       f"Weights {verdict['verdict']} after {took}; held-out loss ScaleBiO "
+       f"Weights {verdict['verdict']} after {took}{beyond}; held-out loss ScaleBiO "
        f"{results['ScaleBiO']['target_loss']:.4f} vs uniform "
        f"{results['uniform']['target_loss']:.4f} (one seed).")
 

@@ -217,8 +217,9 @@ def model_sight(s: Any) -> dict | None:
             "correctness"
         )
     _, val_spec = data_specs(cfg)
-    records = load_records(val_spec)[:SIGHT_RECORDS]
-    if s.dist.world == 1 and checkable(cfg, records):
+    records = load_records(val_spec)
+    if s.dist.world == 1 and checkable(cfg, records):  # judged on the whole target set
+        records = records[:SIGHT_RECORDS]
         try:
             result = evaluate(
                 s.state.w, s.tokenizer, records, cfg.max_length, True, data_rules(cfg), cfg.grader
