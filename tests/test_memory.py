@@ -105,10 +105,18 @@ def test_bf16_holds_fp32_weights_without_a_master_copy():
 
 
 def test_zero_stages_partition_what_they_should():
-    """ZeRO-3 is FSDP's full shard; ZeRO-2 replicates the weights; ZeRO-1 the gradients too."""
+    """ZeRO-3 is FSDP's full shard, but under bf16 FSDP gathers its blocks in bf16 and ZeRO-3
+    (fp32 weights) in fp32; ZeRO-2 replicates the weights; ZeRO-1 the gradients too."""
     shape = model_shape("meta-llama/Meta-Llama-3-8B")
     by = {k: predict(shape, MemorySetup(gpus=8, sharding=k)) for k in SHARDINGS}
-    assert by["zero3"] == by["fsdp"]
+    block = max(shape.block_params)
+    assert by["zero3"]["weights"] - by["fsdp"]["weights"] == 2 * block * (4 - 2)
+    fp32 = {
+        k: predict(shape, MemorySetup(gpus=8, sharding=k, param_dtype="fp32")) for k in SHARDINGS
+    }
+    assert fp32["zero3"] == fp32["fsdp"]
+    for part in ("gradients", "optimizer", "activations"):
+        assert by["zero3"][part] == by["fsdp"][part], part
     assert by["zero2"]["weights"] == by["zero1"]["weights"] == by["ddp"]["weights"]
     assert by["zero2"]["gradients"] == by["fsdp"]["gradients"] == by["ddp"]["gradients"] / 8
     assert by["zero1"]["gradients"] == by["ddp"]["gradients"]

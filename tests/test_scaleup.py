@@ -415,3 +415,42 @@ def test_emitted_launch_runs_on_a_tiny_llama_with_two_processes(tmp_path, capsys
     assert (tmp_path / "run" / "weights.json").exists()
     cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert cfg["precision"] == "bf16-weights" and cfg["gradient_checkpointing"] is True
+
+
+FSDP_BF16 = """
+import os, torch, torch.distributed as dist
+from scalebio_core.core.distributed import free_port
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+dist.init_process_group("gloo", rank=0, world_size=1)
+try:
+    from scalebio_core.parallel.sharding import shard_model
+    from scalebio_core.train.models import load_model
+    for bf16 in (False, True):
+        seen = []
+        m = load_model("embedded:nano", vocab_size=256, seed=0)
+        shard_model(m, bf16=bf16)
+        block = [x for x in m.modules() if getattr(x, "weight", None) is not None][3]
+        block.register_forward_pre_hook(lambda mod, a: seen.append(mod.weight.dtype))
+        m(input_ids=torch.randint(0, 256, (2, 8))).logits.float().sum().backward()
+        kept = {p.dtype for p in m.parameters()} | {p.grad.dtype for p in m.parameters()}
+        print(bf16, seen[0], sorted(map(str, kept)))
+finally:
+    dist.destroy_process_group()
+"""
+
+
+def test_fsdp_under_bf16_gathers_bf16_and_keeps_fp32_shards_and_gradients():
+    """precision: bf16 under FSDP2: the all-gathered weights a block computes with are bf16
+    (half the bytes moved), the shards and their gradients fp32 (reduced in fp32)."""
+    out = subprocess.run(
+        [sys.executable, "-c", FSDP_BF16],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == [
+        "False torch.float32 ['torch.float32']",
+        "True torch.bfloat16 ['torch.float32']",
+    ]

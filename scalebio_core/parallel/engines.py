@@ -5,7 +5,7 @@
            (`all_reduce_grads`)
     Fsdp   FSDP2 (`sharding.py`): each rank holds 1/N of every parameter, gradient and optimizer
            state; FSDP reduce-scatters the gradients in backward, the norm is that of the whole
-           sharded gradient
+           sharded gradient; under precision bf16 it all-gathers bf16 and reduces fp32
     Zero   DeepSpeed ZeRO-1/2/3 (`zero.py`): u and w are two engines, which own backward, the
            reduction, clipping and the update
 
@@ -109,16 +109,18 @@ class Fsdp(MultiProcess):
     sharded = True
     engine = "fsdp"
 
-    def __init__(self, accelerator: Accelerator, offload: bool, layers_path: str | None):
+    def __init__(
+        self, accelerator: Accelerator, offload: bool, layers_path: str | None, bf16: bool = False
+    ):
         super().__init__(accelerator)
-        self.offload, self.layers_path = offload, layers_path
+        self.offload, self.layers_path, self.bf16 = offload, layers_path, bf16
 
     def build_models(self, whole, empty, copies, finish) -> list[nn.Module]:
         """Rank 0 loads the model whole; every rank builds empty copies, shards them and
         receives its shards from rank 0 (`sharding.sharded_copies`): one whole model per
         node in host memory, none on a GPU."""
         return sharding.sharded_copies(
-            whole, empty, copies, finish, self.device, self.offload, self.layers_path
+            whole, empty, copies, finish, self.device, self.offload, self.layers_path, self.bf16
         )
 
     def checkpoint_meta(self) -> dict[str, Any]:
@@ -260,7 +262,7 @@ def choose(cfg: Any, accelerator: Any, copies: int = 2) -> RunDistribution:
     if stage:
         return Zero(accelerator, stage, zero_offload, cfg.precision)
     if fsdp:
-        return Fsdp(accelerator, offload, cfg.lisa_layers_path)
+        return Fsdp(accelerator, offload, cfg.lisa_layers_path, cfg.precision == "bf16")
     return processes(accelerator)
 
 

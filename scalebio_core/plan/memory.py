@@ -52,8 +52,8 @@ param_dtype, one of `config.PRECISIONS` (the trainer's `precision` names, the sa
 gradients, with fp32 master weights and AdamW state for the trainable parameters only
 (`masters.py`; no master for frozen LISA blocks), "fp32" is fp32 throughout. For full
 training "bf16" and "bf16-weights" both give 16 bytes per parameter and copy (FSDP's gathered
-blocks come in the weights' dtype); with LISA or LoRA, where frozen weights dominate, "bf16"
-needs twice the weight memory of "bf16-weights".
+blocks come in bf16 for both: "bf16" all-gathers its fp32 shards as bf16); with LISA or LoRA,
+where frozen weights dominate, "bf16" needs twice the weight memory of "bf16-weights".
 N: positions where the LM head runs. The trainer computes it only at labelled positions
 (`losses.response_only_loss`), N = label_tokens of the micro-batch; b·s when unset.
 T: all parameters (full); n_active blocks, plus embeddings, head and final norm when
@@ -219,8 +219,9 @@ def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
         weights = (base_copies(s) * shape.params + 2 * trainable) * pb / shards
     else:
         weights = 2 * shape.params * pb / shards
-    if full_shard and shards > 1:
-        weights += 2 * max(shape.block_params) * pb  # the gathered block and the prefetched one
+    if full_shard and shards > 1:  # the gathered block and the prefetched one, FSDP's in bf16
+        gathered = 2 if s.sharding == "fsdp" and s.param_dtype == "bf16" else pb
+        weights += 2 * max(shape.block_params) * gathered
     grads = 2 * trainable * pb / grad_shards
     optim = 0.0 if s.offload else 2 * trainable * (8 + (4 if pb < 4 else 0)) / optim_shards
     if s.activations == "eager":
