@@ -12,6 +12,7 @@ import pytest
 
 from scalebio_core.core.baselines import DoReMiConfig
 from scalebio_core.core.bilevel import BilevelConfig, lr_multiplier
+from scalebio_core.core.swarm import SwarmConfig
 from scalebio_core.errors import ConfigError
 from scalebio_core.train.config import TrainConfig, load_preset, merge, parse_overrides
 
@@ -55,10 +56,11 @@ def test_composed_fields_are_set_from_yaml_and_overrides(tmp_path):
 def test_every_field_of_every_config_is_one_flat_key():
     cfg = TrainConfig()
     keys = set(cfg.to_dict())
-    own = {f.name for f in dataclasses.fields(TrainConfig)} - {"bilevel", "doremi"}
+    own = {f.name for f in dataclasses.fields(TrainConfig)} - {"bilevel", "doremi", "swarm"}
     bilevel = {f.name for f in dataclasses.fields(BilevelConfig)} - {"total_steps"}
     doremi = {f"doremi_{f.name}" for f in dataclasses.fields(DoReMiConfig)}
-    assert keys == own | bilevel | doremi  # each declared once, none copied
+    swarm = {f"swarm_{f.name}" for f in dataclasses.fields(SwarmConfig)}
+    assert keys == own | bilevel | doremi | swarm  # each declared once, none copied
     assert not own & bilevel and "steps" in own
     for key in sorted(keys - {"corpus_args", "sources", "validation", "test", "lora_targets"}):
         value = cfg.to_dict()[key]
@@ -67,7 +69,7 @@ def test_every_field_of_every_config_is_one_flat_key():
         TrainConfig(doremi_etaa=1.0)
 
 
-@pytest.mark.parametrize("cls", [TrainConfig, BilevelConfig, DoReMiConfig])
+@pytest.mark.parametrize("cls", [TrainConfig, BilevelConfig, DoReMiConfig, SwarmConfig])
 def test_every_config_field_has_a_docstring(cls):
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body

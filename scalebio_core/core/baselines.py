@@ -10,6 +10,9 @@ Every method ends in weights p over the training sources (a `weights.json`):
                  proxy with Group DRO, whose weights follow an exponentiated-gradient step on the
                  per-source *excess* loss max(l(proxy) − l(reference), 0), smoothed towards
                  uniform; the weights averaged over the proxy's steps are the result.
+    swarm        RegMix / Data Mixing Laws / Olmix: N proxies, each plain training on a mixture
+                 drawn around the natural shares, a regression of their target losses on the
+                 mixture, and its minimiser (`swarm.py`; the proxies run `plain_step`).
 
 `plain_step` is one step of ordinary fine-tuning on a fixed mixture p (L = Σ_s p_s · l̂_s with
 the same per-source estimator as ScaleBiO's lower level): the reference model of DoReMi, the
@@ -45,9 +48,9 @@ from .bilevel import (
 from .distributed import LOCAL, Distribution
 from .problem import ParamVector, ProblemFns
 
-METHODS = ("scalebio", "uniform", "natural", "validation", "doremi", "sft")
-"""The run config's methods: ScaleBiO, the fixed mixtures, DoReMi, and plain fine-tuning on a
-resampled file (`pipeline.sft`, not `train`)."""
+METHODS = ("scalebio", "uniform", "natural", "validation", "doremi", "swarm", "sft")
+"""The run config's methods: ScaleBiO, the fixed mixtures, DoReMi, regression over proxy runs
+(`swarm.py`), and plain fine-tuning on a resampled file (`pipeline.sft`, not `train`)."""
 VALIDATION = "validation"  # the key of the validation set in a validation-only weights.json
 
 

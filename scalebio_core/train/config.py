@@ -5,7 +5,8 @@ and composes the configs of the maths it runs: `bilevel.BilevelConfig` (ScaleBiO
 `baselines.DoReMiConfig`. Each field is declared once, with its docstring, where it belongs.
 YAML files, `key=value` overrides and `TrainConfig(**kwargs)` all use one flat surface: the run's
 own fields, BilevelConfig's by their names (`alpha`, `lr_w`, `betas`, …; its `total_steps` is the
-run's `steps`) and DoReMiConfig's as `doremi_<field>`. A run's config.yaml is that flat dict.
+run's `steps`), DoReMiConfig's as `doremi_<field>` and `swarm.SwarmConfig`'s as `swarm_<field>`.
+A run's config.yaml is that flat dict.
 
 Presets: `configs/<name>.yaml` holds a `defaults` section and one section per preset (smoke,
 quick, paper). `load_preset` merges, by one rule, the defaults, then the preset's section, then
@@ -24,6 +25,8 @@ from typing import Any
 
 from ..core.baselines import FLAT_PREFIX, METHODS, DoReMiConfig
 from ..core.bilevel import BilevelConfig
+from ..core.swarm import FLAT_PREFIX as SWARM_PREFIX
+from ..core.swarm import SwarmConfig
 from ..errors import ConfigError, check_all, check_types
 from ..files import load_yaml
 from ..sources.data import MAX_RECORD_BYTES
@@ -78,6 +81,7 @@ DEFAULT_CORPUS = "noisy"
 
 BILEVEL_KEYS = tuple(f.name for f in dataclasses.fields(BilevelConfig) if f.name != "total_steps")
 DOREMI_KEYS = {FLAT_PREFIX + f.name: f.name for f in dataclasses.fields(DoReMiConfig)}
+SWARM_KEYS = {SWARM_PREFIX + f.name: f.name for f in dataclasses.fields(SwarmConfig)}
 
 
 @dataclass(frozen=True, init=False)
@@ -174,7 +178,7 @@ class TrainConfig:
     bilevel: BilevelConfig = field(default_factory=BilevelConfig)
     """ScaleBiO's step (`bilevel.BilevelConfig`): set its fields by their own names."""
     method: str = "scalebio"
-    """'scalebio', or a baseline: 'uniform', 'natural', 'validation' (only), 'doremi'."""
+    """'scalebio', or a baseline: 'uniform', 'natural', 'validation' (only), 'doremi', 'swarm'."""
     null_band: str = "auto"
     """How far the weights move by chance (`nullband`): 'halves' splits each source into two
     random halves that the run weighs apart, and reports each weight against the band their
@@ -182,6 +186,8 @@ class TrainConfig:
     the embedded corpora; 'off'."""
     doremi: DoReMiConfig = field(default_factory=DoReMiConfig)
     """DoReMi's weights (`baselines.DoReMiConfig`): set its fields as doremi_<field>."""
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    """The swarm of proxy runs (`swarm.SwarmConfig`): set its fields as swarm_<field>."""
     # -- LISA
     lisa_active: int = 0
     """Decoder blocks trained at a time (0 = LISA off, every block trains)."""
@@ -217,7 +223,8 @@ class TrainConfig:
 
     def __init__(self, **kwargs: Any) -> None:
         own = {f.name: f for f in dataclasses.fields(self)}
-        known = (set(own) - {"bilevel", "doremi"}) | set(BILEVEL_KEYS) | set(DOREMI_KEYS)
+        known = (set(own) - {"bilevel", "doremi", "swarm"}) | set(BILEVEL_KEYS) | set(DOREMI_KEYS)
+        known |= set(SWARM_KEYS)
         unknown = sorted(set(kwargs) - known - set(own))
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}.")
@@ -233,6 +240,7 @@ class TrainConfig:
         for name, cls, keys in (
             ("bilevel", BilevelConfig, {k: k for k in BILEVEL_KEYS}),
             ("doremi", DoReMiConfig, DOREMI_KEYS),
+            ("swarm", SwarmConfig, SWARM_KEYS),
         ):
             part = getattr(self, name)
             if not isinstance(part, cls):
@@ -319,6 +327,8 @@ class TrainConfig:
                 out.update({k: getattr(self.bilevel, k) for k in BILEVEL_KEYS})
             elif f.name == "doremi":
                 out.update({k: getattr(self.doremi, n) for k, n in DOREMI_KEYS.items()})
+            elif f.name == "swarm":
+                out.update({k: getattr(self.swarm, n) for k, n in SWARM_KEYS.items()})
             else:
                 out[f.name] = getattr(self, f.name)
         return json.loads(json.dumps(out))

@@ -1,4 +1,5 @@
-"""The recipes of a run on a language model: ScaleBiO, DoReMi and the fixed mixtures.
+"""The recipes of a run on a language model: ScaleBiO, DoReMi, the fixed mixtures, and the swarm
+of proxy runs (`proxies.SwarmRun`).
 
 Each recipe is a `loop.Method` over a `build.Setup`: it owns its steps and what it checkpoints;
 the loop owns the rest. The maths is elsewhere: `bilevel.scalebio_step` (docs/algorithm.md) and the
@@ -24,6 +25,7 @@ from . import checkpoint, evaluation, loop, nullband, runs
 from .build import Setup, count_tokens, data_specs, setup, step_batches, train_batch
 from .config import TrainConfig
 from .losses import LMFns
+from .proxies import SwarmRun, swarm_rows
 
 FIXED = ("uniform", "natural", "validation")
 
@@ -248,7 +250,12 @@ class FixedRun:
         return 0, {}
 
 
-RECIPES = {"scalebio": ScaleBiORun, "doremi": DoReMiRun, **dict.fromkeys(FIXED, FixedRun)}
+RECIPES = {
+    "scalebio": ScaleBiORun,
+    "doremi": DoReMiRun,
+    "swarm": SwarmRun,
+    **dict.fromkeys(FIXED, FixedRun),
+}
 
 
 def expected_rows(cfg: TrainConfig) -> int:
@@ -257,6 +264,8 @@ def expected_rows(cfg: TrainConfig) -> int:
         return 1
     if cfg.method == "doremi":
         return (cfg.doremi.ref_steps or cfg.steps) + cfg.steps
+    if cfg.method == "swarm":
+        return swarm_rows(cfg)
     return cfg.steps
 
 
