@@ -248,7 +248,7 @@ def write_verdict(
     said on stderr; None for a run without weights to learn. `halves`: the final weights of the
     null band's halves (`nullband`): convergence is judged on the sources (halves summed), and
     the band joins the verdict and null_band.json. `sight`: what the run can tell about its model
-    (`pipeline.model_sight`), said after the verdict."""
+    (`evaluation.model_sight`), said after the verdict."""
     rows = runs.read_jsonl(run_dir / runs.TRAJECTORY)
     if not weighted or not rows or not isinstance(rows[0].get("p"), dict):
         return None

@@ -29,14 +29,13 @@ from ..sources.data import TokenizedData
 HALVES = ("#1", "#2")
 NULL_BANDS = ("auto", "halves", "off")
 NULL_BAND = "null_band.json"
-# two-sided 95 % quantiles of Student's t by degrees of freedom (1 … 30); 1.96 beyond
-_T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14)
-_T95 += (2.13, 2.12, 2.11, 2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05)
-_T95 += (2.05, 2.04)
 
 
 def t95(df: int) -> float:
-    return _T95[df - 1] if 1 <= df <= len(_T95) else 1.96
+    """The two-sided 95 % quantile of Student's t with `df` degrees of freedom."""
+    from scipy.stats import t as student_t  # here: scipy.stats takes most of a second to import
+
+    return float(student_t.ppf(0.975, df))
 
 
 def wanted(cfg: Any) -> bool:
