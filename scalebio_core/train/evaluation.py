@@ -228,7 +228,7 @@ def model_sight(s: Any) -> dict | None:
             result = None
             out["notes"].append(f"target accuracy not measured: {e}")
         if result is not None:
-            answers = [extract_answer(r["response"]) for r in records]
+            answers = [extract_answer(r["response"]) for r in records if r["response"].strip()]
             chance = max(answers.count(a) for a in set(answers)) / len(answers)
             acc = result["accuracy"]
             out |= {"accuracy": acc, "chance": chance, "n": result["n_test"]}
