@@ -147,6 +147,7 @@ def predicted(model_dir: Path, overrides: dict, m: dict, batch: int = 2) -> dict
         batch=batch,
         seq=m["seq"],
         label_tokens=m["label_tokens"],
+        tokens=overrides.get("micro_tokens"),
     )
     shape = model_shape(str(model_dir))
     return {"shape": shape, **predict(shape, setup)}

@@ -377,7 +377,7 @@ def _field_option(parser: argparse.ArgumentParser, name: str) -> None:
         "attn_implementation": ATTENTION,
         "lora_base": LORA_BASES,
     }.get(name)
-    kind = int if name == "max_length" else type(default)  # its default is 'auto'
+    kind = int if name in ("max_length", "micro_tokens") else type(default)  # 'auto', None
     parser.add_argument(flag, dest=name, type=kind, choices=choices)
 
 

@@ -254,3 +254,36 @@ def test_allreduce_tiny_gives_the_same_sums_in_fewer_calls(tmp_path):
     rows = {r.split("|")[2].strip(): r for r in done.stdout.splitlines() if r.startswith("| ")}
     assert _numbers(rows["per tensor"])[0] == 28 and _numbers(rows["buckets"])[0] == 1
     assert "equal to the bit" in out.read_text()
+
+
+def test_packing_benchmark_tiny_packs_the_varied_lengths_only(tmp_path):
+    """Fresh processes per row: on the Alpaca-like lengths packing lays out fewer tokens than
+    padding, with the same real tokens and weights equal to float rounding; on one length it
+    lays out the same (the padded layout)."""
+    import subprocess
+
+    script = benchmark("gpu_check").__file__.replace("gpu_check.py", "packing.py")
+    out = tmp_path / "RESULTS.md"
+    done = subprocess.run(
+        [sys.executable, script, "--tiny", "--rounds", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r.split("|")[1].strip(): r for r in done.stdout.splitlines() if r.startswith("| ")}
+    cells = {k: [c.strip() for c in r.strip().strip("|").split("|")] for k, r in rows.items()}
+    padded, packed = (float(x) for x in cells["alpaca"][2].split(" / "))
+    assert padded < packed <= 1.0
+    assert cells["uniform"][2] == "1.00 / 1.00"
+    assert float(cells["alpaca"][-1]) < 1e-3 and float(cells["uniform"][-1]) == 0.0
+    text = out.read_text()
+    assert "## Packed batches" in text and "median 126, 90th percentile 30" in text
+
+
+def test_gpu_check_packing_tiny_on_cpu(tmp_path, capsys):
+    module = benchmark("gpu_check")
+    out = tmp_path / "gpu.md"
+    assert module.main(["--packing", "--device", "cpu", "--tiny", "--out", str(out)]) == 0
+    assert "| sdpa | 4 |" in capsys.readouterr().out
+    assert "## GPU check: packed batches" in out.read_text()

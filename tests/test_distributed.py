@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 
@@ -199,6 +200,22 @@ def wait_for_rows(proc: subprocess.Popen, traj: Path, rows: int, seconds: float 
         time.sleep(0.02)
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc` and every process under it, and reap them. torch's launcher starts each
+    rank in a session of its own, so killing the launcher's process group would leave the ranks
+    running to the end of the run: they are found as its children before it dies."""
+    procs = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        procs = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(procs, timeout=60)
+    assert not alive, f"still running after SIGKILL: {alive}"
+
+
 def _killed_and_resumed(tmp_path: Path, config_file: Path | None = None, **extra) -> dict:
     """A 2-process run killed (SIGKILL to the launcher and its workers) after 3 logged steps, then
     resumed: its trajectory and weights are byte-identical to the uninterrupted run's. Returns
@@ -217,8 +234,7 @@ def _killed_and_resumed(tmp_path: Path, config_file: Path | None = None, **extra
     try:
         wait_for_rows(victim, traj, 3)
     finally:  # on every path: the launcher and its workers
-        os.killpg(victim.pid, signal.SIGKILL)
-        victim.wait()
+        kill_tree(victim)
     assert len(traj.read_text().splitlines()) < extra["steps"], "finished before it was killed"
     _run(tmp_path / "killed", 2, resume=True, config_file=config_file, **extra)
     for name in ("trajectory.jsonl", "weights.json"):
@@ -233,16 +249,16 @@ def test_fsdp_killed_run_resumes_from_its_shards_on_the_same_trajectory(tmp_path
         _run(tmp_path / "killed", 1, resume=True, **extra)
 
 
-def test_sharded_checkpoint_refuses_another_process_count_and_missing_shards(tmp_path):
+def test_sharded_checkpoint_with_a_missing_shard_is_refused_by_name(tmp_path):
+    """Any process count reads the shards of every rank that wrote them (test_reshard.py): a
+    missing one is named."""
     from scalebio_core.errors import ConfigError
-    from scalebio_core.parallel.sharding import load_shards
+    from scalebio_core.parallel.sharding import saved_parts
 
     with pytest.raises(
-        ConfigError, match="written by 2 processes .* resume with --num_processes 2"
+        ConfigError, match=r"step0000004-rank0.pt is missing: .*written by 2 processes"
     ):
-        load_shards(None, tmp_path, 4, rank=0, world=4, saved_world=2)
-    with pytest.raises(ConfigError, match="step0000004-rank0.pt is missing"):
-        load_shards(None, tmp_path, 4, rank=0, world=2, saved_world=2)
+        saved_parts(tmp_path, 4, saved_world=2)
 
 
 def test_fsdp_in_one_process_is_refused_with_the_launch_to_use(tmp_path):
@@ -452,3 +468,22 @@ def test_fsdp_rank0_load_failure_stops_every_rank(tmp_path):
     (path / "model.safetensors").write_bytes(b"not a safetensors file")
     stderr = _fails(tmp_path / "run", 2, fsdp=True, model=str(path))
     assert "could not load the model" in stderr, stderr[-2000:]
+
+
+PACKED = {  # records of 42 to 80 tokens (cut at max_length): several to a packed row
+    "corpus": "multilingual",
+    "corpus_args": {"n_per_source": 24, "n_val": 16},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_packed_follow_the_padded_one_process_trajectory(tmp_path, fsdp):
+    """Each rank packs its share of the batch; under FSDP with micro_tokens=160 the ranks split
+    their shares into the same number of micro-batches (sharded forwards are collective), else
+    the run would hang. Tolerance as in the LoRA test above: p is driven by a difference of
+    nearly equal losses."""
+    _run(tmp_path / "one", 1, packing="off", **PACKED)
+    extra = {"fsdp": True, "micro_tokens": 160} if fsdp else {}
+    _run(tmp_path / "two", 2, packing="on", **PACKED, **extra)
+    _same_trajectory(tmp_path / "one", tmp_path / "two", p_rtol=1e-4)

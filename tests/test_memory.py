@@ -242,12 +242,13 @@ def test_eager_saved_bytes_equal_what_autograd_saves(
 
 
 @pytest.mark.slow  # ~90 s on 2 shared cores: 3 fresh processes, most of it start-up
-def test_measured_peaks_of_three_cpu_configs_lie_within_15_percent_of_the_model(tmp_path):
+def test_measured_peaks_of_four_cpu_configs_lie_within_15_percent_of_the_model(tmp_path):
     """Real trainer steps in fresh processes: peak RSS (live bytes) against the model's total.
 
     A 4-block GPT-2 (768 wide, vocab 8192, 35M parameters) so that the tensors (0.6-1.2 GiB)
     dominate the process's own few tens of MiB (measured errors +4 to +6%); full ScaleBiO and
-    LISA with and without the embeddings training.
+    LISA with and without the embeddings training, and full ScaleBiO under micro_tokens=128
+    (micro-batches of one 128-token record instead of two: half the activations).
     """
     bm = _benchmark_module()
     shape = {"n_layer": 4, "n_embd": 768, "n_head": 12, "vocab_size": 8192}
@@ -258,6 +259,7 @@ def test_measured_peaks_of_three_cpu_configs_lie_within_15_percent_of_the_model(
         ("full", {"lisa_active": 0}),
         ("lisa", {"lisa_active": 2}),
         ("lisa-frozen", {"lisa_active": 2, "lisa_train_embeddings": False}),
+        ("full, one record per micro-batch", {"lisa_active": 0, "micro_tokens": 128}),
     ):
         m = bm.measure(model_dir, data_dir, overrides, steps=2)
         assert m["seq"] == 128

@@ -417,16 +417,31 @@ def upper_backward(
     dist: Distribution,
     dtype: torch.dtype = torch.float32,
 ) -> float:
-    """Backpropagate L1(model) over the validation micro-batches (weighted equally); returns L1
-    (its ranks' shares summed in `dtype`, the precision of lam, on the model's device)."""
+    """Backpropagate L1(model) over the validation micro-batches (weighted by their samples,
+    `micro_shares`); returns L1 (its ranks' shares summed in `dtype`, the precision of lam, on
+    the model's device)."""
     micro = micro_batches(val_batch)
+    shares = micro_shares(micro)
     l1 = 0.0
-    for vmb in micro:
-        part = fns.val_loss(model, vmb) / len(micro)
+    for vmb, share in zip(micro, shares):
+        part = fns.val_loss(model, vmb)
+        part = part / len(micro) if share is None else part * share
         check_finite({"L1": part}, step, dist)
         dist.backward(model, part)
         l1 += float(part.detach())
     return float(dist.reduce(torch.tensor(l1, dtype=dtype, device=model_device(model))))
+
+
+def micro_shares(micro: list) -> list[float | None]:
+    """Each micro-batch's share of the batch's samples, where the micro-batches differ in size
+    (a `micro_tokens` split: dict batches with source_ids), else None: equal shares."""
+    sizes = [
+        len(mb["source_ids"]) if isinstance(mb, dict) and "source_ids" in mb else 0 for mb in micro
+    ]
+    if 0 in sizes or len(set(sizes)) <= 1:
+        return [None] * len(micro)
+    total = sum(sizes)
+    return [n / total for n in sizes]
 
 
 def check_finite(values: dict[str, torch.Tensor], step: int, dist: Distribution = LOCAL) -> None:

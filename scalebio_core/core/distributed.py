@@ -123,7 +123,8 @@ class RunDistribution(Distribution, Protocol):
         """Every rank: delete the parts of checkpoints older than `step`."""
 
     def load_models(self, state: Any, run_dir: Path, step: int, meta: dict | None) -> None:
-        """Every rank: load its part of u, w and their optimizers for `step`."""
+        """Every rank: load its part of u, w and their optimizers for `step` (DeepSpeed; FSDP
+        and replicated checkpoints load on any number of processes, `checkpoint.load`)."""
 
 
 class Local:

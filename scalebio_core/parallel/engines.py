@@ -130,10 +130,10 @@ class Fsdp(MultiProcess):
         sharding.save_shards(state, run_dir, self.rank)
 
     def drop_old(self, run_dir: Path, step: int) -> None:
-        sharding.drop_old_shards(run_dir, step, self.rank)
+        sharding.drop_old_shards(run_dir, step, self.rank, self.world)
 
-    def load_models(self, state: Any, run_dir: Path, step: int, meta: dict | None) -> None:
-        sharding.load_shards(state, run_dir, step, self.rank, self.world, meta["world"])
+    # load_models: none; `checkpoint.load` maps any FSDP or replicated checkpoint onto the
+    # shards of this run's processes (`sharding.load_parts`), whatever their count was
 
 
 class Zero(MultiProcess):

@@ -15,8 +15,15 @@ reduced as without sharding.
 Checkpoints: every rank writes its own shard of w, u and their optimizer states to
 `checkpoints/shards/step<step>-rank<r>.pt`; then rank 0 writes checkpoints/last.pt (λ, its
 optimizer, the step, RNG states, the world size), and only after that are older shard files
-deleted, so a crash at any point leaves a consistent checkpoint. Resuming needs the same number
-of processes.
+deleted, so a crash at any point leaves a consistent checkpoint.
+
+A checkpoint resumes on any number of processes, sharded or not (`load_parts`): FSDP2 shards
+every parameter by rows (dim 0, `torch.chunk`'s split: rank r holds rows r·⌈n/N⌉ onwards), so
+the shards of the N ranks that wrote a checkpoint, in rank order, are its whole tensors, and a
+rank of the run that resumes reads the rows it holds now (files memory-mapped: only those rows
+are read), for any N. The optimizer states shaped like their parameter (AdamW's moments, the
+fp32 masters of bf16-weights) are split the same way. A replicated checkpoint (one process or
+DDP: whole tensors in last.pt) loads into shards the same way, and shards into whole models.
 """
 
 from __future__ import annotations
@@ -142,7 +149,20 @@ def _local(x: Any) -> Any:
     return x
 
 
+def resharded(model: nn.Module) -> nn.Module:
+    """`model` with every FSDP unit's parameters sharded (DTensors) again, and returned. FSDP2
+    keeps the root unit's parameters gathered after a forward until the next backward (the
+    model's embeddings and final norm, when something ran a forward without a backward): there
+    the parameters are whole tensors that the next reshard drops, so a checkpoint written or
+    loaded through them would miss those parameters."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return model
+
+
 def _model_local(model: nn.Module) -> dict[str, torch.Tensor]:
+    resharded(model)
     out = {n: _local(p.data) for n, p in model.named_parameters()}
     out.update({f"buffer:{n}": b.detach().cpu() for n, b in model.named_buffers()})
     return out
@@ -199,28 +219,137 @@ def save_shards(state, run_dir: Path, rank: int) -> None:
     files.save_torch(path, sd)
 
 
-def drop_old_shards(run_dir: Path, step: int, rank: int) -> None:
-    for f in shard_path(run_dir, step, rank).parent.glob(f"step*-rank{rank}.pt"):
-        if f != shard_path(run_dir, step, rank):
+def drop_old_shards(run_dir: Path, step: int, rank: int, world: int) -> None:
+    """After last.pt names `step`: this rank's files of other steps; the main process's, every
+    file last.pt does not name (those of ranks beyond `world` too, written before a resume on
+    fewer processes)."""
+    folder = shard_path(run_dir, step, rank).parent
+    keep = {shard_path(run_dir, step, r) for r in range(world)}
+    for f in folder.glob("step*-rank*.pt" if rank == 0 else f"step*-rank{rank}.pt"):
+        if f not in keep:
             f.unlink(missing_ok=True)
 
 
-def load_shards(state, run_dir: Path, step: int, rank: int, world: int, saved_world: int) -> None:
-    if saved_world != world:
-        raise ConfigError(
-            f"the checkpoint in {run_dir} was written by {saved_world} processes (FSDP shards) "
-            f"and this run has {world}: resume with --num_processes {saved_world}."
+def drop_shards(run_dir: Path) -> None:
+    """The shard files of an FSDP checkpoint, once a replicated run's last.pt replaced it."""
+    folder = Path(run_dir) / files.CHECKPOINTS / SHARDS
+    if folder.is_dir():
+        for f in folder.glob("step*-rank*.pt"):
+            f.unlink(missing_ok=True)
+
+
+PARTS = ("w", "u", "opt_w", "opt_u")
+"""What a checkpoint holds of the two models: their weights and optimizer states."""
+
+
+def saved_parts(run_dir: Path, step: int, saved_world: int) -> list[dict]:
+    """The shard files of step `step`, written by `saved_world` processes, in rank order
+    (memory-mapped: a tensor's bytes are read only when a rank takes rows of it)."""
+    parts = []
+    for r in range(saved_world):
+        path = shard_path(run_dir, step, r)
+        if not path.exists():
+            raise ConfigError(
+                f"{path} is missing: the sharded checkpoint of step {step} (written by "
+                f"{saved_world} processes) is incomplete. Restore {path.parent}, or start a new "
+                "out_dir."
+            )
+        sd = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if sd["step"] != step:
+            raise ConfigError(
+                f"{path} holds step {sd['step']}, not {step}: the shards are mixed up."
+            )
+        parts.append(sd)
+    return parts
+
+
+def load_parts(state, parts: list[dict]) -> None:
+    """Load w, u and their optimizer states from `parts` into this process, whatever the number
+    of processes that wrote them and that run now (module docstring): the shard files of an
+    FSDP checkpoint in rank order (`saved_parts`), or one whole state (a replicated
+    checkpoint's w, u, opt_w, opt_u). Each parameter, sharded here or whole, takes its rows."""
+    for name in ("w", "u"):
+        model, opt = resharded(getattr(state, name)), getattr(state, f"opt_{name}")
+        _load_model_rows(model, [p[name] for p in parts])
+        _load_optimizer_rows(opt, [p[f"opt_{name}"] for p in parts])
+
+
+def _own_rows(p: torch.Tensor) -> tuple[int, int]:
+    """The rows of `p`'s whole tensor that this process holds: all of a plain tensor's; of an
+    FSDP2 parameter (or state) sharded on dim 0 over N ranks, rank r's ⌈n/N⌉ rows."""
+    n = p.shape[0]
+    if not isinstance(p, DTensor):
+        return 0, n
+    if len(p.placements) != 1 or not p.placements[0].is_shard(0):
+        raise ModelError(f"a parameter sharded as {p.placements}: only FSDP2's Shard(0) resumes.")
+    mesh = p.device_mesh
+    size = -(-n // mesh.size())
+    a = min(mesh.get_local_rank() * size, n)
+    b = min(a + size, n)
+    if b - a != p.to_local().shape[0]:
+        raise ModelError(
+            f"this rank holds {p.to_local().shape[0]} rows of a {n}-row parameter, not {b - a}: "
+            "FSDP2 split it otherwise than torch.chunk; the checkpoint cannot be mapped onto it."
         )
-    path = shard_path(run_dir, step, rank)
-    if not path.exists():
+    return a, b
+
+
+def _rows(parts: list[torch.Tensor], a: int, b: int, what: str, whole: torch.Size) -> torch.Tensor:
+    """Rows a … b−1 of the tensor whose consecutive row blocks are `parts` (a copy). Where
+    every part is the whole tensor, the first is taken: older versions saved FSDP's gathered
+    root parameters (see `resharded`) whole in each rank's file."""
+    if len(parts) > 1 and all(t.shape == whole for t in parts):
+        parts = parts[:1]
+    total = sum(t.shape[0] for t in parts)
+    if total != whole[0] or any(t.shape[1:] != whole[1:] for t in parts):
+        shapes = [tuple(t.shape) for t in parts]
         raise ConfigError(
-            f"{path} is missing: the sharded checkpoint of step {step} is incomplete. Restore "
-            f"{path.parent}, or start a new out_dir."
+            f"{what} is saved with shape {[total, *shapes[0][1:]]} ({len(parts)} part(s)) and is "
+            f"{list(whole)} in this run: the checkpoint does not fit this run's model."
         )
-    sd = torch.load(path, map_location="cpu", weights_only=False)
-    if sd["step"] != step:
-        raise ConfigError(f"{path} holds step {sd['step']}, not {step}: the shards are mixed up.")
-    _load_model_local(state.w, sd["w"])
-    _load_model_local(state.u, sd["u"])
-    _load_optimizer_local(state.opt_w, sd["opt_w"])
-    _load_optimizer_local(state.opt_u, sd["opt_u"])
+    out, offset = [], 0
+    for t in parts:
+        lo, hi = max(a - offset, 0), min(b - offset, t.shape[0])
+        if lo < hi:
+            out.append(t[lo:hi])
+        offset += t.shape[0]
+    if not out:
+        return parts[0][:0].clone()
+    return out[0].clone() if len(out) == 1 else torch.cat(out)
+
+
+def _local_target(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def _load_model_rows(model: nn.Module, parts: list[dict]) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n not in parts[0]:
+                raise ConfigError(f"parameter {n} is not in the checkpoint: it does not fit.")
+            if p.ndim == 0:
+                _local_target(p.data).copy_(parts[0][n])
+                continue
+            a, b = _own_rows(p)
+            _local_target(p.data).copy_(_rows([q[n] for q in parts], a, b, n, p.shape))
+        for n, buf in model.named_buffers():  # whole on every rank; a replicated checkpoint
+            saved = parts[0].get(f"buffer:{n}", parts[0].get(n))  # keeps persistent ones only
+            if saved is not None:
+                buf.copy_(saved)
+
+
+def _load_optimizer_rows(opt: torch.optim.Optimizer, parts: list[dict]) -> None:
+    """This process's rows of every state tensor shaped like its parameter; the rest (steps,
+    hyperparameters) as saved."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state: dict = {}
+    for idx, st in parts[0]["state"].items():
+        p = params[int(idx)]
+        state[idx] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.ndim and v.ndim == p.ndim:
+                a, b = _own_rows(p)
+                rows = [q["state"][idx][k] for q in parts]
+                v = _rows(rows, a, b, f"optimizer state {k} of parameter {idx}", p.shape)
+            state[idx][k] = v
+    _load_optimizer_local(opt, {"state": state, "param_groups": parts[0]["param_groups"]})

@@ -27,7 +27,7 @@ Refused by the trainer, with the fix in the message:
 Checkpoints: each engine writes DeepSpeed's own checkpoint (module and per-rank ZeRO partitions)
 to checkpoints/deepspeed/{w,u}/step<N>/; then rank 0 writes checkpoints/last.pt naming the step,
 and only after that are older step folders deleted. Resuming needs the same process count and
-stage.
+stage: the partitions are DeepSpeed's own (FSDP and replicated checkpoints resume on any count).
 """
 
 from __future__ import annotations
@@ -243,7 +243,9 @@ def load(state: Any, run_dir: Path, step: int, world: int, stage: int, saved: di
         raise ConfigError(
             f"the checkpoint in {run_dir} was written by {saved.get('world')} processes at "
             f"ZeRO stage {saved.get('stage')}, and this run has {world} at stage {stage}: resume "
-            f"with --num_processes {saved.get('world')} and the same DeepSpeed config."
+            f"with --num_processes {saved.get('world')} and the same DeepSpeed config (its ZeRO "
+            "partitions are DeepSpeed's own, read back only as they were written; FSDP and "
+            "replicated checkpoints resume on any number of processes)."
         )
     for name in NAMES:
         d = _dir(run_dir, name) / _tag(step)

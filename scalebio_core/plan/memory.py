@@ -43,6 +43,10 @@ device (no memory, any architecture), its decoder blocks found by `blocks.find_b
         (e·(28 + 2)·b·s·h + its statistics). The losses run without a key/value cache
         (`use_cache=False`), which would hold and save 2·b·s·h more per block.
 
+b, s: the micro-batch (records per GPU) and max_length. Under `micro_tokens` T (a micro-batch
+of at most T tokens, padding and packing's fill included, `build.split_parts`) b is min(b, T/s)
+throughout: activations scale with the tokens of a micro-batch, the attention matrix with rows ×
+s², and T/s rows of s tokens bound both.
 shards: N GPUs for what the sharding partitions, 1 for what it replicates. FSDP full shard and
 DeepSpeed ZeRO-3 partition all three; ZeRO-2 gradients and optimizer state; ZeRO-1 the optimizer
 state only; DDP nothing.
@@ -175,8 +179,15 @@ class MemorySetup:
     offload: bool = False  # optimizer state (and master weights) on the CPU
     checkpointing: bool = False
     label_tokens: int | None = None  # positions where the LM head runs per micro-batch (b·s)
+    tokens: int | None = None  # the most tokens of a micro-batch (micro_tokens); None: b·s
     activations: str = "gpu16"  # "gpu16" (Korthikanti, 16-bit GPU) or "eager" (fp32 CPU)
     attn_implementation: str = "sdpa"  # "eager" stores the attention matrix (the s² term)
+
+    @property
+    def rows(self) -> float:
+        """Rows of s tokens that bound a micro-batch's activations: b, or tokens/s when a token
+        bound is smaller (a micro-batch of at most `tokens` tokens in rows of at most s)."""
+        return self.batch if self.tokens is None else min(self.batch, self.tokens / self.seq)
 
 
 def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
@@ -227,7 +238,7 @@ def predict(shape: ModelShape, s: MemorySetup) -> dict[str, float]:
     if s.activations == "eager":
         acts = _eager_activations(shape, s)
     else:
-        h, a, b, t = shape.hidden, shape.heads, s.batch, s.seq
+        h, a, b, t = shape.hidden, shape.heads, s.rows, s.seq
         s2 = 5 * a * t / h if s.attn_implementation == "eager" else 0.0  # the attention matrix
         per_block = t * b * h * (34 + s2) * ab / 2
         acts = (n * 2 * t * b * h * ab / 2 + per_block) if s.checkpointing else n * per_block
@@ -249,7 +260,7 @@ def _adapter_bytes(shape: ModelShape, s: MemorySetup, blocks: int) -> float:
         return 0.0
     per_block = len(shape.lora_dims) / len(shape.block_params)
     e = 4 if s.param_dtype == "fp32" else 2
-    return e * s.lora_rank * s.batch * s.seq * per_block * blocks
+    return e * s.lora_rank * s.rows * s.seq * per_block * blocks
 
 
 def _eager_terms(shape: ModelShape, s: MemorySetup) -> tuple:
@@ -259,7 +270,7 @@ def _eager_terms(shape: ModelShape, s: MemorySetup) -> tuple:
         raise ConfigError("activations='eager' covers training in fp32 or bf16-weights.")
     if s.attn_implementation not in ("sdpa", "auto"):
         raise ConfigError("activations='eager' counts SDPA attention (no s² term) only.")
-    b, t, n = s.batch, s.seq, len(shape.block_params)
+    b, t, n = s.rows, s.seq, len(shape.block_params)
     n_lab = b * t if s.label_tokens is None else s.label_tokens
     if s.mode == "lora":  # every block holds adapters; the head runs at every position
         n_lab, n_train, n_frozen = b * (t - 1), n, 0
@@ -310,17 +321,17 @@ def eager_saved_bytes(shape: ModelShape, s: MemorySetup) -> float:
     if s.checkpointing:
         raise ConfigError("eager_saved_bytes counts a forward without gradient checkpointing.")
     e, n_lab, n_train, n_frozen, head_trains, small = _eager_terms(shape, s)
-    bth, h, v = s.batch * s.seq * shape.hidden, shape.hidden, shape.vocab
+    bth, h, v = s.rows * s.seq * shape.hidden, shape.hidden, shape.vocab
     blocks = e * (28 * n_train + 22 * n_frozen) * bth + (n_train + n_frozen) * small
     blocks += _adapter_bytes(shape, s, n_train)
     top = bth * (s.mode != "lora") + n_lab * h * head_trains  # LoRA: measured without the b·s·h
-    return blocks + e * top + 4 * (2 * s.batch * s.seq + n_lab * v)
+    return blocks + e * top + 4 * (2 * s.rows * s.seq + n_lab * v)
 
 
 def _eager_activations(shape: ModelShape, s: MemorySetup) -> float:
     """Peak transient bytes of eager training on a CPU (module docstring, "eager")."""
     e, n_lab, n_train, n_frozen, head_trains, small = _eager_terms(shape, s)
-    h, v, bth = shape.hidden, shape.vocab, s.batch * s.seq * shape.hidden
+    h, v, bth = shape.hidden, shape.vocab, s.rows * s.seq * shape.hidden
     largest = shape.largest_param if head_trains else shape.largest_block_param
     if s.mode == "lora":
         largest = s.lora_rank * max(max(d) for d in shape.lora_dims)
@@ -329,7 +340,7 @@ def _eager_activations(shape: ModelShape, s: MemorySetup) -> float:
         top = 4 * max(2 * n_lab * v, (v * h + n_lab * h) if head_trains else 0)
         return max(eager_saved_bytes(shape, s) + top, optimizer_step)
     chunk = min(n_lab, head_chunk(v))
-    held = e * ((n_train + n_frozen + 1) * bth + n_lab * h) + 4 * 2 * s.batch * s.seq
+    held = e * ((n_train + n_frozen + 1) * bth + n_lab * h) + 4 * 2 * s.rows * s.seq
     head = 4 * chunk * v + 4 * max(2 * chunk * v, (v * h + chunk * h) if head_trains else 0)
     block = e * ((28 if n_train else 22) + 2) * bth + small + _adapter_bytes(shape, s, 1)
     return max(held + max(head, block), optimizer_step)
@@ -345,6 +356,7 @@ PLAN_FIELDS = (
     "val_batch_size",
     "grad_accum",
     "max_length",
+    "micro_tokens",
     "precision",
     "attn_implementation",
     "gradient_checkpointing",
@@ -392,6 +404,7 @@ def setup_of(cfg: TrainConfig, gpus: int) -> MemorySetup:
         offload=cfg.fsdp_offload or cfg.zero_offload,
         checkpointing=cfg.gradient_checkpointing,
         attn_implementation=cfg.attn_implementation,
+        tokens=cfg.micro_tokens,
     )
 
 
@@ -456,6 +469,7 @@ class Plan:
             f"{c.model}: {self.gpus} GPU(s) × {self.gpu_gib:g} GiB, "
             f"{train.get(s.mode, 'full')}, {s.sharding}{', offload' if s.offload else ''}, "
             f"{c.precision}, {s.attn_implementation}, micro-batch {s.batch}×{s.seq}"
+            f"{f' (at most {s.tokens} tokens)' if s.tokens is not None else ''}"
             f"{', gradient checkpointing' if s.checkpointing else ''}"
         )
         rows = [head, *(f"  {k:<12}{v / GIB:9.1f} GiB" for k, v in self.prediction.items())]

@@ -1,4 +1,5 @@
-"""Training batches by source: which samples ("union" or "balanced", resumable), and `collate`.
+"""Training batches by source: which samples ("union" or "balanced", resumable), and how they
+are laid out: right-padded rows (`collate`) or packed rows without padding (`pack`).
 
 The batch estimate of L2 = Σ_s p_s · l̄_s divides each source's loss sum by a per-source count
 (`bilevel.weighted_lower_loss`). Which count keeps it unbiased depends on the sampler:
@@ -151,16 +152,21 @@ class BatchSampler:
         )
 
 
-def collate(data: Any, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad samples `indices` of a `data.TokenizedData` to the longest: input_ids,
-    attention_mask, labels (-100 on prompt and padding), source_ids."""
+def _checked(data: Any, indices: Sequence[int], pad_id: int | None, what: str) -> list[int]:
     if pad_id is None:
         _fail(NO_PAD)
     idx = [int(i) for i in indices]
     if not idx:
-        _fail("collate needs at least one sample index.")
+        _fail(f"{what} needs at least one sample index.")
     if min(idx) < 0 or max(idx) >= len(data):
         _fail(f"sample indices must lie in [0, {len(data)}); got {min(idx)}..{max(idx)}.")
+    return idx
+
+
+def collate(data: Any, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad samples `indices` of a `data.TokenizedData` to the longest: input_ids,
+    attention_mask, labels (-100 on prompt and padding), source_ids."""
+    idx = _checked(data, indices, pad_id, "collate")
     t = max(len(data.input_ids[i]) for i in idx)
     input_ids = torch.full((len(idx), t), pad_id, dtype=torch.long)
     labels = torch.full((len(idx), t), IGNORE, dtype=torch.long)
@@ -176,3 +182,72 @@ def collate(data: Any, indices: Sequence[int], pad_id: int) -> dict[str, torch.T
         "labels": labels,
         "source_ids": data.source_ids[idx],
     }
+
+
+def pack_rows(lengths: Sequence[int], cap: int | None = None) -> list[list[int]]:
+    """Records (by position in `lengths`) into rows of `cap` tokens (default and at least: the
+    longest record's length), first fit in decreasing length: by default no row is longer than
+    the padded batch's, and there are as few rows as first fit finds (at most one per record)."""
+    cap = max(max(lengths), cap or 0)
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for j in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        r = next((r for r, f in enumerate(free) if f >= lengths[j]), None)
+        if r is None:
+            rows.append([])
+            free.append(cap)
+            r = len(rows) - 1
+        rows[r].append(j)
+        free[r] -= lengths[j]
+    return rows
+
+
+def pack(
+    data: Any, indices: Sequence[int], pad_id: int, cap: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Samples `indices` of a `data.TokenizedData` concatenated into rows without padding
+    between them (`pack_rows`): input_ids, position_ids restarting at 0 for every record,
+    labels (-100 on prompts, on each record's first token and on the fill at a row's end),
+    segment (the record's position in `indices` for each token, -1 on the fill) and source_ids
+    in the order of `indices`, as `collate` gives them. `cap`: tokens per row (`pack_rows`).
+    Where no two records would share a row (and `cap` is unset), the padded layout of `collate`:
+    the same tokens laid out, and the model's usual inputs.
+
+    No attention_mask: a causal model given position_ids and no mask (transformers) attends
+    only within the runs of consecutive positions, so no record sees another; the fill at a
+    row's end is a run of its own. `packing.packing_check` tests that a model does so."""
+    idx = _checked(data, indices, pad_id, "pack")
+    lengths = [len(data.input_ids[i]) for i in idx]
+    rows = pack_rows(lengths, cap)
+    if len(rows) == len(idx) and cap is None:  # no two records share a row: nothing saved
+        return collate(data, idx, pad_id)
+    t = max(max(lengths), cap or 0)
+    input_ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), t), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), t), dtype=torch.long)
+    segment = torch.full((len(rows), t), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for j in members:
+            n, i = lengths[j], idx[j]
+            input_ids[r, at : at + n] = data.input_ids[i]
+            labels[r, at : at + n] = data.labels[i]
+            labels[r, at] = IGNORE  # the previous record's last token does not predict it
+            positions[r, at : at + n] = torch.arange(n)
+            segment[r, at : at + n] = j
+            at += n
+        positions[r, at:] = torch.arange(t - at)
+    return {
+        "input_ids": input_ids,
+        "position_ids": positions,
+        "labels": labels,
+        "segment": segment,
+        "source_ids": data.source_ids[idx],
+    }
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tokens of a batch's records (padding and fill excluded), packed or padded."""
+    if "segment" in batch:
+        return (batch["segment"] >= 0).sum()
+    return batch["attention_mask"].sum()

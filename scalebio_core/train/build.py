@@ -23,6 +23,7 @@ from ..core.distributed import RunDistribution
 from ..core.lisa import Lisa, make_lisa_pair
 from ..errors import ConfigError
 from ..parallel.engines import choose, make_accelerator
+from ..parallel.sharding import resharded
 from ..sources.corpora import build_corpus
 from ..sources.data import (
     SourceSpec,
@@ -37,7 +38,7 @@ from ..sources.data import (
     specs_from_dir,
     tokenize,
 )
-from ..sources.sampling import BatchSampler, collate
+from ..sources.sampling import BatchSampler, collate, pack, pack_rows, real_tokens
 from ..sources.tokenizer import cache_root
 from . import nullband
 from .config import TrainConfig
@@ -53,6 +54,7 @@ from .models import (
     load_model,
     load_tokenizer,
 )
+from .packing import packing_check
 from .recompute import checkpoint_blocks
 
 
@@ -79,6 +81,8 @@ class Setup:
     halves: bool = False
     """Whether the training sources are split into halves for the null band (`nullband`):
     `names` are then the halves."""
+    packed: bool = False
+    """Whether micro-batches are packed rows (`sampling.pack`) rather than padded ones."""
 
     def identity(self) -> dict[str, Any]:
         """The run's identity (`identity.run_identity`): what its checkpoints carry."""
@@ -344,6 +348,13 @@ def setup(
     tokenizer = tokenizer or load_tokenizer(tokenizer_name(cfg), vocab_size=cfg.vocab_size)
     data = build_data(cfg, tokenizer, given)
     cfg, train, val = data.cfg, data.train, data.val
+    longest = max(len(x) for x in [*train.input_ids, *val.input_ids])
+    if cfg.micro_tokens is not None and cfg.micro_tokens < longest:
+        raise ConfigError(
+            f"micro_tokens={cfg.micro_tokens} is below the longest record ({longest} tokens, "
+            f"max_length {cfg.max_length}): one record must fit a micro-batch. Set micro_tokens "
+            f"to at least {longest}, or lower max_length."
+        )
     given_model = given.model if given is not None else None
     state = build_state(cfg, dist, tokenizer, train.names, copies, given_model)
     lisa = None
@@ -359,6 +370,7 @@ def setup(
             train_embeddings=cfg.lisa_train_embeddings,
             drop_frozen_state=not cfg.lisa_keep_state,
         )
+    packed = decide_packing(cfg, dist, state.w, train, tokenizer.pad_token_id)
     sampler = BatchSampler(
         train.source_ids, len(train.names), cfg.batch_size, cfg.sampler, seed=cfg.seed
     )
@@ -378,20 +390,99 @@ def setup(
         table=data.table,
         fingerprint=data.fingerprint,
         halves=data.halves,
+        packed=packed,
     )
+
+
+def decide_packing(
+    cfg: TrainConfig, dist: RunDistribution, model: nn.Module, data: TokenizedData, pad_id: int
+) -> bool:
+    """Whether the run packs its micro-batches (`TrainConfig.packing`): 'off' never; 'on' and
+    'auto' when the model passes `packing_check` ('on' refuses otherwise, 'auto' pads and says
+    why, once)."""
+    if cfg.packing == "off":
+        return False
+    reason = packing_check(model, data, pad_id, dist.device)
+    resharded(model)  # FSDP2 keeps its root unit gathered after a forward without a backward
+    if reason is None:
+        return True
+    if cfg.packing == "on":
+        raise ConfigError(
+            f"packing=on, but model {cfg.model!r} cannot take packed batches: {reason}. "
+            "Set packing=off (right-padded batches) or packing=auto."
+        )
+    if dist.rank == 0:
+        messages.warn(
+            f"batches are right-padded, not packed: model {cfg.model!r}: {reason} "
+            "(packing=off says nothing)."
+        )
+    return False
 
 
 # ------------------------------------------------------------------ batches
 
 
 def batches(s: Setup, data: TokenizedData, idx: list[int], n: int) -> MicroBatches:
-    """This rank's share of a global batch (every world-th sample), in n micro-batches."""
-    idx = idx[s.dist.rank :: s.dist.world]
-    size = len(idx) // n
+    """This rank's share of a global batch (every world-th sample), in n micro-batches, each
+    split further where it would hold more than `micro_tokens` tokens (`token_groups`)."""
+    lay_out = pack if s.packed else collate
+    parts = split_parts(s, data, idx, n)
     out = MicroBatches()
-    for i in range(n):
-        b = collate(data, idx[i * size : (i + 1) * size], s.tokenizer.pad_token_id)
+    for part in parts:
+        b = lay_out(data, part, s.tokenizer.pad_token_id)
         out.append({k: v.to(s.device) for k, v in b.items()})
+    return out
+
+
+def laid_out_tokens(lengths: list[int], packed: bool) -> int:
+    """Tokens of a micro-batch of records of these lengths, padding and fill included."""
+    if not lengths:
+        return 0
+    rows = len(pack_rows(lengths)) if packed else len(lengths)
+    return rows * max(lengths)
+
+
+def token_groups(
+    lengths: list[int], budget: int, packed: bool, at_least: int = 1
+) -> list[list[int]]:
+    """Records (positions in `lengths`) in groups whose laid-out tokens (`laid_out_tokens`) stay
+    within `budget`, at least `at_least` groups (as many as records allow). Records are taken
+    longest first and a group closes when the next record would overflow it: packing in
+    decreasing length adds to the rows a group had, so a group within the budget stays within
+    it as records are added up to the one that overflows, and a group losing its last
+    (shortest) record is the group it was before that record came."""
+    order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
+    groups: list[list[int]] = []
+    for j in order:
+        group = groups[-1] if groups else None
+        if group is None or laid_out_tokens([lengths[i] for i in group + [j]], packed) > budget:
+            groups.append([j])
+        else:
+            group.append(j)
+    while len(groups) < min(at_least, len(lengths)):
+        largest = max(groups, key=len)
+        groups.append([largest.pop()])
+    return groups
+
+
+def split_parts(s: Setup, data: TokenizedData, idx: list[int], n: int) -> list[list[int]]:
+    """This rank's micro-batches of the global batch `idx` (sample indices). Under
+    `micro_tokens` every rank computes every rank's groups (it knows the global batch), so all
+    ranks run the same number of micro-batches: sharded models (FSDP, DeepSpeed) gather their
+    weights in every forward, collectively."""
+    world, size = s.dist.world, len(idx) // (s.dist.world * n)
+    shares = [idx[r::world] for r in range(world)]
+    parts = [[share[i * size : (i + 1) * size] for i in range(n)] for share in shares]
+    budget = s.cfg.micro_tokens
+    if budget is None:
+        return parts[s.dist.rank]
+    out = []
+    for i in range(n):
+        lengths = [[len(data.input_ids[k]) for k in p[i]] for p in parts]
+        count = max(len(token_groups(x, budget, s.packed)) for x in lengths)
+        mine = parts[s.dist.rank][i]
+        groups = token_groups(lengths[s.dist.rank], budget, s.packed, at_least=count)
+        out += [[mine[j] for j in sorted(g)] for g in groups]
     return out
 
 
@@ -408,5 +499,5 @@ def step_batches(s: Setup, step: int) -> tuple[MicroBatches, MicroBatches]:
 
 def count_tokens(s: Setup, *micro: MicroBatches) -> int:
     """Tokens (attention mask) of the batches, over every process."""
-    tokens = int(sum(b["attention_mask"].sum() for mbs in micro for b in mbs))
+    tokens = int(sum(real_tokens(b) for mbs in micro for b in mbs))
     return int(s.dist.reduce(torch.tensor(float(tokens))))

@@ -71,8 +71,13 @@ def model_defaults(model: Any) -> dict[str, float]:
 
 
 EXACT_MATCH = ("auto", "on", "off")
-CHOICES = {"exact_match": EXACT_MATCH, "null_band": NULL_BANDS}
-SWITCHES = {"exact_match": {True: "on", False: "off"}, "null_band": {False: "off"}}
+PACKING = ("auto", "on", "off")
+CHOICES = {"exact_match": EXACT_MATCH, "null_band": NULL_BANDS, "packing": PACKING}
+SWITCHES = {
+    "exact_match": {True: "on", False: "off"},
+    "null_band": {False: "off"},
+    "packing": {True: "on", False: "off"},
+}
 """Text fields whose values include on or off, by the text each boolean stands for: YAML (a
 config file, key=value on the command line) reads on, yes and true as True and off, no and false
 as False, so `exact_match=on` arrives as True and means 'on'."""
@@ -157,6 +162,17 @@ class TrainConfig:
     attn_implementation: str = "auto"
     """Attention kernel: 'auto' (transformers' choice), 'sdpa', 'eager' or 'flash_attention_2'
     (CUDA GPUs, the flash-attn package)."""
+    packing: str = "auto"
+    """How a micro-batch's records are laid out: 'on' packs them into rows without padding
+    (`sampling.pack`: positions restart per record, attention stays within a record, the
+    losses are the same per record), 'off' right-pads them to the longest; 'auto': packed when
+    the model passes `packing.packing_check` on the first records, else padded, said once."""
+    micro_tokens: int | None = None
+    """The most tokens a micro-batch holds, padding and packing's fill included (rows × row
+    length); a micro-batch of longer records is split into more micro-batches (the same records
+    in the step, the same result: gradients accumulate). Bounds activation memory by tokens
+    rather than by batch × max_length (`python -m scalebio_core memory --micro-tokens N`);
+    at least max_length. None: no bound."""
     gradient_checkpointing: bool = False
     """Recompute each decoder block's activations in backward (non-reentrant; `recompute.py`)."""
     # -- distribution (chosen in distributed.choose)
@@ -285,6 +301,16 @@ class TrainConfig:
                     or (isinstance(self.max_length, int) and self.max_length >= 2),
                     "max_length must be a whole number >= 2 or 'auto' (from the data)",
                 ),
+                (
+                    self.micro_tokens is None
+                    or (
+                        type(self.micro_tokens) is int
+                        and self.micro_tokens >= 2
+                        and (self.max_length == "auto" or self.micro_tokens >= self.max_length)
+                    ),
+                    "micro_tokens must be a whole number of at least max_length (one record "
+                    f"must fit), or null; got {self.micro_tokens!r}",
+                ),
                 (0 <= self.max_drop_share < 1, "max_drop_share must lie in [0, 1)"),
                 (
                     self.max_record_bytes >= 1,
@@ -301,6 +327,7 @@ class TrainConfig:
                 (self.tracker in TRACKERS, f"tracker must be one of {TRACKERS}"),
                 (self.method in METHODS, f"method must be one of {METHODS}"),
                 (self.null_band in NULL_BANDS, f"null_band must be one of {NULL_BANDS}"),
+                (self.packing in PACKING, f"packing must be one of {PACKING}"),
                 (
                     self.exact_match in EXACT_MATCH,
                     "exact_match must be auto, on or off",
@@ -432,4 +459,5 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
     saved = load_yaml(path.read_text(), path)
     if isinstance(saved, dict) and "method" in saved:
         saved.setdefault("null_band", "off")  # a run from before the null band had none
+        saved.setdefault("packing", "off")  # nor packed batches
     return TrainConfig.from_dict(saved)

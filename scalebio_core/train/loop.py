@@ -28,6 +28,7 @@ from ..core.distributed import RunDistribution
 from ..errors import ConfigError, Interrupted, NonFiniteLossError, TrainingStopped
 from ..parallel.engines import make_accelerator, processes
 from . import convergence, nullband, runs
+from .checkpoint import ENGINE_KEYS
 from .config import TrainConfig, read_run_config
 from .identity import IDENTITY, RESUME_CHANGEABLE, RESUME_IGNORED
 
@@ -110,7 +111,7 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool) -> tuple[Path, str, dict]:
         )
     old = read_run_config(run_dir).to_dict()
     new = cfg.to_dict()
-    diff = runs.config_diff(old, new, ignore=RESUME_IGNORED + RESUME_CHANGEABLE)
+    diff = runs.config_diff(old, new, ignore=RESUME_IGNORED + ENGINE_KEYS + RESUME_CHANGEABLE)
     if diff:
         raise ConfigError(
             f"cannot resume {run_dir}: the config differs from the run's config.yaml:\n  "

@@ -1,28 +1,78 @@
 """The language-model losses of a run: per-sample response loss, and the step's `StepFns`.
 
 A sample's loss is the mean next-token cross-entropy over its response tokens (labels != -100),
-never over the padded length. Where the model's logits are exactly its output embeddings applied
-to the decoder's last hidden state (checked once, on the first batch), the LM head runs only at
-the labelled positions (`response_only_loss`): responses are short, the vocabulary is large.
+never over the padded length. A batch is right-padded rows (`sampling.collate`) or packed rows
+(`sampling.pack`: records concatenated, positions restarting per record, a `segment` naming each
+token's record); the per-sample losses are the same either way, one per record. Where the
+model's logits are exactly its output embeddings applied to the decoder's last hidden state
+(checked once, on the first batch), the LM head runs only at the labelled positions
+(`response_only_loss`): responses are short, the vocabulary is large.
 """
 
 from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+_packed = threading.local()
+
+
+class _PackedHasNoMask(logging.Filter):
+    """Drops transformers' advice to pass an attention mask while a packed batch runs: packed
+    rows carry none on purpose (positions mark the records)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (getattr(_packed, "on", False) and "attention_mask" in record.getMessage())
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(_PackedHasNoMask())
+
+
+def forward(module: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+    """`module` (a causal LM or its decoder) on a padded or packed batch, without a cache."""
+    if "segment" not in batch:
+        return module(**model_inputs(batch), use_cache=False)
+    _packed.on = True
+    try:
+        return module(**model_inputs(batch), use_cache=False)
+    finally:
+        _packed.on = False
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's inputs of a batch: input_ids and the attention mask (padded rows), or
+    input_ids and position ids and no mask (packed rows, `sampling.pack`)."""
+    if "segment" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def by_record(batch: dict[str, torch.Tensor], ce: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `ce` (the losses at the labelled positions `mask` of labels[:, 1:], in order) per
+    record of a packed batch: shape [records]."""
+    records = batch["segment"][:, 1:][mask]
+    n = len(batch["source_ids"])
+    sums = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add(0, records, ce)
+    counts = torch.bincount(records, minlength=n).clamp_min(1).to(ce.dtype)
+    return sums / counts
+
 
 def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token loss over each sample's response tokens (labels != -100): shape [B]."""
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
+    logits = forward(model, batch).logits
     labels = batch["labels"][:, 1:]
     ce = F.cross_entropy(
         logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none"
     )
+    if "segment" in batch:
+        mask = labels != -100
+        return by_record(batch, ce[mask], mask)
     mask = (labels != -100).to(ce.dtype)
     return (ce * mask).sum(1) / mask.sum(1).clamp_min(1)
 
@@ -42,9 +92,7 @@ def response_only_loss(
     recomputed in backward, so the logits and log-probabilities (positions × vocabulary, in
     fp32) are never held for more than one chunk.
     """
-    hidden = model.base_model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).last_hidden_state
+    hidden = forward(model.base_model, batch).last_hidden_state
     labels = batch["labels"][:, 1:]
     mask = labels != -100
     head, h, y = model.get_output_embeddings(), hidden[:, :-1][mask], labels[mask]
@@ -56,6 +104,8 @@ def response_only_loss(
             for i in range(0, len(y), chunk)
         ]
         ce = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+    if "segment" in batch:
+        return by_record(batch, ce, mask)
     rows = mask.nonzero()[:, 0]
     sums = torch.zeros(labels.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
     return sums / mask.sum(1).clamp_min(1).to(ce.dtype)
@@ -68,13 +118,8 @@ def head_matches_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> bo
     model.eval()
     try:
         with torch.no_grad():
-            kw = {
-                "input_ids": batch["input_ids"],
-                "attention_mask": batch["attention_mask"],
-                "use_cache": False,
-            }
-            full = model(**kw).logits.float()
-            head = model.get_output_embeddings()(model.base_model(**kw).last_hidden_state)
+            full = forward(model, batch).logits.float()
+            head = model.get_output_embeddings()(forward(model.base_model, batch).last_hidden_state)
         return full.shape == head.shape and bool(
             torch.allclose(full, head.float(), rtol=1e-6, atol=1e-7)
         )
