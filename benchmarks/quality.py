@@ -19,6 +19,25 @@ within a tolerance (0.05) of a *known* mixture: the planted-mixture comparison o
 planted mixtures and three seeds, DoReMi's reference phase counted in its seconds:
 
     python benchmarks/quality.py --planted --runs build/runs --out benchmarks/RESULTS.md
+
+With --compute it reports quality per compute (issue 32; notebook 11 draws it): ScaleBiO, a
+swarm of proxy runs (`method: swarm`) at several N, DoReMi and uniform, at three seeds, on the
+planted mixture (distance ‖p − q‖ to the known answer) and on embedded corpora (held-out target
+loss after fine-tuning on each method's mixture), against the compute each method spent:
+tokens through forward–backward passes (+ ⅓ of the forward-only ones) and seconds
+(`scalebio_core.lab.compute` says how each method's passes are counted;
+configs/quality_compute.yaml the settings):
+
+    python benchmarks/quality.py --compute --preset quick --runs build/runs_compute \
+        --out benchmarks/RESULTS.md
+
+Quick is shortened to fit about 15 minutes on 2 CPU cores: one planted mixture and one corpus
+(multilingual; `--corpora multilingual informative noisy` adds the others, about 5 minutes
+each), every method's run shorter than the presets' (150 steps on the planted mixture, 100 on a
+corpus, the same for ScaleBiO and for each of DoReMi's two phases; the swarm's proxies 15 and 10
+steps) and a smaller fine-tuning than --preset quick's default mode (1000 examples, 100,000
+tokens). Paper holds both planted mixtures and the three corpora at the presets' lengths. Smoke
+(two seeds, tiny runs of the planted mixture and informative) takes under a minute.
 """
 
 from __future__ import annotations
@@ -33,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_lines, write_section  # noqa: E402
 
+from scalebio_core.lab import compute  # noqa: E402
 from scalebio_core.lab.experiments import (  # noqa: E402
     compare_methods,
     comparison_spec,
@@ -58,12 +78,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the time each method needs to come within 0.05 of a planted mixture (notebook 10)",
     )
+    ap.add_argument(
+        "--compute",
+        action="store_true",
+        help="quality against compute: ScaleBiO, swarm at several N, DoReMi, uniform (notebook 11)",
+    )
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.runs:
         os.environ["SCALEBIO_RUNS"] = str(args.runs.resolve())
     if args.planted:
         return planted_part(args)
+    if args.compute:
+        return compute_part(args)
     spec = comparison_spec(args.preset)
     if args.seeds:
         spec["seeds"] = args.seeds
@@ -133,6 +160,55 @@ def planted_part(args: argparse.Namespace) -> int:
         write_section(
             args.out,
             "Quality: time to reach a planted mixture",
+            [*machine_lines(), "", *intro, text],
+        )
+    return 0
+
+
+def compute_part(args: argparse.Namespace) -> int:
+    spec = compute.settings(args.preset)
+    if args.seeds:
+        spec["seeds"] = args.seeds
+    if args.corpora:
+        spec["corpora"] = {c: (spec.get("corpora") or {}).get(c) or {} for c in args.corpora}
+    start = time.perf_counter()
+    rows = compute.run_all(args.preset, spec)
+    summary = compute.summarize(rows)
+    text = "\n".join(
+        [
+            compute.format_table(summary),
+            "",
+            *[f"- {line}." for line in compute.reading(summary, rows)],
+            "",
+            f"Wall time (incl. cached runs read back): {time.perf_counter() - start:.0f} s",
+        ]
+    )
+    print(text)
+    if args.out:
+        intro = [
+            f"configs/quality_compute.yaml at {args.preset}, seeds {spec['seeds']}. Quality: "
+            "‖p − q‖ (Euclidean) to the planted mixture q; on a corpus, the held-out target "
+            f"loss of a fresh model fine-tuned on {spec['finetune']['n']} examples resampled by "
+            f"the method's weights for {spec['finetune']['token_budget']:,} tokens "
+            f"({spec['finetune']['sft']}). Compute: tokens (real, unpadded) through "
+            "forward–backward passes, + ⅓ of those through forward-only passes: a ScaleBiO step "
+            "is three passes (u and w on the training batch, w on the validation batch); a "
+            "DoReMi reference step one, a proxy step one and two forward-only; a swarm proxy "
+            "step one, and each proxy's score a forward-only pass over the validation set; "
+            "uniform none; the fine-tuning on the mixture, the same for all, is not counted. "
+            "The swarm at N is the first N proxies of the largest N's run, fitted alone. "
+            "Seconds: the steps' own (and the swarm's fit), on the machine below, shared with "
+            "other work. Steps: ScaleBiO T; DoReMi reference + proxy; swarm N × proxy steps.",
+            "",
+            "What each method got (no method was tuned here; all share the model, batch, lr_w "
+            "and schedule of the corpus preset):",
+            "",
+            *compute.budgets(rows),
+            "",
+        ]
+        write_section(
+            args.out,
+            "Quality per compute: ScaleBiO, swarm, DoReMi, uniform",
             [*machine_lines(), "", *intro, text],
         )
     return 0
